@@ -1,0 +1,149 @@
+"""Typed configurations of an analysis. Every field lands in ``run.json``.
+
+Units: ``step`` is in image units (HU for CT) per unit of the objective's gradient with respect to
+the image in those units (the paper's alpha in ``X <- X + alpha * dI/dX``); with
+``normalize_gradient`` it is the largest change of any voxel in one step, in image units.
+Sizes in voxels; ``roi_size`` in the network's spatial order ([D,] H, W).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+PAPER_FEATURES_3D = (
+    "firstorder_RootMeanSquared",
+    "firstorder_Entropy",
+    "shape_Maximum3DDiameter",
+    "shape_Elongation",
+    "shape_Sphericity",
+    "glcm_Contrast",
+    "gldm_LargeDependenceEmphasis",
+)
+PAPER_FEATURES_2D = (
+    "firstorder_RootMeanSquared",
+    "firstorder_Entropy",
+    "shape2D_MaximumDiameter",
+    "shape2D_Elongation",
+    "shape2D_Sphericity",
+    "glcm_Contrast",
+    "gldm_LargeDependenceEmphasis",
+)
+
+
+def paper_features(spatial_dims: int) -> tuple[str, ...]:
+    """The paper's default features (first-order RMS and entropy, shape maximum diameter,
+    elongation and sphericity, GLCM contrast, GLDM large dependence emphasis) for 2D or 3D."""
+    return PAPER_FEATURES_2D if spatial_dims == 2 else PAPER_FEATURES_3D
+
+
+@dataclass
+class DreamConfig:
+    """The gradient-ascent loop (DESIGN.md, "One analysis, step by step")."""
+
+    iterations: int = 300
+    step: float = 1.0
+    normalize_gradient: bool = False
+    update_radius: float | None = None
+    """Only voxels within this distance (voxels) of the seed change; None: the whole crop."""
+    l2_weight: float = 0.0
+    """Regulariser: objective - l2_weight * mean((X - X0)^2) (image units squared)."""
+    tv_weight: float = 0.0
+    """Regulariser: objective - tv_weight * mean |grad X| (total variation, image units)."""
+    stop_probability: float | None = None
+    """Optional early stop once the seed probability stayed above this for ``stop_patience`` steps."""
+    stop_patience: int = 10
+    start: str = "image"
+    """``image`` (the given volume) or ``noise`` (white noise, the paper's section 3.1)."""
+    noise_mean: float | None = None
+    noise_std: float | None = None
+    random_seed: int = 0
+    roi_size: tuple[int, ...] | None = None
+    """Crop size around the seed; default the model card's ``roi_size``."""
+    threshold: float = 0.5
+    """Probability threshold of the mask."""
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
+            raise ConfigError(f"iterations must be a positive integer, got {self.iterations!r}.")
+        if not _finite_positive(self.step):
+            raise ConfigError(f"step must be a positive number, got {self.step!r}.")
+        if self.start not in ("image", "noise"):
+            raise ConfigError(f"start must be 'image' or 'noise', got {self.start!r}.")
+        if not 0.0 < float(self.threshold) < 1.0:
+            raise ConfigError(f"threshold must be between 0 and 1, got {self.threshold!r}.")
+        if self.stop_probability is not None and not 0.0 < float(self.stop_probability) < 1.0:
+            raise ConfigError(f"stop_probability must be between 0 and 1, got {self.stop_probability!r}.")
+        if self.stop_patience < 1:
+            raise ConfigError(f"stop_patience must be at least 1, got {self.stop_patience!r}.")
+        if self.update_radius is not None and not _finite_positive(self.update_radius):
+            raise ConfigError(f"update_radius must be a positive number of voxels, got {self.update_radius!r}.")
+        for name in ("l2_weight", "tv_weight"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or v < 0 or v != v:
+                raise ConfigError(f"{name} must be zero or positive, got {v!r}.")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}.")
+        if self.roi_size is not None:
+            if any((not isinstance(s, int)) or s < 1 for s in self.roi_size):
+                raise ConfigError(f"roi_size must be positive integers, got {self.roi_size!r}.")
+
+
+@dataclass
+class FeatureConfig:
+    """Which features to track and how."""
+
+    names: tuple[str, ...] | None = None
+    """pyradiomics names (``firstorder_Entropy``) or registered custom names; None: the paper's six."""
+    backend: str = "auto"
+    """``auto`` (native when all requested features exist natively), ``native`` or ``pyradiomics``."""
+    every: int = 1
+    """Compute features every N-th iteration (and at the last)."""
+    bin_width: float = 25.0
+    """Grey-level bin width for texture and entropy (image units), as pyradiomics' binWidth."""
+    min_mask_voxels: int = 2
+    """Fewer mask voxels than this give NaN features."""
+    custom: dict[str, str] = field(default_factory=dict)
+    """name -> ``module:function`` of user-defined features f(image, mask, spacing) -> float."""
+
+    def validate(self) -> None:
+        if self.backend not in ("auto", "native", "pyradiomics"):
+            raise ConfigError(f"feature backend must be auto, native or pyradiomics, got {self.backend!r}.")
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise ConfigError(f"feature interval must be a positive integer, got {self.every!r}.")
+        if not _finite_positive(self.bin_width):
+            raise ConfigError(f"bin_width must be positive, got {self.bin_width!r}.")
+
+
+@dataclass
+class AnalysisConfig:
+    """Everything one analysis needs besides the image, the seed and the model."""
+
+    dream: DreamConfig = field(default_factory=DreamConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    snapshot_every: int = 10
+    """Keep image and probability crops every N-th iteration (and the first and last)."""
+    max_snapshots: int = 200
+    """Cap on kept snapshots; beyond it every other one is dropped (memory stays bounded)."""
+
+    def validate(self) -> None:
+        self.dream.validate()
+        self.features.validate()
+        if self.snapshot_every < 1:
+            raise ConfigError(f"snapshot_every must be a positive integer, got {self.snapshot_every!r}.")
+        if self.max_snapshots < 2:
+            raise ConfigError(f"max_snapshots must be at least 2, got {self.max_snapshots!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _finite_positive(v) -> bool:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(v, bool) and f > 0 and f != float("inf")
