@@ -45,6 +45,9 @@ class DreamConfig:
 
     iterations: int = 300
     step: float = 1.0
+    objective: str = "logit"
+    """``logit`` (the target class's logit at the seed) or ``log_odds`` (logit minus logsumexp of
+    the other classes' logits; the same for a sigmoid model)."""
     normalize_gradient: bool = False
     update_radius: float | None = None
     """Only voxels within this distance (voxels) of the seed change; None: the whole crop."""
@@ -71,6 +74,8 @@ class DreamConfig:
             raise ConfigError(f"iterations must be a positive integer, got {self.iterations!r}.")
         if not _finite_positive(self.step):
             raise ConfigError(f"step must be a positive number, got {self.step!r}.")
+        if self.objective not in ("logit", "log_odds"):
+            raise ConfigError(f"objective must be 'logit' or 'log_odds', got {self.objective!r}.")
         if self.start not in ("image", "noise"):
             raise ConfigError(f"start must be 'image' or 'noise', got {self.start!r}.")
         if not 0.0 < float(self.threshold) < 1.0:

@@ -133,6 +133,8 @@ class Progress:
     """What the loop reports after each iteration (to a callback or through the runner's queue).
 
     ``snapshot`` is set only at snapshot iterations. ``eta_s`` is the estimated time left, seconds.
+    ``late_steps`` are earlier steps whose features (computed in a worker process) have just
+    arrived: redraw those rows.
     """
 
     step: Step
@@ -140,3 +142,4 @@ class Progress:
     total_iterations: int
     elapsed_s: float
     eta_s: float
+    late_steps: list[Step] = field(default_factory=list)

@@ -1,0 +1,202 @@
+"""One analysis: dream + features + reference -> :class:`~.result.AnalysisResult`.
+
+``run_analysis`` is the single entry point used by the command line, notebooks and the Slicer
+module. It blocks; it reports every iteration through ``on_progress`` and stops within one
+iteration when ``cancel`` is set, returning the partial result marked ``cancelled``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import logging
+import math
+import platform
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+
+from . import __version__
+from .config import AnalysisConfig
+from .dream import DreamLoop, crop_around_seed, default_roi, deterministic, select_device
+from .errors import DeepDreamError, ImageError, ModelError, RunFault
+from .feature_worker import FeatureComputer
+from .mask import seed_component
+from .result import AnalysisResult, Progress, Snapshot, Step
+from .volume import Volume
+
+log = logging.getLogger(__name__)
+
+
+def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None = None, reference=None,
+                 on_progress: Callable[[Progress], None] | None = None,
+                 cancel: threading.Event | None = None) -> AnalysisResult:
+    """Dream a lesion at ``seed_ijk`` (voxel indices i, j, k of ``volume``) and track its features.
+
+    ``model`` is a :class:`~.models.LoadedModel` (``network`` + ``card``). ``reference`` is a
+    :class:`~.reference.ReferenceStats` or None (raw values, noted in the metadata). Raises a
+    :class:`~.errors.DeepDreamError` subclass for bad input before anything runs; a fault during the
+    run (NaN gradients, out of memory, an exception in the model) returns the iterations before it
+    with ``status == "fault"`` and the message in ``metadata["fault"]``.
+    """
+    config = config or AnalysisConfig()
+    config.validate()
+    card = model.card
+    seed = volume.check_seed(seed_ijk)
+    volume.check_finite()
+    _check_fits(volume, card)
+    seed_kji = (seed[2], seed[1], seed[0])
+
+    from .features import build_feature_set
+
+    feature_set = build_feature_set(config.features, card.spatial_dims)
+    names = tuple(feature_set.names)
+    if reference is not None:
+        reference.require([n for n in names])
+
+    roi = default_roi(card, config.dream)
+    crop = crop_around_seed(volume.array.shape, seed_kji, roi, card.spatial_dims, card.size_divisible)
+    seed_in_crop = tuple(s - c for s, c in zip(seed_kji, crop.start))
+    device = select_device(config.dream.device)
+    network = model.network.to(device) if hasattr(model.network, "to") else model.network
+    start = volume.array[crop.slices]
+
+    metadata = _metadata(volume, seed, model, config, crop, device, reference, names)
+    steps: list[Step] = []
+    snapshots: list[Snapshot] = []
+    status = "completed"
+    computer = FeatureComputer(feature_set, config.features, card.spatial_dims, volume.spacing)
+    t0 = time.perf_counter()
+    t_features = 0.0
+    total = config.dream.iterations
+    every = config.features.every
+    loop = DreamLoop(network, card, start, seed_in_crop, config.dream, device)
+    try:
+        with deterministic(config.dream.random_seed):
+            for state in loop:
+                it = state.iteration
+                prob_np = state.probability.detach().cpu().numpy()
+                mask = seed_component(prob_np, seed_in_crop, config.dream.threshold)
+                step = Step(it, state.objective, state.probability_at_seed, int(mask.sum()), {})
+                steps.append(step)
+                tf = time.perf_counter()
+                if it % every == 0 or it == total - 1:
+                    computer.submit(step, state.image, mask)
+                else:
+                    step.features.update({n: math.nan for n in names})
+                late = computer.collect()
+                t_features += time.perf_counter() - tf
+                snap = None
+                stopping = cancel is not None and cancel.is_set()
+                if it % config.snapshot_every == 0 or it == total - 1 or stopping:
+                    snap = Snapshot(it, state.image.detach().cpu().numpy().copy(), prob_np.astype(np.float32), mask)
+                    _keep_snapshot(snapshots, snap, config.max_snapshots)
+                if on_progress is not None:
+                    elapsed = time.perf_counter() - t0
+                    eta = elapsed / (it + 1) * (total - it - 1)
+                    on_progress(Progress(step, snap, total, elapsed, eta, late))
+                if stopping:
+                    status = "cancelled"
+                    break
+        if status == "completed" and loop.stopped_early:
+            status = "stopped"
+    except RunFault as fault:
+        status = "fault"
+        metadata["fault"] = str(fault)
+        log.error("%s", fault)
+    finally:
+        tf = time.perf_counter()
+        computer.finish(wait=status != "cancelled")
+        t_features += time.perf_counter() - tf
+    wall = time.perf_counter() - t0
+    result = AnalysisResult(steps, snapshots, crop, names, reference, metadata, status)
+    metadata.update({
+        "status": status,
+        "iterations_run": len(steps),
+        "first_iteration_above_0.5": result.first_iteration_above(0.5),
+        "finished": _now(),
+        "timings_s": {
+            "total": round(wall, 4),
+            "features": round(t_features, 4),
+            "per_iteration": round(wall / max(len(steps), 1), 6),
+        },
+    })
+    return result
+
+
+def _check_fits(volume: Volume, card) -> None:
+    if card.in_channels != 1:
+        raise ModelError(
+            f"The model card says the network takes {card.in_channels} input channels, but the image has one "
+            "(a scalar volume). DeepDream analysis works on single-channel models; use such a model, or fix "
+            "in_channels in the card if it is wrong."
+        )
+    if card.spatial_dims == 3 and min(volume.array.shape) < 2:
+        raise ModelError(
+            f"The model is 3D but the image is a single slice (shape [k, j, i] = {volume.array.shape}). "
+            "Give a 3D volume, or use a 2D model (spatial_dims 2 in its card)."
+        )
+    if float(volume.array.max()) == float(volume.array.min()):
+        log.warning("The image is constant (%s everywhere): the dream starts from a blank image.", volume.array.flat[0])
+
+
+def _keep_snapshot(snapshots: list[Snapshot], snap: Snapshot, cap: int) -> None:
+    """Append, and when over ``cap`` drop every other snapshot (keeping the first and the newest)."""
+    snapshots.append(snap)
+    if len(snapshots) > cap:
+        keep = snapshots[:-1:2] + [snapshots[-1]]
+        snapshots[:] = keep
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "deepdream-analysis": __version__}
+    for mod in ("torch", "monai", "numpy", "SimpleITK", "radiomics"):
+        try:
+            m = __import__(mod)
+            out[mod] = str(getattr(m, "__version__", "unknown"))
+        except Exception:  # noqa: BLE001 - an optional package missing is fine here
+            out[mod] = "not installed"
+    return out
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _metadata(volume, seed, model, config, crop, device, reference, names) -> dict:
+    card = model.card
+    return {
+        "tool": "deepdream-analysis",
+        "version": __version__,
+        "started": _now(),
+        "configuration": dataclasses.asdict(config),
+        "model": {
+            "path": str(getattr(model, "path", "")),
+            "format": getattr(model, "format", "unknown"),
+            "sha256": getattr(model, "sha256", None),
+            "executes_code": getattr(model, "executes_code", None),
+            "card": card.to_dict(),
+        },
+        "input": {
+            "shape_kji": list(volume.array.shape),
+            "spacing_ijk_mm": list(volume.spacing),
+            "origin_ijk_mm": list(volume.origin),
+            "direction": np.asarray(volume.direction).ravel().tolist(),
+            "seed_ijk": list(seed),
+        },
+        "crop": {"start_kji": list(crop.start), "size_kji": list(crop.size)},
+        "features": list(names),
+        "normalised": reference is not None,
+        "reference": getattr(reference, "source", None) if reference is not None else None,
+        "note": None if reference is not None else
+        "No reference statistics were given: the curves are raw feature values, not z-scores.",
+        "device": str(device),
+        "random_seed": config.dream.random_seed,
+        "platform": platform.platform(),
+        "versions": _versions(),
+    }
+
+
+__all__ = ["run_analysis", "DeepDreamError", "ImageError"]

@@ -1,0 +1,335 @@
+"""The ``deepdream-analysis`` command.
+
+    deepdream-analysis run --image CT.nii.gz --model model.pt2 --seed i,j,k --out DIR [...]
+    deepdream-analysis reference --images a.nii.gz b.nii.gz --masks a_seg.nii.gz b_seg.nii.gz --out stats.json
+    deepdream-analysis demo [--out results/demo]
+    deepdream-analysis features [--dims 2|3]
+    deepdream-analysis card-template
+
+Exit codes: 0 done, 1 the run stopped on a fault (partial result written), 2 bad input,
+130 cancelled with Ctrl-C (partial result written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from .errors import ConfigError, DeepDreamError, FeatureError, OutputError
+
+EXIT_OK, EXIT_FAULT, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
+
+
+def resources_dir() -> Path:
+    """The repository's Resources/ folder (bundled demo model), or $DEEPDREAM_RESOURCES."""
+    env = os.environ.get("DEEPDREAM_RESOURCES")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "Resources"
+
+
+def _parse_seed(text: str) -> tuple[int, int, int]:
+    try:
+        parts = [int(round(float(v))) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seed must be three integers i,j,k (voxel indices), got {text!r}") from None
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"--seed must be three integers i,j,k (voxel indices), got {text!r}")
+    return tuple(parts)  # type: ignore[return-value]
+
+
+def _parse_roi(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--roi must be integers separated by commas, got {text!r}") from None
+
+
+def _add_dream_options(p: argparse.ArgumentParser, iterations: int | None = None, step: float | None = None) -> None:
+    g = p.add_argument_group("dream")
+    g.add_argument("--iterations", type=int, default=iterations, help="gradient-ascent iterations (default 300)")
+    g.add_argument("--step", type=float, default=step,
+                   help="step size alpha in X <- X + alpha*grad (image units per unit gradient; default 1.0)")
+    g.add_argument("--normalize-gradient", action="store_true", help="use alpha*g/max|g|: step is then the largest change per voxel")
+    g.add_argument("--objective", choices=("logit", "log_odds"), default="logit")
+    g.add_argument("--start", choices=("image", "noise"), default="image", help="start from the image or white noise")
+    g.add_argument("--update-radius", type=float, default=None, help="only change voxels within this many voxels of the seed")
+    g.add_argument("--stop-probability", type=float, default=None, help="stop once p(seed) stayed above this for --stop-patience steps")
+    g.add_argument("--stop-patience", type=int, default=10)
+    g.add_argument("--roi", type=_parse_roi, default=None, help="crop size around the seed, [D,]H,W (default: the card's roi_size)")
+    g.add_argument("--threshold", type=float, default=0.5, help="probability threshold of the mask (default 0.5)")
+    g.add_argument("--random-seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    f = p.add_argument_group("features")
+    f.add_argument("--features", default=None, help="comma-separated pyradiomics names (default: the paper's six)")
+    f.add_argument("--feature-backend", choices=("auto", "native", "pyradiomics"), default="auto")
+    f.add_argument("--feature-every", type=int, default=1, help="compute features every N-th iteration")
+    f.add_argument("--bin-width", type=float, default=25.0, help="grey-level bin width (image units)")
+    f.add_argument("--custom-feature", action="append", default=[], metavar="NAME=MODULE:FUNCTION",
+                   help="a user feature f(image, mask, spacing) -> float; repeatable")
+    p.add_argument("--snapshot-every", type=int, default=10, help="keep image and mask every N-th iteration")
+    p.add_argument("--reference", default=None, help="reference statistics JSON (deepdream-analysis reference)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deepdream-analysis",
+        description="DeepDream analysis of a segmentation network: make it dream a lesion at a seed and "
+                    "track the dreamed lesion's radiomic features (Couteaux et al., 2019).")
+    parser.add_argument("--verbose", "-v", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one analysis")
+    run.add_argument("--image", required=True, help="the start image (NIfTI, NRRD, MHA, DICOM folder)")
+    run.add_argument("--model", required=True, help="TorchScript .pt/.ts, torch.export .pt2, MONAI bundle, or state dict + card")
+    run.add_argument("--card", default=None, help="model card JSON (default: beside the model)")
+    run.add_argument("--seed", required=True, type=_parse_seed, help="seed voxel i,j,k (0-based)")
+    run.add_argument("--out", required=True, help="output folder")
+    run.add_argument("--allow-code-targets", action="store_true",
+                     help="let a MONAI bundle config build classes outside monai and torch (runs their code)")
+    _add_dream_options(run)
+
+    ref = sub.add_parser("reference", help="feature statistics of a reference set of real lesions")
+    ref.add_argument("--images", nargs="+", required=True)
+    ref.add_argument("--masks", nargs="+", required=True)
+    ref.add_argument("--out", required=True, help="statistics JSON to write")
+    ref.add_argument("--dims", type=int, choices=(2, 3), default=3, help="2: per axial slice (for 2D models), 3: per volume")
+    ref.add_argument("--label", type=int, default=None, help="lesion label value in the masks (default: any nonzero)")
+    ref.add_argument("--features", default=None)
+    ref.add_argument("--bin-width", type=float, default=25.0)
+    ref.add_argument("--feature-backend", choices=("auto", "native", "pyradiomics"), default="auto")
+
+    demo = sub.add_parser("demo", help="analyse the bundled demo network on a healthy liver CT slice")
+    demo.add_argument("--out", default="results/demo")
+    demo.add_argument("--iterations", type=int, default=None)
+    demo.add_argument("--device", default="auto")
+    demo.add_argument("--feature-backend", choices=("auto", "native", "pyradiomics"), default="auto")
+
+    feats = sub.add_parser("features", help="list the feature names")
+    feats.add_argument("--dims", type=int, choices=(2, 3), default=3)
+
+    sub.add_parser("card-template", help="print a model card to fill in")
+
+    try:
+        from . import compare as _compare
+    except ImportError:
+        _compare = None
+    if _compare is not None and hasattr(_compare, "add_parser"):
+        _compare.add_parser(sub)
+    return parser
+
+
+def _feature_config(args, names_default=None):
+    from .config import FeatureConfig
+
+    custom = {}
+    for item in getattr(args, "custom_feature", []) or []:
+        if "=" not in item:
+            raise FeatureError(f"--custom-feature takes NAME=MODULE:FUNCTION, got {item!r}.")
+        name, target = item.split("=", 1)
+        custom[name.strip()] = target.strip()
+    names = None
+    if args.features:
+        names = tuple(n.strip() for n in args.features.split(",") if n.strip())
+    elif names_default:
+        names = names_default
+    if custom:
+        names = tuple(names or ()) + tuple(n for n in custom if n not in (names or ()))
+        if not args.features and not names_default:
+            names = None  # paper's six plus the custom ones: resolved below
+    return FeatureConfig(names=names, backend=args.feature_backend, every=getattr(args, "feature_every", 1),
+                         bin_width=args.bin_width, custom=custom)
+
+
+def _analysis_config(args, spatial_dims: int):
+    from .config import AnalysisConfig, DreamConfig, paper_features
+
+    fc = _feature_config(args)
+    if fc.custom and fc.names is None:
+        fc.names = tuple(paper_features(spatial_dims)) + tuple(fc.custom)
+    dream = DreamConfig(
+        iterations=args.iterations if args.iterations is not None else 300,
+        step=args.step if args.step is not None else 1.0,
+        normalize_gradient=args.normalize_gradient, objective=args.objective, start=args.start,
+        update_radius=args.update_radius, stop_probability=args.stop_probability,
+        stop_patience=args.stop_patience, roi_size=args.roi, threshold=args.threshold,
+        random_seed=args.random_seed, device=args.device)
+    return AnalysisConfig(dream=dream, features=fc, snapshot_every=args.snapshot_every)
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """Create ``path`` if needed and check it is writable, before any work is done."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"Cannot write into the output folder {out} ({exc.strerror}). Choose a writable folder.") from None
+    return out
+
+
+class _CtrlC:
+    """First Ctrl-C: cancel the run cleanly (partial result kept). Second: stop at once."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self.event
+
+    def _handle(self, signum, frame):
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        self.event.set()
+        sys.stderr.write("\nCancelling after this iteration (Ctrl-C again to stop at once)...\n")
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def _run_and_write(volume, seed, model, config, reference, out: Path, quiet: bool = False) -> int:
+    from .analysis import run_analysis
+    from .progress_bar import ProgressBar
+    from .report import write_outputs
+
+    bar = None if quiet else ProgressBar()
+    with _CtrlC() as cancel:
+        result = run_analysis(volume, seed, model, config, reference, on_progress=bar, cancel=cancel)
+    if bar is not None:
+        bar.close()
+    paths = write_outputs(result, out, volume)
+    _print_summary(result, paths, out)
+    if result.status == "cancelled":
+        return EXIT_CANCELLED
+    if result.status == "fault":
+        return EXIT_FAULT
+    return EXIT_OK
+
+
+def _print_summary(result, paths, out: Path) -> None:
+    steps = result.steps
+    if steps:
+        first = result.first_iteration_above(0.5)
+        print(f"{result.status}: {len(steps)} iterations; p(seed) {steps[0].probability:.3f} -> {steps[-1].probability:.3f}"
+              + (f", above 0.5 from iteration {first}" if first is not None else ", never above 0.5")
+              + f"; final mask {steps[-1].mask_voxels} voxels.")
+    if result.metadata.get("fault"):
+        print(f"fault: {result.metadata['fault']}", file=sys.stderr)
+    if not result.normalised:
+        print("note: no reference statistics given; curves are raw feature values, not z-scores.")
+    print(f"Results in {out}/:")
+    for key, path in paths.items():
+        print(f"  {key:10s} {path}")
+
+
+def cmd_run(args) -> int:
+    from .models import load_model
+    from .reference import ReferenceStats
+    from .volume import read_volume
+
+    out = check_output_dir(args.out)
+    volume = read_volume(args.image)
+    model = load_model(args.model, card=args.card, device="cpu", allow_code_targets=args.allow_code_targets)
+    config = _analysis_config(args, model.card.spatial_dims)
+    reference = ReferenceStats.load(args.reference) if args.reference else None
+    return _run_and_write(volume, args.seed, model, config, reference, out)
+
+
+def cmd_reference(args) -> int:
+    from .config import FeatureConfig
+    from .features import build_feature_set
+    from .reference import compute_reference
+
+    if len(args.images) != len(args.masks):
+        raise ConfigError(f"Give one mask per image: {len(args.images)} images but {len(args.masks)} masks.")
+    names = tuple(n.strip() for n in args.features.split(",")) if args.features else None
+    fs = build_feature_set(FeatureConfig(names=names, backend=args.feature_backend, bin_width=args.bin_width), args.dims)
+    check_output_dir(Path(args.out).parent if Path(args.out).parent != Path("") else Path("."))
+    stats = compute_reference(list(zip(args.images, args.masks)), fs, label=args.label)
+    stats.save(args.out)
+    print(f"Reference statistics of {stats.lesion_count} lesions, {len(fs.names)} features -> {args.out}")
+    return EXIT_OK
+
+
+DEMO_DEFAULTS = {"iterations": 300, "step": 2000.0}
+
+
+def cmd_demo(args) -> int:
+    from .config import AnalysisConfig, DreamConfig, FeatureConfig
+    from .lits import demo_case
+    from .models import load_model
+    from .reference import ReferenceStats
+
+    res = resources_dir() / "DemoModel"
+    model_path = res / "demo_unet.pt"
+    if not model_path.is_file():
+        raise DeepDreamError(f"The demo model is missing ({model_path}). Run from a source checkout, or `make train-demo`.")
+    out = check_output_dir(args.out)
+    model = load_model(model_path)
+    settings = dict(DEMO_DEFAULTS)
+    settings.update(model.card.extra.get("demo", {}))
+    volume, seed = demo_case()
+    ref_path = res / "demo_reference.json"
+    reference = ReferenceStats.load(ref_path) if ref_path.is_file() else None
+    dream = DreamConfig(iterations=args.iterations or int(settings["iterations"]), step=float(settings["step"]),
+                        device=args.device)
+    config = AnalysisConfig(dream=dream, features=FeatureConfig(backend=args.feature_backend),
+                            snapshot_every=int(settings.get("snapshot_every", 10)))
+    print(f"Demo: {model.card.name} on a healthy liver slice of LiTS volume 117 (CC BY-NC-SA 4.0), "
+          f"seed (i,j,k)={seed}, {dream.iterations} iterations, step {dream.step}.")
+    return _run_and_write(volume, seed, model, config, reference, out)
+
+
+def cmd_features(args) -> int:
+    from .features import list_features
+
+    for group, names in list_features(args.dims).items():
+        print(f"{group}:")
+        for n in names:
+            print(f"  {n}")
+    return EXIT_OK
+
+
+def cmd_card_template(args) -> int:
+    from .card import CARD_TEMPLATE
+
+    print(json.dumps(CARD_TEMPLATE, indent=2))
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "reference": cmd_reference, "demo": cmd_demo, "features": cmd_features,
+            "card-template": cmd_card_template}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    handler = COMMANDS.get(args.command)
+    if handler is None:
+        from . import compare
+
+        handler = compare.COMMANDS[args.command]
+    try:
+        return handler(args)
+    except DeepDreamError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("\nstopped.", file=sys.stderr)
+        return EXIT_CANCELLED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

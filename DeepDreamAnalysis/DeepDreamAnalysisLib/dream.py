@@ -1,0 +1,235 @@
+"""The gradient-ascent loop ("DeepDream") on a crop around the seed.
+
+At each iteration ``j`` (Couteaux et al. 2019, section 2.2):
+
+1. ``X_j`` (image units, e.g. HU) -> the model card's intensity preprocessing, inside the autograd
+   graph and without clipping -> network -> logits;
+2. objective = the logit of the target class at the seed (``objective="logit"``, the default), or its
+   log-odds ``z_t - logsumexp(z_other)`` (``"log_odds"``; equal to the logit for a sigmoid model),
+   minus the optional regularisers;
+3. ``X_{j+1} = X_j + alpha * dObjective/dX`` (optionally ``alpha * g / max|g|``, optionally only
+   inside a ball of ``update_radius`` voxels around the seed), then clamped to the card's
+   ``intensity_range`` outside the graph.
+
+The loop yields the state *before* each update, so iteration 0 is the start image.
+Axis order: the crop is ``[k, j, i]``; a 3D network sees ``[1, C, k, j, i]``; a 2D network sees the
+single axial slice as ``[1, C, j, i]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .card import ModelCard
+from .config import DreamConfig
+from .errors import ConfigError, ModelError, RunFault, SeedError
+from .result import Crop
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA when available, else CPU. ``cuda`` without a GPU raises ConfigError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(name).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but torch sees no GPU. Use --device cpu (or auto).")
+    return torch.device(name)
+
+
+def default_roi(card: ModelCard, config: DreamConfig) -> tuple[int, ...]:
+    """Crop size in the network's spatial order: the configuration's, else the card's, else 96^3 / 256^2."""
+    if config.roi_size is not None:
+        roi = tuple(int(s) for s in config.roi_size)
+        if len(roi) != card.spatial_dims:
+            raise ConfigError(
+                f"roi_size {roi} has {len(roi)} values but the model is {card.spatial_dims}D; give "
+                f"{card.spatial_dims} sizes ([D,] H, W)."
+            )
+        return roi
+    if card.roi_size is not None:
+        return tuple(card.roi_size)
+    return (256, 256) if card.spatial_dims == 2 else (96, 96, 96)
+
+
+def crop_around_seed(shape_kji: tuple[int, int, int], seed_kji: tuple[int, int, int], roi: tuple[int, ...],
+                     spatial_dims: int, size_divisible: int = 1) -> Crop:
+    """The crop of size ``roi`` centred on the seed, shifted to stay inside the volume.
+
+    Along an axis where the volume is smaller than ``roi`` the crop is the whole axis, trimmed to a
+    multiple of ``size_divisible``. A 2D crop has size 1 along k (the seed's axial slice).
+    """
+    full_roi = (1,) + tuple(roi) if spatial_dims == 2 else tuple(roi)
+    start, size = [], []
+    for axis, (n, s, r) in enumerate(zip(shape_kji, seed_kji, full_roi)):
+        r = min(int(r), n)
+        if not (spatial_dims == 2 and axis == 0) and size_divisible > 1:
+            r = (r // size_divisible) * size_divisible
+            if r == 0:
+                raise ModelError(
+                    f"The image has only {n} voxels along axis {'kji'[axis]} but the model needs multiples "
+                    f"of {size_divisible} (size_divisible in its card). Use a larger image or a model without "
+                    "that constraint."
+                )
+        lo = min(max(s - r // 2, 0), n - r)
+        start.append(lo)
+        size.append(r)
+    return Crop(tuple(start), tuple(size))  # type: ignore[arg-type]
+
+
+@dataclass
+class DreamState:
+    """The loop's state at one iteration, before that iteration's update.
+
+    ``image`` and ``probability`` are tensors ``[k, j, i]`` on the loop's device (do not modify);
+    ``objective`` is the objective's value (logit units), ``probability_at_seed`` in [0, 1].
+    """
+
+    iteration: int
+    objective: float
+    probability_at_seed: float
+    image: torch.Tensor
+    probability: torch.Tensor
+
+
+@contextlib.contextmanager
+def deterministic(seed: int):
+    """Seed torch's generators and ask for deterministic kernels; restore the setting afterwards."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
+
+
+class DreamLoop:
+    """Gradient ascent on ``start`` (a ``[k, j, i]`` crop in image units).
+
+    Iterate it to get one :class:`DreamState` per iteration (``config.iterations`` in all, fewer
+    with the probability stop). Faults (non-finite gradients, an exception in the model, out of
+    memory) raise :class:`RunFault` naming the iteration; the states yielded before stay valid.
+    """
+
+    def __init__(self, network: torch.nn.Module, card: ModelCard, start: np.ndarray,
+                 seed_in_crop: tuple[int, int, int], config: DreamConfig, device: torch.device):
+        self.network = network
+        self.card = card
+        self.config = config
+        self.device = device
+        self.seed = tuple(int(v) for v in seed_in_crop)
+        if not all(0 <= s < n for s, n in zip(self.seed, start.shape)):
+            raise SeedError(f"Seed {self.seed} lies outside the crop of shape {start.shape}.")
+        self.x0 = torch.as_tensor(np.ascontiguousarray(start), dtype=torch.float32, device=device)
+        self.low, self.high = card.intensity_range
+        self.region = self._update_region(start.shape) if config.update_radius else None
+        self.stopped_early = False
+
+    def _update_region(self, shape) -> torch.Tensor:
+        grids = torch.meshgrid(*[torch.arange(n, device=self.device, dtype=torch.float32) for n in shape], indexing="ij")
+        dist2 = sum((g - s) ** 2 for g, s in zip(grids, self.seed))
+        return (dist2 <= float(self.config.update_radius) ** 2).float()
+
+    def _network_input(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.card.preprocessing
+        y = x * pre.scale + pre.offset
+        y = y[0] if self.card.spatial_dims == 2 else y
+        return y.unsqueeze(0).unsqueeze(0)
+
+    def _objective_and_probability(self, logits: torch.Tensor):
+        t = self.card.target_class
+        if logits.dim() != self.card.spatial_dims + 2:
+            raise ModelError(
+                f"The network returned a tensor of shape {tuple(logits.shape)}; expected "
+                f"[1, {self.card.out_channels}, ...] with {self.card.spatial_dims} spatial dimensions. "
+                "Check spatial_dims and out_channels in the model card."
+            )
+        spatial_seed = self.seed[1:] if self.card.spatial_dims == 2 else self.seed
+        z = logits[0]
+        if self.card.activation == "sigmoid":
+            prob = torch.sigmoid(z[t])
+            objective = z[t][spatial_seed]
+        else:
+            prob = torch.softmax(z, dim=0)[t]
+            objective = z[t][spatial_seed]
+            if self.config.objective == "log_odds":
+                others = torch.cat([z[:t], z[t + 1:]])[(slice(None),) + spatial_seed]
+                objective = objective - torch.logsumexp(others, dim=0)
+        if self.card.spatial_dims == 2:
+            prob = prob.unsqueeze(0)
+        return objective, prob
+
+    def _regularised(self, objective, x):
+        cfg = self.config
+        total = objective
+        if cfg.l2_weight:
+            total = total - cfg.l2_weight * ((x - self.x0) ** 2).mean()
+        if cfg.tv_weight:
+            tv = sum((torch.diff(x, dim=d).abs().mean() for d in range(x.dim()) if x.shape[d] > 1), torch.zeros((), device=x.device))
+            total = total - cfg.tv_weight * tv
+        return total
+
+    def initial_image(self) -> torch.Tensor:
+        """The start image: the crop itself, or white noise (``start="noise"``), in image units."""
+        cfg = self.config
+        if cfg.start == "image":
+            return self.x0.clone()
+        pre = self.card.preprocessing
+        if pre.type == "window":
+            mean_default, std_default = (pre.min + pre.max) / 2, (pre.max - pre.min) / 6
+        elif pre.type == "normalize":
+            mean_default, std_default = pre.mean, pre.std
+        else:
+            mean_default, std_default = 0.0, 1.0
+        mean = mean_default if cfg.noise_mean is None else float(cfg.noise_mean)
+        std = std_default if cfg.noise_std is None else float(cfg.noise_std)
+        gen = torch.Generator(device="cpu").manual_seed(int(cfg.random_seed))
+        noise = torch.randn(tuple(self.x0.shape), generator=gen) * std + mean
+        return noise.to(self.device).clamp_(self.low, self.high)
+
+    def __iter__(self) -> Iterator[DreamState]:
+        cfg = self.config
+        x = self.initial_image()
+        above = 0
+        for it in range(cfg.iterations):
+            x.requires_grad_(True)
+            try:
+                logits = self.network(self._network_input(x))
+                objective, prob = self._objective_and_probability(logits)
+                total = self._regularised(objective, x)
+                (grad,) = torch.autograd.grad(total, x)
+            except (ModelError, RunFault):
+                raise
+            except torch.cuda.OutOfMemoryError:
+                raise RunFault(
+                    f"Out of GPU memory at iteration {it}. Use a smaller crop (roi_size) or run on the CPU "
+                    "(--device cpu)."
+                ) from None
+            except Exception as exc:  # an exception inside the user's model
+                raise RunFault(f"The model raised {type(exc).__name__} at iteration {it}: {exc}") from exc
+            x = x.detach()
+            obj_value = float(objective.detach())
+            p_seed = float(prob.detach()[self.seed])
+            if not (math.isfinite(obj_value) and bool(torch.isfinite(grad).all())):
+                raise RunFault(
+                    f"The gradient became NaN or infinite at iteration {it}; the result keeps the iterations "
+                    "before it. Try a smaller step or --normalize-gradient."
+                )
+            yield DreamState(it, obj_value, p_seed, x, prob.detach())
+            if cfg.stop_probability is not None:
+                above = above + 1 if p_seed > cfg.stop_probability else 0
+                if above >= cfg.stop_patience:
+                    self.stopped_early = True
+                    return
+            with torch.no_grad():
+                if cfg.normalize_gradient:
+                    grad = grad / grad.abs().max().clamp_min(1e-12)
+                if self.region is not None:
+                    grad = grad * self.region
+                x = (x + cfg.step * grad).clamp_(self.low, self.high)
