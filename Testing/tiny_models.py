@@ -1,0 +1,53 @@
+"""Tiny real torch networks and model cards for the tests (made in the test, no files needed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from DeepDreamAnalysisLib.card import ModelCard
+
+
+def tiny_net(spatial_dims: int = 2, out_channels: int = 2, seed: int = 0) -> torch.nn.Module:
+    """Two convolutions; deterministic weights; eval mode, frozen."""
+    torch.manual_seed(seed)
+    conv = torch.nn.Conv2d if spatial_dims == 2 else torch.nn.Conv3d
+    net = torch.nn.Sequential(conv(1, 4, 3, padding=1), torch.nn.Tanh(), conv(4, out_channels, 3, padding=1))
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def tiny_card(spatial_dims: int = 2, roi=None, **over) -> ModelCard:
+    data = dict(name="tiny", spatial_dims=spatial_dims, in_channels=1, out_channels=2, activation="softmax",
+                target_class=1, preprocessing={"type": "window", "min": -100.0, "max": 250.0},
+                roi_size=list(roi) if roi else ([24, 24] if spatial_dims == 2 else [12, 12, 12]))
+    data.update(over)
+    return ModelCard.from_dict(data)
+
+
+@dataclass
+class TinyModel:
+    """Duck-types models.LoadedModel for loop-level tests."""
+
+    network: torch.nn.Module
+    card: ModelCard
+    path: Path = Path("tiny")
+    format: str = "module"
+    sha256: str = "0" * 64
+    executes_code: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def tiny_model(spatial_dims: int = 2, **card_over) -> TinyModel:
+    return TinyModel(tiny_net(spatial_dims), tiny_card(spatial_dims, **card_over))
+
+
+def liver_like(shape=(1, 40, 48), seed: int = 0, mean: float = 110.0, std: float = 15.0) -> np.ndarray:
+    """A smooth-ish random image in HU, [k, j, i]."""
+    rng = np.random.default_rng(seed)
+    return (rng.normal(mean, std, shape)).astype(np.float32)
