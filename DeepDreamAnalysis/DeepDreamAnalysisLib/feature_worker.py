@@ -12,6 +12,8 @@ import concurrent.futures as cf
 import dataclasses
 import math
 import multiprocessing
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,21 @@ from .config import FeatureConfig
 from .result import Step
 
 _WORKER_SET: Any = None
+
+
+def worker_python() -> str:
+    """The Python executable for the worker process.
+
+    Inside 3D Slicer ``sys.executable`` is the application itself, which must not be spawned; its
+    ``PythonSlicer`` launcher (same folder) runs plain Python with Slicer's packages.
+    """
+    exe = Path(sys.executable)
+    if exe.name.lower().startswith("slicer"):
+        for name in ("PythonSlicer", "PythonSlicer.exe"):
+            candidate = exe.with_name(name)
+            if candidate.exists():
+                return str(candidate)
+    return str(exe)
 
 
 def _init_worker(config: FeatureConfig, spatial_dims: int) -> None:
@@ -65,6 +82,7 @@ class FeatureComputer:
                 config, names=remote, backend="pyradiomics",
                 custom={k: v for k, v in config.custom.items() if k in remote})
             ctx = multiprocessing.get_context("spawn")
+            ctx.set_executable(worker_python())
             self.pool = cf.ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_worker,
                                                initargs=(remote_config, spatial_dims))
         self.pending: list[tuple[Step, cf.Future]] = []

@@ -1,0 +1,406 @@
+"""Ratio benchmarks of the analysis pipeline (issue 4). Run with ``make bench``.
+
+Every figure is a ratio of two timings taken in the same run on the same machine, so it can be
+compared across machines; absolute times are recorded beside them for context.
+
+    loop_overhead        our loop's time per iteration / a bare torch forward+backward+update loop
+                         on the same model and crop                              (target <= 1.05)
+    feature_cost         a run with the paper's features at every iteration / the same run without
+                                                                                 (target <= 1.15)
+    native_vs_pyradiomics  time per call on a lesion of radius 40 voxels, and the speed-up
+    scale                time per iteration on a 512x512x300 volume / on a 128^3 volume, same crop
+                                                                                 (target <= 1.1)
+    memory               peak RSS for 1000 iterations / for 100 iterations        (target <= 1.1)
+    responsiveness       the longest gap between two 50 ms main-thread timer ticks during a run
+                         with features (seconds)
+    gpu (--device cuda)  iterations/s of a 3D MONAI UNet on a 128^3 crop, and the achieved fraction
+                         of the GPU's peak rate given the model's forward+backward FLOPs
+
+Usage: python benchmarks/run_benchmarks.py [--device cpu|cuda] [--quick] [--only NAME ...]
+Writes benchmarks/results/<date>-<device>.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "DeepDreamAnalysis"))
+
+from DeepDreamAnalysisLib.analysis import run_analysis  # noqa: E402
+from DeepDreamAnalysisLib.card import ModelCard  # noqa: E402
+from DeepDreamAnalysisLib.config import AnalysisConfig, DreamConfig, FeatureConfig, paper_features  # noqa: E402
+from DeepDreamAnalysisLib.dream import DreamLoop  # noqa: E402
+from DeepDreamAnalysisLib.runner import AnalysisRunner  # noqa: E402
+from DeepDreamAnalysisLib.volume import Volume  # noqa: E402
+
+TARGETS = {"loop_overhead": 1.05, "feature_cost": 1.15, "scale": 1.1, "memory": 1.1}
+
+
+# ---------------------------------------------------------------------------------------------
+# models and data
+
+def unet(spatial_dims: int, channels=(8, 16, 32)) -> torch.nn.Module:
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(0)
+    net = UNet(spatial_dims=spatial_dims, in_channels=1, out_channels=2, channels=channels,
+               strides=(2,) * (len(channels) - 1), num_res_units=1).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+class Model:
+    def __init__(self, network, card):
+        self.network, self.card = network, card
+        self.path, self.format, self.sha256, self.executes_code = "benchmark", "module", None, False
+
+
+def card(spatial_dims: int, roi) -> ModelCard:
+    return ModelCard.from_dict(dict(
+        name=f"bench-unet{spatial_dims}d", spatial_dims=spatial_dims, in_channels=1, out_channels=2,
+        activation="softmax", target_class=1, preprocessing={"type": "window", "min": -100, "max": 250},
+        roi_size=list(roi), size_divisible=4))
+
+
+def demo_model():
+    """The bundled demo network if it is there, else a 2D MONAI UNet of the same size."""
+    path = ROOT / "Resources" / "DemoModel" / "demo_unet.pt"
+    if path.is_file():
+        from DeepDreamAnalysisLib.models import load_model
+
+        return load_model(path)
+    return Model(unet(2), card(2, (96, 96)))
+
+
+def liver_slice(shape=(1, 128, 128)) -> Volume:
+    rng = np.random.default_rng(0)
+    return Volume(rng.normal(110.0, 15.0, shape).astype(np.float32), spacing=(1.6, 1.6, 3.0))
+
+
+def seed_of(volume: Volume):
+    k, j, i = volume.array.shape
+    return (i // 2, j // 2, k // 2)
+
+
+def config(iterations, names=(), step=2000.0, device="cpu", every=1, backend="auto"):
+    return AnalysisConfig(dream=DreamConfig(iterations=iterations, step=step, device=device),
+                          features=FeatureConfig(names=tuple(names), every=every, backend=backend),
+                          snapshot_every=10)
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks
+
+def bench_loop_overhead(device: str, iterations: int) -> dict:
+    """Our DreamLoop (no features) against the bare minimum torch loop, same model and crop."""
+    model = demo_model()
+    net = model.network.to(device)
+    c = model.card
+    roi = c.roi_size or (96, 96)
+    shape = (1,) + tuple(roi) if c.spatial_dims == 2 else tuple(roi)
+    rng = np.random.default_rng(0)
+    start = rng.normal(110.0, 15.0, shape).astype(np.float32)
+    seed = tuple(n // 2 for n in shape)
+    dev = torch.device(device)
+
+    def ours():
+        loop = DreamLoop(net, c, start, seed, DreamConfig(iterations=iterations, step=10.0), dev)
+        for _ in loop:
+            pass
+
+    def bare():
+        x = torch.tensor(start, device=dev)
+        pre = c.preprocessing
+        for _ in range(iterations):
+            x.requires_grad_(True)
+            inp = (x * pre.scale + pre.offset)
+            inp = inp[0] if c.spatial_dims == 2 else inp
+            logits = net(inp[None, None])
+            obj = logits[(0, c.target_class) + seed[-c.spatial_dims:]]
+            (g,) = torch.autograd.grad(obj, x)
+            with torch.no_grad():
+                x = (x.detach() + 10.0 * g).clamp_(-1024, 3071)
+        _ = float(obj)
+
+    t_ours, t_bare = _best_of(ours, bare, device)
+    return {"ratio": t_ours / t_bare, "ours_ms_per_iteration": 1000 * t_ours / iterations,
+            "bare_ms_per_iteration": 1000 * t_bare / iterations, "iterations": iterations,
+            "model": c.name, "crop": list(shape)}
+
+
+def _best_of(a, b, device, repeats=3):
+    a(); b()  # warm-up
+    ta, tb = [], []
+    for _ in range(repeats):
+        for fn, acc in ((a, ta), (b, tb)):
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            acc.append(time.perf_counter() - t)
+    return min(ta), min(tb)
+
+
+def _sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bench_feature_cost(device: str, iterations: int) -> dict:
+    """A run with the paper's features at every iteration / the same run with none."""
+    model = demo_model()
+    vol = liver_slice()
+    names = paper_features(model.card.spatial_dims)
+    seed = seed_of(vol)
+
+    def with_features():
+        return run_analysis(vol, seed, model, config(iterations, names, device=device))
+
+    def without():
+        return run_analysis(vol, seed, model, config(iterations, (), device=device))
+
+    r = with_features()
+    backends = sorted(set(r.metadata.get("feature_backends", {}).values())) if isinstance(
+        r.metadata.get("feature_backends"), dict) else None
+    masked = int(sum(s.mask_voxels >= 2 for s in r.steps))
+    t_with, t_without = _best_of(with_features, without, device, repeats=1)
+    return {"ratio": t_with / t_without, "with_features_s": t_with, "without_s": t_without,
+            "iterations": iterations, "features": list(names), "iterations_with_a_mask": masked,
+            "backends": backends}
+
+
+def _sphere(radius: int):
+    n = 2 * radius + 5
+    zz, yy, xx = np.mgrid[:n, :n, :n] - n // 2
+    mask = (zz ** 2 + yy ** 2 + xx ** 2) <= radius ** 2
+    rng = np.random.default_rng(0)
+    image = (rng.normal(60.0, 20.0, mask.shape) + 40.0 * mask).astype(np.float32)
+    return image, mask
+
+
+def bench_native_vs_pyradiomics(radius: int = 40, repeats: int = 3) -> dict:
+    """Time per call of the paper's features (3D) on a spherical lesion of ``radius`` voxels."""
+    from DeepDreamAnalysisLib.features import build_feature_set
+
+    image, mask = _sphere(radius)
+    spacing = (1.0, 1.0, 1.0)
+    names = paper_features(3)
+    out = {"radius_voxels": radius, "mask_voxels": int(mask.sum()), "features": list(names)}
+    for backend in ("native", "pyradiomics"):
+        try:
+            fs = build_feature_set(FeatureConfig(names=names, backend=backend), 3)
+        except Exception as exc:  # noqa: BLE001 - report what is missing, keep benchmarking
+            out[f"{backend}_error"] = str(exc)
+            continue
+        fs.compute(image, mask, spacing)
+        t = time.perf_counter()
+        for _ in range(repeats):
+            fs.compute(image, mask, spacing)
+        out[f"{backend}_s_per_call"] = (time.perf_counter() - t) / repeats
+    if "native_s_per_call" in out and "pyradiomics_s_per_call" in out:
+        out["speedup"] = out["pyradiomics_s_per_call"] / out["native_s_per_call"]
+    return out
+
+
+def bench_scale(device: str, iterations: int) -> dict:
+    """Per-iteration time on a 512x512x300 volume / on a 128^3 volume, same 3D crop."""
+    model = Model(unet(3, (4, 8, 16)), card(3, (32, 32, 32)))
+    names = ("firstorder_RootMeanSquared",)
+    small = Volume(np.random.default_rng(0).normal(110, 15, (128, 128, 128)).astype(np.float32))
+    t0 = time.perf_counter()
+    big = Volume(np.random.default_rng(1).normal(110, 15, (300, 512, 512)).astype(np.float32))
+    t_alloc = time.perf_counter() - t0
+
+    def per_iteration(vol):
+        r = run_analysis(vol, seed_of(vol), model, config(iterations, names, step=10.0, device=device))
+        return r.metadata["timings_s"]["total"] / len(r.steps)
+
+    per_iteration(small)
+    t_small = min(per_iteration(small) for _ in range(2))
+    t_big = min(per_iteration(big) for _ in range(2))
+    return {"ratio": t_big / t_small, "small_s_per_iteration": t_small, "big_s_per_iteration": t_big,
+            "iterations": iterations, "crop": [32, 32, 32], "big_volume_alloc_s": t_alloc}
+
+
+_MEMORY_CHILD = """
+import sys, resource
+sys.path.insert(0, {bench!r})
+import run_benchmarks as b
+from DeepDreamAnalysisLib.analysis import run_analysis
+model = b.demo_model(); vol = b.liver_slice()
+names = b.paper_features(model.card.spatial_dims)
+run_analysis(vol, b.seed_of(vol), model, b.config({n}, names, device={device!r}))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def bench_memory(device: str, short: int, long: int) -> dict:
+    """Peak RSS of a fresh process running ``long`` iterations / ``short`` iterations."""
+    rss = {}
+    for n in (short, long):
+        code = _MEMORY_CHILD.format(bench=str(HERE), n=n, device=device)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        rss[n] = int(out.stdout.strip().splitlines()[-1]) / 1024.0  # KiB -> MiB
+    return {"ratio": rss[long] / rss[short], f"peak_rss_mib_{short}": rss[short],
+            f"peak_rss_mib_{long}": rss[long]}
+
+
+def bench_responsiveness(device: str, iterations: int, tick_s: float = 0.05) -> dict:
+    """Longest gap between main-thread ticks every ``tick_s`` while a run with features goes on."""
+    model = demo_model()
+    vol = liver_slice()
+    names = paper_features(model.card.spatial_dims)
+    runner = AnalysisRunner(vol, seed_of(vol), model, config(iterations, names, device=device)).start()
+    gaps = []
+    last = time.perf_counter()
+    while runner.is_running:
+        time.sleep(tick_s)
+        runner.poll()
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now
+    runner.wait()
+    return {"max_gap_s": max(gaps), "mean_gap_s": float(np.mean(gaps)), "ticks": len(gaps), "tick_s": tick_s,
+            "iterations": iterations}
+
+
+PEAK_TFLOPS = {"H200": 67.0, "H100": 67.0, "A100": 19.5, "L40S": 91.6, "RTX 4090": 82.6}
+"""FP32 (non-tensor-core) peak rates, TFLOP/s, from the vendors' data sheets."""
+
+
+def bench_gpu(iterations: int) -> dict:
+    """Iterations per second of a 3D MONAI UNet on a 128^3 crop, and the fraction of peak FP32."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if not torch.cuda.is_available():
+        return {"error": "no CUDA device"}
+    dev = torch.device("cuda")
+    net = unet(3, (16, 32, 64, 128)).to(dev)
+    x = torch.randn(1, 1, 128, 128, 128, device=dev, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        logits = net(x)
+        torch.autograd.grad(logits[0, 1, 64, 64, 64], x)
+    flops = counter.get_total_flops()
+    model = Model(net, card(3, (128, 128, 128)))
+    vol = Volume(np.random.default_rng(0).normal(110, 15, (160, 160, 160)).astype(np.float32))
+    run_analysis(vol, seed_of(vol), model, config(5, (), step=10.0, device="cuda"))
+    torch.cuda.synchronize()
+    r = run_analysis(vol, seed_of(vol), model, config(iterations, (), step=10.0, device="cuda"))
+    per_it = r.metadata["timings_s"]["total"] / len(r.steps)
+    name = torch.cuda.get_device_name(0)
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    out = {"gpu": name, "iterations_per_s": 1.0 / per_it, "flops_per_iteration": flops,
+           "achieved_tflops": flops / per_it / 1e12}
+    if peak:
+        out["peak_fp32_tflops"] = peak
+        out["fraction_of_peak"] = out["achieved_tflops"] / peak
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+            "torch_threads": torch.get_num_threads()}
+    try:
+        with open("/proc/meminfo") as f:
+            info["memory_kib"] = int(f.readline().split()[1])
+        with open("/proc/cpuinfo") as f:
+            models = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        if models:
+            info["cpu_model"] = models[0]
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def table(results: dict) -> str:
+    rows = ["| benchmark | figure | target | details |", "|---|---|---|---|"]
+    for name, r in results.items():
+        if "error" in r:
+            rows.append(f"| {name} | - | - | {r['error']} |")
+            continue
+        if name == "native_vs_pyradiomics":
+            fig = f"{r.get('speedup', float('nan')):.1f}x faster"
+            det = (f"native {1000 * r.get('native_s_per_call', float('nan')):.1f} ms, pyradiomics "
+                   f"{1000 * r.get('pyradiomics_s_per_call', float('nan')):.1f} ms per call, r={r['radius_voxels']}")
+        elif name == "responsiveness":
+            fig = f"{1000 * r['max_gap_s']:.0f} ms max gap"
+            det = f"50 ms ticks, mean {1000 * r['mean_gap_s']:.0f} ms"
+        elif name == "gpu":
+            fig = f"{r['iterations_per_s']:.1f} it/s"
+            det = f"{r['gpu']}, {r['achieved_tflops']:.2f} TFLOP/s" + (
+                f", {100 * r['fraction_of_peak']:.1f}% of FP32 peak" if "fraction_of_peak" in r else "")
+        else:
+            fig = f"{r['ratio']:.3f}"
+            det = ", ".join(f"{k}={_short(v)}" for k, v in r.items() if k != "ratio" and not isinstance(v, list))
+        target = f"<= {TARGETS[name]}" if name in TARGETS else ""
+        rows.append(f"| {name} | {fig} | {target} | {det} |")
+    return "\n".join(rows)
+
+
+def _short(v):
+    return f"{v:.4g}" if isinstance(v, float) else v
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run)")
+    ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--out", default=str(HERE / "results"))
+    args = ap.parse_args(argv)
+    q = args.quick
+    plan = {
+        "loop_overhead": lambda: bench_loop_overhead(args.device, 20 if q else 60),
+        "feature_cost": lambda: bench_feature_cost(args.device, 30 if q else 300),
+        "native_vs_pyradiomics": lambda: bench_native_vs_pyradiomics(20 if q else 40, 1 if q else 3),
+        "scale": lambda: bench_scale(args.device, 5 if q else 20),
+        "memory": lambda: bench_memory(args.device, 20 if q else 100, 200 if q else 1000),
+        "responsiveness": lambda: bench_responsiveness(args.device, 30 if q else 150),
+    }
+    if args.device == "cuda":
+        plan["gpu"] = lambda: bench_gpu(20 if q else 100)
+    results = {}
+    for name, fn in plan.items():
+        if args.only and name not in args.only:
+            continue
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        try:
+            results[name] = fn()
+        except Exception as exc:  # noqa: BLE001 - one failing benchmark must not hide the others
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        results[name]["wall_s"] = round(time.perf_counter() - t, 2)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    record = {"date": stamp, "device": args.device, "quick": q, "machine": machine(), "results": results}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{stamp}-{args.device}{'-quick' if q else ''}.json"
+    path.write_text(json.dumps(record, indent=2, default=float) + "\n")
+    print(table(results))
+    print(f"\nwritten {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
