@@ -1,0 +1,434 @@
+"""MONAI bundles: read one (folder or .zip), check its config, build its network, derive its card.
+
+A bundle is a folder (or a zip of one) holding ``configs/inference.json`` (or ``.yaml``) and/or
+``configs/metadata.json``, and the weights ``models/model.pt`` (a state dict). The network is built
+from the config's ``network_def`` and its weights are loaded with ``torch.load(weights_only=True)``.
+
+Bundle configs are code: every ``{"_target_": ...}`` entry names a Python callable that MONAI's
+ConfigParser would call, and ``"$..."`` strings are Python expressions it would ``eval``. Before
+anything is built, :func:`check_config` walks the whole config and refuses any ``_target_`` outside
+``monai.`` and ``torch.`` (and a few loaders inside them that fetch or run other code), and any
+expression or macro inside the part that builds the network, unless the caller passes
+``allow_code_targets=True``. Only ``network_def`` and the entries it references are handed to the
+parser; nothing else in the config is ever evaluated.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from .errors import ModelCardError, ModelError
+
+CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
+WEIGHT_NAMES = ("model.pt", "model.pth")
+# Names under monai./torch. that load, download or run other code: refused like a foreign target.
+DANGEROUS_PREFIXES = (
+    "torch.hub", "torch.load", "torch.jit", "torch.package", "torch.export", "torch.utils.cpp_extension",
+    "torch.ops", "torch.compile", "torch.utils.data", "monai.bundle", "monai.apps", "monai.utils",
+)
+ALLOW_HINT = (
+    "If you trust this bundle, allow it with load_model(..., allow_code_targets=True) "
+    "(command line: --allow-code-targets)."
+)
+
+
+@dataclass
+class BundleFiles:
+    """The parts of a bundle the loader needs, read into memory."""
+
+    source: Path
+    config: dict[str, Any]
+    config_name: str | None
+    metadata: dict[str, Any] | None
+    weights: bytes | None
+    weights_name: str | None
+    card: dict[str, Any] | None
+    notes: list[str] = field(default_factory=list)
+
+
+def is_bundle_dir(path: Path) -> bool:
+    return path.is_dir() and ((path / "configs").is_dir() or (path / "models").is_dir())
+
+
+def zip_is_bundle(names: list[str]) -> bool:
+    return any(PurePosixPath(n).parent.name == "configs" and PurePosixPath(n).name in CONFIG_NAMES + ("metadata.json",)
+               for n in names)
+
+
+def read_bundle(path: Path) -> BundleFiles:
+    """Read a bundle folder or zip: config, metadata, weights and an optional ``card.json``."""
+    if path.is_dir():
+        files = {p.relative_to(path).as_posix(): p for p in path.rglob("*") if p.is_file()}
+        read = lambda name: files[name].read_bytes()  # noqa: E731
+        names = sorted(files)
+    else:
+        try:
+            zf = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise ModelError(f"{path} is not a readable zip file ({exc}). Re-download or re-export the bundle.") from None
+        names = sorted(n for n in zf.namelist() if not n.endswith("/"))
+        read = zf.read
+    # Bundles are often zipped with a top folder ("spleen_ct_segmentation/configs/..."): find the root.
+    roots = sorted({str(PurePosixPath(n).parent.parent) for n in names
+                    if PurePosixPath(n).parent.name == "configs" and PurePosixPath(n).name in CONFIG_NAMES + ("metadata.json",)})
+    if not roots:
+        raise ModelError(
+            f"{path} is not a MONAI bundle: it has no configs/inference.json nor configs/metadata.json. "
+            "A bundle holds configs/inference.json (with network_def), configs/metadata.json and models/model.pt."
+        )
+    root = roots[0]
+    prefix = "" if root in (".", "") else root + "/"
+
+    def find(*candidates):
+        for c in candidates:
+            if prefix + c in names:
+                return prefix + c
+        return None
+
+    config_name = find(*(f"configs/{n}" for n in CONFIG_NAMES))
+    config = _parse_config(read(config_name), config_name, path) if config_name else {}
+    meta_name = find("configs/metadata.json")
+    metadata = _parse_config(read(meta_name), meta_name, path) if meta_name else None
+    weights_name = find(*(f"models/{n}" for n in WEIGHT_NAMES))
+    weights = read(weights_name) if weights_name else None
+    card_name = find("card.json", "configs/card.json")
+    card = _parse_config(read(card_name), card_name, path) if card_name else None
+    return BundleFiles(path, config, config_name, metadata, weights, weights_name, card)
+
+
+def _parse_config(data: bytes, name: str, bundle: Path) -> dict[str, Any]:
+    try:
+        if name.endswith((".yaml", ".yml")):
+            try:
+                import yaml
+            except ImportError:
+                raise ModelError(f"{bundle}: {name} is YAML and PyYAML is not installed. pip install pyyaml.") from None
+            value = yaml.safe_load(data.decode("utf-8"))
+        else:
+            value = json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{bundle}: {name} is not valid JSON/YAML ({exc}). Fix or re-download the bundle.") from None
+    if not isinstance(value, dict):
+        raise ModelError(f"{bundle}: {name} must hold an object at the top level.")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- safety
+
+def target_is_allowed(target: str) -> bool:
+    """``monai.*`` / ``torch.*`` names (and MONAI's short names such as ``"UNet"``), minus loaders."""
+    if not isinstance(target, str) or target.startswith(("$", "%", "@")):
+        return False
+    if "." not in target:  # a short name: MONAI looks it up among the monai modules imported
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", target):
+            return False
+        module = _short_name_module(target)
+        return module is not None and target_is_allowed(f"{module}.{target}")
+    if not target.startswith(("monai.", "torch.")):
+        return False
+    return not any(target == p or target.startswith(p + ".") for p in DANGEROUS_PREFIXES)
+
+
+def _short_name_module(name: str) -> str | None:
+    """The monai module MONAI's ComponentLocator resolves a short ``_target_`` to, or None.
+
+    A short name MONAI cannot find is looked up as a full name by ``pydoc.locate`` (``"open"`` would
+    be the builtin), so an unresolved short name is refused.
+    """
+    from monai.bundle.config_item import ComponentLocator
+
+    module = ComponentLocator().get_component_module_name(name)
+    if isinstance(module, list):
+        module = module[0] if module else None
+    return module
+
+
+def iter_targets(node: Any, where: str = ""):
+    """Yield ``(config_id, target)`` for every ``_target_`` in a nested config."""
+    if isinstance(node, dict):
+        if "_target_" in node:
+            yield where or "<top>", node["_target_"]
+        for k, v in node.items():
+            yield from iter_targets(v, f"{where}::{k}" if where else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from iter_targets(v, f"{where}::{i}" if where else str(i))
+
+
+def _iter_strings(node: Any, where: str = ""):
+    if isinstance(node, str):
+        yield where, node
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            yield from _iter_strings(v, f"{where}::{k}" if where else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _iter_strings(v, f"{where}::{i}" if where else str(i))
+
+
+def foreign_targets(config: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(where, str(t)) for where, t in iter_targets(config) if not target_is_allowed(t)]
+
+
+def check_config(config: dict[str, Any], source: str, allow_code_targets: bool) -> bool:
+    """Refuse targets outside MONAI/torch anywhere in the config; return True if code would run.
+
+    Called before anything in the config is built or evaluated.
+    """
+    bad = foreign_targets(config)
+    if bad and not allow_code_targets:
+        listed = "; ".join(f"{t!r} (at {w})" for w, t in bad[:5]) + ("; ..." if len(bad) > 5 else "")
+        raise ModelError(
+            f"The bundle config {source} names _target_ outside monai. and torch.: {listed}. Building it would "
+            f"import and run that code. {ALLOW_HINT}"
+        )
+    return bool(bad)
+
+
+def network_subconfig(config: dict[str, Any], source: str, allow_code_targets: bool, key: str = "network_def"):
+    """``{key: config[key], ...referenced ids}``: the only part of the config that is parsed.
+
+    Expressions (``"$..."``) and macros (``"%..."``) in it are refused unless allowed, since MONAI
+    evaluates them as Python. Returns ``(subconfig, executes_code)``.
+    """
+    if key not in config:
+        raise ModelError(
+            f"The bundle config {source} has no '{key}': the loader builds the network from it. Add "
+            "\"network_def\": {\"_target_\": \"monai.networks.nets.UNet\", ...} to configs/inference.json."
+        )
+    sub: dict[str, Any] = {}
+    pending = [key]
+    code = False
+    while pending:
+        ident = pending.pop()
+        if ident in sub:
+            continue
+        if ident not in config:
+            raise ModelError(f"The bundle config {source} refers to '@{ident}', which it does not define.")
+        sub[ident] = config[ident]
+        for where, s in _iter_strings(config[ident], ident):
+            if s.startswith(("$", "%")):
+                if not allow_code_targets:
+                    kind = "a Python expression" if s.startswith("$") else "a macro that reads another file"
+                    raise ModelError(
+                        f"The bundle's network definition holds {kind} at {where}: {s[:80]!r}. MONAI would run "
+                        f"it to build the network. {ALLOW_HINT}"
+                    )
+                code = True
+            elif s.startswith("@"):
+                pending.append(re.split(r"::|#", s[1:], maxsplit=1)[0])
+        for where, t in iter_targets(config[ident], ident):
+            if not target_is_allowed(t):
+                code = True
+        for node in _iter_dicts(config[ident]):
+            if node.get("_mode_", "default") == "debug":
+                raise ModelError(f"The bundle's network definition asks for _mode_ 'debug' (a debugger); remove it.")
+    return sub, code
+
+
+def _iter_dicts(node):
+    if isinstance(node, dict):
+        yield node
+        for v in node.values():
+            yield from _iter_dicts(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _iter_dicts(v)
+
+
+def build_network(files: BundleFiles, allow_code_targets: bool):
+    """Check the config, then build ``network_def``. Returns ``(network, executes_code)``."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    source = f"{files.source.name}/{files.config_name}" if files.config_name else str(files.source)
+    if not files.config_name:
+        raise ModelError(
+            f"The bundle {files.source} has no configs/inference.json: the loader builds the network from its "
+            "network_def. Add one (see docs/model-card.md, 'MONAI bundles')."
+        )
+    code = check_config(files.config, source, allow_code_targets)
+    sub, sub_code = network_subconfig(files.config, source, allow_code_targets)
+    parser = ConfigParser(files.config if allow_code_targets else sub)
+    try:
+        network = parser.get_parsed_content("network_def", instantiate=True)
+    except Exception as exc:  # the parser wraps constructor errors in RuntimeError/ValueError/...
+        raise ModelError(
+            f"Building the bundle's network_def failed: {type(exc).__name__}: {exc}. Check network_def in "
+            f"{source} against the MONAI version installed."
+        ) from None
+    if not isinstance(network, torch.nn.Module):
+        raise ModelError(f"The bundle's network_def built a {type(network).__name__}, not a torch.nn.Module.")
+    return network, code or sub_code
+
+
+def load_weights(files: BundleFiles) -> dict[str, Any]:
+    """The bundle's ``models/model.pt`` as a state dict (weights_only=True)."""
+    import torch
+
+    if files.weights is None:
+        raise ModelError(
+            f"The bundle {files.source} has no models/model.pt (the network's weights). Put the state dict "
+            "there (torch.save(network.state_dict(), 'models/model.pt'))."
+        )
+    if not files.weights:
+        raise ModelError(f"The bundle's {files.weights_name} is empty. Re-download or re-save the weights.")
+    try:
+        state = torch.load(io.BytesIO(files.weights), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(
+            f"The bundle's {files.weights_name} cannot be read as a state dict with weights_only=True "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Save it with "
+            "torch.save(network.state_dict(), ...)."
+        ) from None
+    return state
+
+
+# ---------------------------------------------------------------------------------------------- card
+
+def derive_card(files: BundleFiles) -> tuple[dict[str, Any], list[str]]:
+    """A model-card dict from the bundle's metadata and transforms; ``card.json`` keys override.
+
+    Returns ``(card_dict, notes)``; the dict may lack required fields (the caller says which).
+    """
+    notes: list[str] = []
+    card: dict[str, Any] = {}
+    meta = files.metadata or {}
+    if meta.get("name"):
+        card["name"] = str(meta["name"])
+    if meta.get("description"):
+        card["description"] = str(meta["description"])
+    fmt = meta.get("network_data_format") or {}
+    image = (fmt.get("inputs") or {}).get("image") or {}
+    pred = (fmt.get("outputs") or {}).get("pred") or {}
+    if _is_int(image.get("num_channels")):
+        card["in_channels"] = int(image["num_channels"])
+    shape = image.get("spatial_shape")
+    if isinstance(shape, list) and len(shape) in (2, 3):
+        card["spatial_dims"] = len(shape)
+        if all(_is_int(s) for s in shape):
+            card["roi_size"] = [int(s) for s in shape]
+        else:  # e.g. ["16*n", "16*n", "16*n"]: sizes divisible by 16
+            divs = {int(m.group(1)) for s in shape if isinstance(s, str) for m in [re.fullmatch(r"\s*(\d+)\s*\*\s*n\s*", s)] if m}
+            if len(divs) == 1:
+                card["size_divisible"] = divs.pop()
+    if _is_int(pred.get("num_channels")):
+        card["out_channels"] = int(pred["num_channels"])
+    config = files.config or {}
+    roi = _find_key(config, "roi_size")
+    if "roi_size" not in card and isinstance(roi, list) and all(_is_int(v) for v in roi) and len(roi) in (2, 3):
+        card["roi_size"] = [int(v) for v in roi]
+    net = config.get("network_def")
+    if "spatial_dims" not in card and isinstance(net, dict) and net.get("spatial_dims") in (2, 3):
+        card["spatial_dims"] = net["spatial_dims"]
+    if isinstance(net, dict):
+        for ours, theirs in (("in_channels", "in_channels"), ("out_channels", "out_channels")):
+            if ours not in card and _is_int(net.get(theirs)):
+                card[ours] = int(net[theirs])
+    if "roi_size" in card and "spatial_dims" in card and len(card["roi_size"]) != card["spatial_dims"]:
+        card.pop("roi_size")
+    pre, pre_note = _preprocessing(config)
+    if pre is not None:
+        card["preprocessing"] = pre
+    if pre_note:
+        notes.append(pre_note)
+    act = _activation(config)
+    if act is not None:
+        card["activation"] = act
+    elif "out_channels" in card:
+        card["activation"] = "softmax" if card["out_channels"] >= 2 else "sigmoid"
+        notes.append(f"activation not found in the bundle's postprocessing; assumed {card['activation']!r}.")
+    if "out_channels" in card:
+        card["target_class"] = 1 if card["out_channels"] >= 2 else 0
+        notes.append(f"target_class not in the bundle; assumed {card['target_class']} "
+                     f"({_channel_name(pred, card['target_class'])}). Set it in card.json to choose another class.")
+    spacing = _find_transform(config, "Spacingd", "Spacing")
+    if spacing is not None:
+        pix = spacing.get("pixdim")
+        if isinstance(pix, list) and len(pix) in (2, 3) and all(_is_num(v) for v in pix) and min(pix) > 0:
+            card["spacing"] = [float(v) for v in pix]
+    if files.card:
+        card.update(files.card)
+        notes.append("card.json in the bundle overrides the derived fields it names.")
+    return card, notes
+
+
+def _channel_name(pred, index):
+    name = ((pred.get("channel_def") or {}).get(str(index))) if isinstance(pred, dict) else None
+    return f"channel {index}: {name}" if name else f"channel {index}"
+
+
+def _preprocessing(config):
+    window = _find_transform(config, "ScaleIntensityRanged", "ScaleIntensityRange")
+    if window is not None:
+        vals = {k: window.get(k) for k in ("a_min", "a_max", "b_min", "b_max")}
+        if _is_num(vals["a_min"]) and _is_num(vals["a_max"]):
+            out = {"type": "window", "min": float(vals["a_min"]), "max": float(vals["a_max"])}
+            if _is_num(vals["b_min"]) and _is_num(vals["b_max"]):
+                out.update(out_min=float(vals["b_min"]), out_max=float(vals["b_max"]))
+            return out, None
+    norm = _find_transform(config, "NormalizeIntensityd", "NormalizeIntensity")
+    if norm is not None:
+        sub, div = norm.get("subtrahend"), norm.get("divisor")
+        if _is_num(sub) and _is_num(div) and div > 0:
+            return {"type": "normalize", "mean": float(sub), "std": float(div)}, None
+        return None, ("The bundle normalises each image by its own mean and std (NormalizeIntensityd without "
+                      "subtrahend/divisor); write preprocessing {\"type\": \"normalize\", \"mean\": ..., \"std\": ...} "
+                      "with typical values in card.json.")
+    return None, None
+
+
+def _activation(config):
+    act = _find_transform(config, "Activationsd", "Activations")
+    if act is None:
+        return None
+    if act.get("softmax") is True:
+        return "softmax"
+    if act.get("sigmoid") is True:
+        return "sigmoid"
+    return None
+
+
+def _find_transform(config, *names):
+    for node in _iter_dicts(config):
+        t = node.get("_target_")
+        if isinstance(t, str) and t.rsplit(".", 1)[-1] in names:
+            return node
+    return None
+
+
+def _find_key(config, key):
+    for node in _iter_dicts(config):
+        if key in node:
+            return node[key]
+    return None
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def missing_fields_message(source: str, card: dict[str, Any], notes: list[str]) -> str:
+    from .card import CARD_TEMPLATE, REQUIRED_FIELDS
+
+    missing = [f for f in REQUIRED_FIELDS if f not in card]
+    msg = (f"The bundle {source} does not say {', '.join(missing)} (derived from configs/metadata.json "
+           f"network_data_format and the preprocessing transforms). Write them into card.json at the bundle's "
+           "root; for example:\n" + json.dumps({k: CARD_TEMPLATE[k] for k in missing}, indent=2))
+    if notes:
+        msg += "\nNotes: " + " ".join(notes)
+    return msg + "\nSee docs/model-card.md."
+
+
+__all__ = ["BundleFiles", "read_bundle", "build_network", "load_weights", "derive_card", "check_config",
+           "target_is_allowed", "is_bundle_dir", "zip_is_bundle", "missing_fields_message", "ModelCardError"]
