@@ -1,0 +1,245 @@
+r"""User-defined features, and the two built-in line-orientation features.
+
+A custom feature is a Python callable ``f(image, mask, spacing) -> float``:
+
+- ``image``: numpy float64 array ``[k, j, i]`` in image units (HU for CT); for a 2D model ``k == 1``;
+- ``mask``: numpy bool array of the same shape (the dreamed object, or a reference lesion);
+- ``spacing``: ``(i, j, k)`` voxel size in mm.
+
+Register one by name with :func:`register_feature`, or name it as ``module:function`` (a module on
+the Python path) or ``path/to/file.py:function`` (``--custom-feature NAME=TARGET`` on the command
+line, ``FeatureConfig.custom`` in Python); :func:`load_custom` imports it. A custom feature that
+raises, or returns something that is not a number, gives NaN for that value and one warning per
+feature set naming the feature and the error; the analysis goes on.
+
+Built-in features (the paper's section 3.1 "characteristic feature" of a 135-degree line marking)
+-------------------------------------------------------------------------------------------------
+
+Orientation convention, in the axial plane of the array ``[j, i]`` (row ``j``, column ``i``; the
+slice displayed with row ``j = 0`` at the top, as ``matplotlib.imshow`` and
+``DeepDreamAnalysisLib.synthetic`` show it): an angle is measured counter-clockwise on screen from
+the ``+i`` axis. 0 degrees runs along a row; 90 degrees runs along a column; **135 degrees runs
+along the array's main diagonal**, the voxels ``array[j0 + t, i0 + t]`` (top-left to bottom-right on
+screen); 45 degrees runs along the anti-diagonal ``array[j0 - t, i0 + t]``. This is the convention
+of ``synthetic.LineMarking``, so the marking and the feature agree.
+
+Kernel :math:`K_\theta` (``line_kernel``): an ``L x L`` window (``L = 7`` voxels) in which each
+voxel gets the weight :math:`w = \max(0, 1 - 2d)`, :math:`d` its distance (voxels) to the segment
+of length ``L`` through the centre at angle :math:`\theta`; the weights are divided by their sum,
+then the window's mean :math:`1/L^2` is subtracted. So a constant image responds 0 and a
+unit-contrast line along the kernel responds about 1. Voxel units: the in-plane spacing is not
+used (CT slices have square pixels).
+
+Response :math:`R_\theta = X \star K_\theta`, the 2D correlation of each axial slice with the
+kernel (for this point-symmetric kernel the same as convolution), at every voxel ``(k, j, i)`` of
+the **mask's bounding box**; the filter reads the image around the box too (edge values repeated
+only at the array's border).
+
+- ``line135_response`` :math:`= \max_{v \in \mathrm{bbox}(M)} R_{135}(v)`, image units. The paper's
+  characteristic feature (measured there on the whole dream). It grows with local contrast, whatever
+  the network learned (DESIGN.md): use it together with the selectivity below.
+- ``line135_selectivity`` :math:`= \frac{E_{135} - E_{45}}{E_{135} + E_{45}}`, with
+  :math:`E_\theta = \sum_{v \in \mathrm{bbox}(M)} R_\theta(v)^2`, dimensionless in [-1, 1]: +1 for
+  pure 135-degree lines, -1 for pure 45-degree lines, about 0 for isotropic texture or noise, and
+  unchanged when the contrast is scaled (bright and dark lines alike). NaN when both energies are 0
+  (a constant region).
+
+An empty mask gives NaN for both (as for every feature: the curve starts when the object appears).
+To measure over a whole crop as the paper does, pass a mask that is all ``True``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import math
+import numbers
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import FeatureError
+
+log = logging.getLogger(__name__)
+
+CustomFeature = Callable[[np.ndarray, np.ndarray, tuple], float]
+
+LINE_LENGTH = 7
+
+_REGISTRY: dict[str, CustomFeature] = {}
+BUILTIN: tuple[str, ...] = ("line135_response", "line135_selectivity")
+
+
+def register_feature(name: str, func: CustomFeature) -> None:
+    """Make ``func(image [k, j, i] float, mask bool, spacing (i, j, k) mm) -> float`` available as ``name``."""
+    if not isinstance(name, str) or not name.strip():
+        raise FeatureError(f"A custom feature needs a non-empty name, got {name!r}.")
+    if not callable(func):
+        raise FeatureError(f"Custom feature {name!r}: {func!r} is not callable; give a function f(image, mask, spacing).")
+    _REGISTRY[name.strip()] = func
+
+
+def registered() -> dict[str, CustomFeature]:
+    """The registered custom features by name (the built-ins included)."""
+    return dict(_REGISTRY)
+
+
+def load_custom(target: str) -> CustomFeature:
+    """Import ``module:function`` or ``path/to/file.py:function`` and return the function.
+
+    Raises FeatureError when the target is malformed, cannot be imported, or is not callable.
+    """
+    if not isinstance(target, str) or ":" not in target:
+        raise FeatureError(
+            f"A custom feature is given as 'module:function' or 'path/to/file.py:function', got {target!r}."
+        )
+    module_part, _, func_name = target.rpartition(":")
+    if not module_part or not func_name:
+        raise FeatureError(
+            f"A custom feature is given as 'module:function' or 'path/to/file.py:function', got {target!r}."
+        )
+    looks_like_path = module_part.endswith(".py") or "/" in module_part or "\\" in module_part
+    if looks_like_path:
+        path = Path(module_part).expanduser()
+        if not path.is_file():
+            raise FeatureError(f"Custom feature {target!r}: the file {path} does not exist. Check the path.")
+        mod_name = f"_deepdream_custom_{abs(hash(str(path.resolve())))}"
+        try:
+            spec = importlib.util.spec_from_file_location(mod_name, path)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"not a Python file: {path}")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[mod_name] = module
+            spec.loader.exec_module(module)
+        except Exception as exc:  # noqa: BLE001 - any failure while importing user code
+            sys.modules.pop(mod_name, None)
+            raise FeatureError(
+                f"Custom feature {target!r}: importing {path} failed ({type(exc).__name__}: {exc}). Fix that file."
+            ) from None
+    else:
+        try:
+            module = importlib.import_module(module_part)
+        except Exception as exc:  # noqa: BLE001
+            raise FeatureError(
+                f"Custom feature {target!r}: cannot import module {module_part!r} ({type(exc).__name__}: {exc}). "
+                "Check the name, put the module on PYTHONPATH, or give a file path: path/to/file.py:function."
+            ) from None
+    func = getattr(module, func_name, None)
+    if func is None:
+        raise FeatureError(f"Custom feature {target!r}: {module_part} has no attribute {func_name!r}.")
+    if not callable(func):
+        raise FeatureError(
+            f"Custom feature {target!r}: {func_name} is a {type(func).__name__}, not a function f(image, mask, spacing)."
+        )
+    return func
+
+
+def call_custom(name: str, func: CustomFeature, image: np.ndarray, mask: np.ndarray, spacing,
+                warned: dict[str, str] | None = None) -> float:
+    """``func(image, mask, spacing)`` as a float; NaN when it raises or returns something that is not
+    a real number, with one warning per name: ``warned`` (name -> first problem) remembers them."""
+    try:
+        value = func(image, mask, tuple(spacing))
+    except Exception as exc:  # noqa: BLE001 - a user feature must not stop the analysis
+        _warn_once(name, f"raised {type(exc).__name__}: {exc}", warned)
+        return math.nan
+    number = _as_float(value)
+    if number is None:
+        _warn_once(name, f"returned {type(value).__name__} {_short(value)}, not a number", warned)
+        return math.nan
+    return number
+
+
+def _as_float(value) -> float | None:
+    if isinstance(value, (bool, np.bool_, str, bytes)):
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    try:
+        arr = np.asarray(value)
+    except Exception:  # noqa: BLE001
+        return None
+    if arr.size == 1 and np.issubdtype(arr.dtype, np.number) and not np.issubdtype(arr.dtype, np.complexfloating):
+        return float(arr.reshape(()))
+    return None
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) < 60 else text[:57] + "..."
+
+
+def _warn_once(name: str, what: str, warned: dict[str, str] | None) -> None:
+    if warned is not None:
+        if name in warned:
+            return
+        warned[name] = what
+    log.warning("Custom feature %r %s; its value is NaN (further failures of it are not reported).", name, what)
+
+
+# ----------------------------------------------------------------------------- line features
+
+
+def line_kernel(angle_deg: float = 135.0, length: int = LINE_LENGTH) -> np.ndarray:
+    """Zero-mean ``length x length`` line-segment kernel ``[j, i]`` at ``angle_deg`` (module docstring)."""
+    if length < 3 or length % 2 == 0:
+        raise ValueError("length must be an odd integer >= 3")
+    r = length // 2
+    theta = math.radians(angle_deg)
+    # direction in (i, j): counter-clockwise on screen with j pointing down
+    di, dj = math.cos(theta), -math.sin(theta)
+    jj, ii = np.mgrid[-r:r + 1, -r:r + 1].astype(float)
+    along = ii * di + jj * dj
+    across = np.abs(-ii * dj + jj * di)
+    over = np.clip(np.abs(along) - r, 0, None)  # beyond the segment's ends
+    dist = np.hypot(across, over)
+    w = np.clip(1.0 - 2.0 * dist, 0.0, None)
+    w /= w.sum()
+    return w - 1.0 / (length * length)
+
+
+def line_responses(image: np.ndarray, mask: np.ndarray, angle_deg: float, length: int = LINE_LENGTH) -> np.ndarray:
+    """Responses ``R_theta`` at the voxels of ``mask``'s bounding box (array ``[k, j, i]`` of that box)."""
+    image = np.asarray(image, dtype=np.float64)
+    mask = np.asarray(mask, dtype=bool)
+    if image.ndim == 2:
+        image, mask = image[None], mask[None]
+    idx = np.nonzero(mask)
+    k0, k1 = int(idx[0].min()), int(idx[0].max()) + 1
+    j0, j1 = int(idx[1].min()), int(idx[1].max()) + 1
+    i0, i1 = int(idx[2].min()), int(idx[2].max()) + 1
+    r = length // 2
+    nj, ni = image.shape[1:]
+    # the box grown by r, read from the image where it exists, edge values repeated beyond
+    pj0, pj1, pi0, pi1 = max(j0 - r, 0), min(j1 + r, nj), max(i0 - r, 0), min(i1 + r, ni)
+    window = image[k0:k1, pj0:pj1, pi0:pi1]
+    window = np.pad(window, ((0, 0), (r - (j0 - pj0), r - (pj1 - j1)), (r - (i0 - pi0), r - (pi1 - i1))), mode="edge")
+    kernel = line_kernel(angle_deg, length)
+    views = np.lib.stride_tricks.sliding_window_view(window, kernel.shape, axis=(1, 2))
+    return np.einsum("kjiab,ab->kji", views, kernel)
+
+
+def line135_response(image: np.ndarray, mask: np.ndarray, spacing=None) -> float:
+    """Maximum 135-degree line-filter response in the mask's bounding box (image units); NaN if empty."""
+    if not np.asarray(mask).any():
+        return math.nan
+    return float(line_responses(image, mask, 135.0).max())
+
+
+def line135_selectivity(image: np.ndarray, mask: np.ndarray, spacing=None) -> float:
+    """(E135 - E45) / (E135 + E45) in the mask's bounding box, in [-1, 1]; NaN if empty or constant."""
+    if not np.asarray(mask).any():
+        return math.nan
+    e135 = float(np.sum(line_responses(image, mask, 135.0) ** 2))
+    e45 = float(np.sum(line_responses(image, mask, 45.0) ** 2))
+    total = e135 + e45
+    if not total > 1e-12 * max(1.0, float(np.max(np.abs(image))) ** 2):
+        return math.nan
+    return (e135 - e45) / total
+
+
+register_feature("line135_response", line135_response)
+register_feature("line135_selectivity", line135_selectivity)
