@@ -262,7 +262,9 @@ def missing_card_message(p: Path) -> str:
 
 def _load_torchscript(p: Path):
     try:
-        return torch.jit.load(str(p), map_location="cpu")
+        with warnings.catch_warnings():  # torch >= 2.10 deprecates TorchScript; we still read it
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.load(str(p), map_location="cpu")
     except Exception as exc:
         raise ModelError(f"The TorchScript file {p} cannot be loaded ({_first_line(exc)}). It may be corrupt or "
                          "saved by a newer torch; save it again with torch.jit.save.") from None
@@ -283,11 +285,12 @@ def _read_state_dict(p: Path) -> dict:
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        text = str(exc)
-        if "weights_only" in text or "Weights only" in text:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if found:
             raise ModelError(
-                f"{p} holds pickled Python objects (a whole torch.nn.Module, saved with torch.save(model)), not "
-                "just weights. Loading it would run code from the file, so the loader refuses. Save the weights "
+                f"{p} holds pickled Python objects ({found.group(1)}: a whole torch.nn.Module saved with "
+                "torch.save(model)?), not just weights. Loading it would run code from the file, so the loader "
+                "refuses. Save the weights "
                 "(torch.save(model.state_dict(), ...)) with a model card naming the network, or save TorchScript "
                 "(torch.jit.save) or a torch.export program (.pt2)."
             ) from None
