@@ -1,0 +1,444 @@
+"""Write an analysis result to a folder: curves, metadata, plots, snapshots and an HTML report.
+
+Files (every one written atomically: a temporary name in the same folder, then a rename, so a
+reader never sees a half-written file; a failed write leaves no temporary file behind):
+
+- ``curves.csv``: one row per recorded iteration, the columns of ``AnalysisResult.table()``
+  (``iteration, objective, probability, mask_voxels``, each feature's raw value, then
+  ``<feature>_z`` when normalised). Numbers are written with full precision; a NaN (a feature
+  not computed, or undefined because the mask is empty or too small) is written as an **empty
+  cell**, which spreadsheets show as blank and ``pandas.read_csv`` reads as NaN.
+- ``run.json``: the result's metadata (configuration, model hash, versions, device, random seed,
+  timings...) plus ``status``, ``normalised``, ``features``, ``first_iteration_above_0.5``, the
+  reference statistics used for each feature, ``final`` (last raw value and z-score of each
+  feature), a ``note`` saying the curves are raw values when there is no reference, and
+  ``files``. NaN is written as ``null``.
+- ``curves.png``: the seed probability, then one panel per feature against the iteration: z-scores
+  with the normal band [-1, 1] shaded when normalised, raw values with a visible note otherwise.
+  A dotted line marks the first iteration where the seed probability passed 0.5.
+- ``snapshots/iter_NNNN_image.nii.gz``, ``..._probability.nii.gz``, ``..._mask.nii.gz`` for the
+  first, about one third, about two thirds and last recorded snapshots. They are **crop-sized**
+  (the loop's region, ``result.crop``), with the input volume's spacing and direction and the
+  origin of the crop's first voxel, so they overlay the input volume exactly in any viewer
+  (3D Slicer, ITK-SNAP) at a fraction of the size of a full volume. Mask: uint8 (1 inside).
+- ``strip.png``: like the paper's Fig. 3: columns are those iterations; top row the image (the
+  seed's axial slice, a fixed grey window taken from the first snapshot) with the seed marked by a
+  red cross in the first column, bottom row the network's probability (black 0, white 1).
+- ``report.html``: self-contained (the PNGs embedded as base64): the note, a table of the final
+  values, the snapshot strip, the curves and the metadata.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from .atomic import atomic_path, write_text_atomic
+from .errors import OutputError
+from .result import AnalysisResult
+
+NO_REFERENCE_NOTE = (
+    "No reference statistics were given: the curves are raw feature values, not z-scores. "
+    "Give --reference stats.json (deepdream-analysis reference) to normalise them."
+)
+SNAPSHOT_FORMATS = ("nii.gz", "nii", "nrrd", "mha")
+INT_COLUMNS = ("iteration", "mask_voxels")
+
+
+def check_writable(out_dir: str | os.PathLike) -> Path:
+    """Create ``out_dir`` if needed and check a file can be written there; OutputError otherwise."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(
+            f"Cannot write into the output folder {out} ({exc.strerror or exc}). Choose a writable folder."
+        ) from None
+    return out
+
+
+# ----------------------------------------------------------------------------- CSV
+
+
+def _cell(value: float, integer: bool) -> str:
+    v = float(value)
+    if not math.isfinite(v):
+        return "" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    return str(int(round(v))) if integer else repr(v)
+
+
+def curves_csv_text(result: AnalysisResult) -> str:
+    """The curves table as CSV text (NaN as an empty cell)."""
+    table = result.table()
+    cols = list(table)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(cols)
+    rows = len(result.steps)
+    for r in range(rows):
+        writer.writerow([_cell(table[c][r], c in INT_COLUMNS) for c in cols])
+    return buf.getvalue()
+
+
+def write_curves_csv(result: AnalysisResult, path: str | os.PathLike) -> Path:
+    """Write ``curves.csv`` (see the module docstring) atomically; returns the path."""
+    path = Path(path)
+    write_text_atomic(path, curves_csv_text(result))
+    return path
+
+
+# ----------------------------------------------------------------------------- JSON
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return str(obj)
+
+
+def final_values(result: AnalysisResult) -> dict[str, dict[str, float | None]]:
+    """For each feature: the last finite raw value (and its iteration) and its z-score."""
+    out = {}
+    for name in result.feature_names:
+        raw = result.column(name)
+        z = result.zscores(name)
+        finite = np.flatnonzero(np.isfinite(raw))
+        if finite.size:
+            r = int(finite[-1])
+            out[name] = {"iteration": int(result.steps[r].iteration), "value": float(raw[r]),
+                         "z": float(z[r]) if np.isfinite(z[r]) else None}
+        else:
+            out[name] = {"iteration": None, "value": None, "z": None}
+    return out
+
+
+def run_json(result: AnalysisResult, files: dict[str, str] | None = None) -> dict[str, Any]:
+    """The content of ``run.json``."""
+    data = dict(result.metadata)
+    data["status"] = result.status
+    data["normalised"] = result.normalised
+    data["features"] = list(result.feature_names)
+    data["first_iteration_above_0.5"] = result.first_iteration_above(0.5)
+    data["iterations_recorded"] = len(result.steps)
+    data["crop"] = {"start_kji": list(result.crop.start), "size_kji": list(result.crop.size)}
+    if result.normalised:
+        ref = result.reference
+        data["note"] = data.get("note") or None
+        data["reference_stats"] = {
+            "source": getattr(ref, "source", None),
+            "features": {n: {"mean": ref.mean[n], "std": ref.std[n], "n": ref.n[n]}
+                         for n in result.feature_names if n in ref},
+            "settings": getattr(ref, "settings", {}),
+        }
+    else:
+        data["note"] = NO_REFERENCE_NOTE
+    data["final"] = final_values(result)
+    data["csv_nan"] = "empty cell"
+    if files is not None:
+        data["files"] = files
+    return _jsonable(data)
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png_bytes(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def curves_figure(result: AnalysisResult):
+    """The curves figure (matplotlib Figure, Agg canvas; no pyplot state touched)."""
+    names = list(result.feature_names)
+    panels = 1 + len(names)
+    ncols = min(3, panels)
+    nrows = int(math.ceil(panels / ncols))
+    fig = _figure(4.2 * ncols, 2.9 * nrows + 0.6)
+    it = result.iterations
+    first = result.first_iteration_above(0.5)
+    status = "" if result.status == "completed" else f" ({result.status})"
+    if result.normalised:
+        fig.suptitle(f"DeepDream analysis{status}: z-scores against the reference lesions; band = normal range [-1, 1]",
+                     fontsize=10)
+    else:
+        fig.suptitle(f"DeepDream analysis{status}: RAW feature values (no reference statistics: not normalised)",
+                     fontsize=10, color="#b00000")
+    axes = [fig.add_subplot(nrows, ncols, p + 1) for p in range(panels)]
+    ax = axes[0]
+    ax.plot(it, result.column("probability"), color="black", lw=1.5)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("probability at the seed", fontsize=9)
+    for ax, name in zip(axes[1:], names):
+        if result.normalised and name in result.reference:
+            y = result.zscores(name)
+            ax.axhspan(-1, 1, color="#9fd39f", alpha=0.45, lw=0, label="normal range")
+            ax.axhline(0, color="#5a9a5a", lw=0.6)
+            ax.set_ylabel("z-score", fontsize=8)
+        else:
+            y = result.column(name)
+            ax.set_ylabel("raw value", fontsize=8)
+            ax.text(0.02, 0.96, "raw, not normalised", transform=ax.transAxes, fontsize=7, va="top",
+                    color="#b00000")
+        ok = np.isfinite(y)
+        if ok.any():
+            ax.plot(it[ok], y[ok], color="#1f5fa8", lw=1.4, marker="." if ok.sum() < 30 else None)
+        else:
+            ax.text(0.5, 0.5, "no values yet\n(mask empty or too small)", transform=ax.transAxes,
+                    ha="center", va="center", fontsize=8, color="grey")
+        ax.set_title(name, fontsize=9)
+    for ax in axes:
+        if first is not None:
+            ax.axvline(first, color="grey", ls=":", lw=1)
+        if it.size > 1:
+            ax.set_xlim(it[0], it[-1])
+        ax.set_xlabel("iteration", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    return fig
+
+
+def pick_snapshots(result: AnalysisResult, count: int = 4) -> list:
+    """The first, ~1/3, ~2/3 and last snapshots (fewer when fewer were recorded)."""
+    snaps = result.snapshots
+    if not snaps:
+        return []
+    idx = sorted({int(round(q * (len(snaps) - 1))) for q in np.linspace(0, 1, count)})
+    return [snaps[i] for i in idx]
+
+
+def seed_in_crop(result: AnalysisResult, seed_ijk=None) -> tuple[int, int, int] | None:
+    """The seed as (k, j, i) inside the crop, from ``seed_ijk`` or ``metadata['input']['seed_ijk']``."""
+    if seed_ijk is None:
+        seed_ijk = (result.metadata.get("input") or {}).get("seed_ijk")
+    if seed_ijk is None:
+        return None
+    i, j, k = (int(v) for v in seed_ijk)
+    k0, j0, i0 = result.crop.start
+    return (k - k0, j - j0, i - i0)
+
+
+def strip_figure(result: AnalysisResult, snaps: list, seed_kji=None):
+    """The Fig. 3-like strip: image (top) and probability (bottom) at the chosen iterations."""
+    n = max(len(snaps), 1)
+    fig = _figure(2.3 * n, 4.9)
+    if not snaps:
+        fig.text(0.5, 0.5, "no snapshots recorded", ha="center")
+        return fig
+    k = 0
+    if seed_kji is not None and 0 <= seed_kji[0] < snaps[0].image.shape[0]:
+        k = int(seed_kji[0])
+    first = np.asarray(snaps[0].image)[k]
+    lo, hi = np.percentile(first, [1, 99]) if first.size else (0.0, 1.0)
+    if not hi > lo:
+        lo, hi = float(first.min()) - 1.0, float(first.max()) + 1.0
+    for c, snap in enumerate(snaps):
+        top = fig.add_subplot(2, n, c + 1)
+        top.imshow(np.asarray(snap.image)[k], cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+        top.set_title(f"iteration {snap.iteration}", fontsize=9)
+        if c == 0 and seed_kji is not None:
+            top.plot([seed_kji[2]], [seed_kji[1]], marker="x", color="red", ms=10, mew=2)
+        bottom = fig.add_subplot(2, n, n + c + 1)
+        bottom.imshow(np.asarray(snap.probability)[k], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        for ax in (top, bottom):
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.text(0.01, 0.73, "image", rotation=90, fontsize=9, va="center")
+    fig.text(0.01, 0.27, "probability", rotation=90, fontsize=9, va="center")
+    fig.tight_layout(rect=(0.025, 0, 1, 1))
+    return fig
+
+
+# ----------------------------------------------------------------------------- snapshots
+
+
+def crop_geometry(volume, crop) -> dict[str, Any]:
+    """Spacing, direction and origin (LPS mm) of the crop's first voxel, for crop-sized images."""
+    k0, j0, i0 = crop.start
+    return {"spacing": tuple(volume.spacing), "direction": np.asarray(volume.direction),
+            "origin": tuple(float(v) for v in volume.index_to_physical((i0, j0, k0)))}
+
+
+def _write_image(array: np.ndarray, geometry: dict, path: Path) -> None:
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    img.SetSpacing(geometry["spacing"])
+    img.SetOrigin(geometry["origin"])
+    img.SetDirection(tuple(np.asarray(geometry["direction"]).ravel()))
+    suffix = "." + path.name.split(".", 1)[1]
+    with atomic_path(path, suffix=suffix) as tmp:
+        try:
+            sitk.WriteImage(img, str(tmp), True)
+        except RuntimeError as exc:
+            raise OSError(28, f"SimpleITK could not write the image: {str(exc).strip()[:200]}") from None
+
+
+def write_snapshots(result: AnalysisResult, out_dir: Path, volume, formats: Iterable[str] = ("nii.gz",),
+                    snaps: list | None = None) -> dict[str, Path]:
+    """Crop-sized image, probability and mask of the chosen snapshots (see the module docstring)."""
+    formats = tuple(f.lstrip(".") for f in formats)
+    bad = [f for f in formats if f not in SNAPSHOT_FORMATS]
+    if bad:
+        raise OutputError(f"Unknown snapshot format(s) {', '.join(bad)}; use one of {', '.join(SNAPSHOT_FORMATS)}.")
+    snaps = pick_snapshots(result) if snaps is None else snaps
+    geometry = crop_geometry(volume, result.crop)
+    folder = Path(out_dir) / "snapshots"
+    paths = {}
+    for snap in snaps:
+        arrays = {
+            "image": np.asarray(snap.image, dtype=np.float32),
+            "probability": np.asarray(snap.probability, dtype=np.float32),
+            "mask": np.asarray(snap.mask).astype(np.uint8),
+        }
+        for kind, arr in arrays.items():
+            for fmt in formats:
+                p = folder / f"iter_{snap.iteration:04d}_{kind}.{fmt}"
+                _write_image(arr, geometry, p)
+                key = f"{kind}@{snap.iteration}" + ("" if fmt == formats[0] else f".{fmt}")
+                paths[key] = p
+    return paths
+
+
+# ----------------------------------------------------------------------------- HTML
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "&ndash;"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return html.escape(str(v))
+
+
+def report_html(result: AnalysisResult, run: dict, curves_png: bytes, strip_png: bytes | None) -> str:
+    """The self-contained HTML report."""
+    final = run.get("final", {})
+    ref = run.get("reference_stats", {}).get("features", {}) if result.normalised else {}
+    rows = []
+    for name in result.feature_names:
+        f = final.get(name, {})
+        r = ref.get(name, {})
+        rows.append(
+            f"<tr><td>{html.escape(name)}</td><td>{_fmt(f.get('value'))}</td><td>{_fmt(f.get('z'))}</td>"
+            f"<td>{_fmt(r.get('mean'))}</td><td>{_fmt(r.get('std'))}</td><td>{_fmt(f.get('iteration'))}</td></tr>"
+        )
+    note = run.get("note")
+    first = run.get("first_iteration_above_0.5")
+    steps = result.steps
+    summary = (f"{len(steps)} iterations recorded; probability at the seed {steps[0].probability:.3f} &rarr; "
+               f"{steps[-1].probability:.3f}; " if steps else "no iterations recorded; ")
+    summary += (f"above 0.5 from iteration {first}." if first is not None else "never above 0.5.")
+
+    def img(data: bytes | None, alt: str) -> str:
+        if not data:
+            return ""
+        return f'<img alt="{alt}" src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}">'
+
+    meta = html.escape(json.dumps(run, indent=2))
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>DeepDream analysis report</title>
+<style>
+body{{font-family:sans-serif;margin:2em;max-width:1300px}} img{{max-width:100%}}
+table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
+td:first-child,th:first-child{{text-align:left}} .note{{color:#b00000;font-weight:bold}}
+pre{{background:#f6f6f6;padding:1em;overflow:auto;font-size:12px}}
+</style></head><body>
+<h1>DeepDream analysis</h1>
+<p>Status: <b>{html.escape(result.status)}</b>. {summary}</p>
+{f'<p class="note">{html.escape(note)}</p>' if note else ''}
+<h2>Final values</h2>
+<table><tr><th>feature</th><th>final raw value</th><th>z-score</th><th>reference mean</th><th>reference std</th>
+<th>at iteration</th></tr>
+{''.join(rows)}
+</table>
+<h2>The dream</h2>
+{img(strip_png, "image and probability at chosen iterations")}
+<h2>Curves</h2>
+{img(curves_png, "feature curves")}
+<h2>Metadata</h2>
+<pre>{meta}</pre>
+</body></html>
+"""
+
+
+# ----------------------------------------------------------------------------- all outputs
+
+
+def write_outputs(result: AnalysisResult, out_dir: str | os.PathLike, volume,
+                  formats: Iterable[str] = ("nii.gz",), seed_ijk=None) -> dict[str, Path]:
+    """Write every output of ``result`` into ``out_dir`` (created if needed); returns name -> path.
+
+    ``volume`` is the input :class:`~.volume.Volume` (its spacing, origin and direction give the
+    snapshots' geometry). ``formats``: snapshot image formats (``nii.gz``, ``nii``, ``nrrd``,
+    ``mha``). ``seed_ijk``: the seed (default ``metadata['input']['seed_ijk']``) for the red cross.
+    Keys: ``csv``, ``json``, ``plot``, ``strip``, ``html`` and ``<image|probability|mask>@<iteration>``.
+    Raises OutputError when the folder cannot be written (before anything is written).
+    """
+    formats = tuple(formats)
+    bad = [f for f in formats if f.lstrip(".") not in SNAPSHOT_FORMATS]
+    if bad:
+        raise OutputError(f"Unknown snapshot format(s) {', '.join(bad)}; use one of {', '.join(SNAPSHOT_FORMATS)}.")
+    out = check_writable(out_dir)
+    paths: dict[str, Path] = {}
+    paths["csv"] = write_curves_csv(result, out / "curves.csv")
+
+    curves_fig = curves_figure(result)
+    curves_png = _png_bytes(curves_fig)
+    paths["plot"] = out / "curves.png"
+    with atomic_path(paths["plot"], suffix=".png") as tmp:
+        Path(tmp).write_bytes(curves_png)
+
+    snaps = pick_snapshots(result)
+    strip_png = None
+    if snaps:
+        strip_png = _png_bytes(strip_figure(result, snaps, seed_in_crop(result, seed_ijk)))
+        paths["strip"] = out / "strip.png"
+        with atomic_path(paths["strip"], suffix=".png") as tmp:
+            Path(tmp).write_bytes(strip_png)
+        paths.update(write_snapshots(result, out, volume, formats, snaps))
+
+    paths["json"] = out / "run.json"
+    paths["html"] = out / "report.html"
+    files = {k: os.path.relpath(p, out) for k, p in paths.items()}
+    run = run_json(result, files)
+    write_text_atomic(paths["json"], json.dumps(run, indent=2, allow_nan=False) + "\n")
+    write_text_atomic(paths["html"], report_html(result, run, curves_png, strip_png))
+    return paths
