@@ -206,7 +206,7 @@ def ranking_markdown(rows: Sequence[RankedFeature]) -> str:
         out.append("|---:|---|---:|---:|---:|---:|")
         for r in (r for r in rows if r.model == model):
             out.append(f"| {r.rank} | {r.feature} | {_fmt(r.mean, 3)} ± {_fmt(r.std, 2)}"
-                       f"{'' if r.normalised else ' (raw |rel. change|)'} | {_pct(r.entered_fraction)} | "
+                       f"{'' if r.normalised else ' (raw: abs. relative change)'} | {_pct(r.entered_fraction)} | "
                        f"{_pct(r.overshoot_fraction)} | {_fmt(r.mean_final, 3)} |")
         out.append("")
     return "\n".join(out)

@@ -1,0 +1,231 @@
+"""compare_models / write_comparison / `deepdream-analysis compare` end to end on tiny real networks."""
+
+import csv
+import json
+import math
+import struct
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from DeepDreamAnalysisLib import cli
+from DeepDreamAnalysisLib.analysis import run_analysis
+from DeepDreamAnalysisLib.compare import compare_models, write_comparison
+from DeepDreamAnalysisLib.config import AnalysisConfig, DreamConfig, FeatureConfig
+from DeepDreamAnalysisLib.errors import ConfigError, DeepDreamError, ModelError
+from DeepDreamAnalysisLib.volume import Volume
+
+from tiny_models import TinyModel, liver_like, tiny_card, tiny_net
+
+FEATURES = ("firstorder_RootMeanSquared", "firstorder_Mean", "shape2D_PixelSurface")
+SEED = (24, 20, 0)
+ITER = 14
+
+
+def blob_net(sigma: float, gain: float = 20.0, start_logit: float = -3.0, level: float = 0.6) -> torch.nn.Module:
+    """A linear "dark blob" detector: tumour logit = start_logit - gain * (Gaussian(sigma) * (x' - level)),
+    x' the windowed input. Ascent digs a Gaussian dip at the seed and the mask grows over iterations
+    (a wider sigma gives a wider lesion); tiny_net's tanh saturates before making one."""
+    r = int(math.ceil(2.5 * sigma))
+    ax = torch.arange(-r, r + 1, dtype=torch.float32)
+    g = torch.exp(-0.5 * (ax[:, None] ** 2 + ax[None, :] ** 2) / sigma ** 2)
+    conv = torch.nn.Conv2d(1, 2, 2 * r + 1, padding=r, padding_mode="replicate")
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.zero_()
+        conv.weight[1, 0] = -gain * g / g.sum()
+        conv.bias[1] = start_logit + gain * level
+    net = torch.nn.Sequential(conv).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def _config(start="image", iterations=ITER):
+    return AnalysisConfig(dream=DreamConfig(iterations=iterations, step=15.0, normalize_gradient=True, start=start),
+                          features=FeatureConfig(names=FEATURES, backend="native"), snapshot_every=5)
+
+
+def _models():
+    return {"net_a": TinyModel(blob_net(1.5), tiny_card(2)), "net_b": TinyModel(blob_net(3.0), tiny_card(2))}
+
+
+@pytest.fixture(scope="module")
+def volume():
+    return Volume(liver_like((1, 40, 48)), spacing=(0.8, 0.8, 2.5))
+
+
+@pytest.fixture(scope="module")
+def comparison(volume):
+    return compare_models(volume, SEED, _models(), _config(), restarts=2, restart_noise_std=10.0)
+
+
+def _png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_every_model_runs_every_restart_on_one_iteration_axis(comparison):
+    assert comparison.models == ["net_a", "net_b"]
+    assert comparison.restarts == 2
+    assert comparison.features == FEATURES
+    assert list(comparison.iterations) == list(range(ITER))
+    for m in comparison.models:
+        assert comparison.raw[m].shape == (2, ITER, len(FEATURES))
+        assert [r.status for r in comparison.results[m]] == ["completed", "completed"]
+    assert comparison.metadata["random_seeds"] == [0, 1]
+    assert comparison.metadata["restart_noise_std"] == 10.0
+    assert not comparison.normalised
+
+
+def test_restart_zero_is_the_plain_run_and_restart_one_is_perturbed(volume, comparison):
+    plain = run_analysis(volume, SEED, _models()["net_b"], _config())
+    np.testing.assert_array_equal(comparison.values("net_b", "probability")[0], plain.column("probability"))
+    np.testing.assert_array_equal(comparison.values("net_b", "firstorder_Mean")[0], plain.column("firstorder_Mean"))
+    first = [r.snapshots[0].image for r in comparison.results["net_b"]]
+    diff = first[1] - first[0]
+    assert 7.0 < diff.std() < 13.0  # the 10 HU restart noise, inside the crop only
+    # both models saw the same perturbed start in restart 1
+    np.testing.assert_array_equal(comparison.results["net_a"][1].snapshots[0].image, first[1])
+
+
+def test_mean_and_spread_are_those_of_the_restarts(comparison):
+    for m in comparison.models:
+        for f in FEATURES + ("probability",):
+            runs = np.array([r.column(f) for r in comparison.results[m]])
+            both = np.isfinite(runs).all(axis=0)
+            assert both.any(), f"{m} {f}: no iteration where both restarts have a value"
+            np.testing.assert_allclose(comparison.mean(m, f)[both], runs[:, both].mean(axis=0))
+            np.testing.assert_allclose(comparison.std(m, f)[both], np.abs(runs[0, both] - runs[1, both]) / 2)
+            np.testing.assert_allclose(comparison.min(m, f)[both], runs[:, both].min(axis=0))
+            np.testing.assert_allclose(comparison.max(m, f)[both], runs[:, both].max(axis=0))
+            one = np.isfinite(runs).sum(axis=0) == 1
+            if one.any():  # only one restart has a lesion there: its value, zero spread
+                np.testing.assert_allclose(comparison.mean(m, f)[one], np.nanmax(runs[:, one], axis=0))
+                assert (comparison.std(m, f)[one] == 0).all()
+    # the two networks really differ
+    assert not np.allclose(comparison.mean("net_a", "probability"), comparison.mean("net_b", "probability"))
+
+
+def test_written_files(comparison, tmp_path):
+    paths = write_comparison(comparison, tmp_path / "out")
+    rows = list(csv.DictReader(open(paths["csv"])))
+    assert list(rows[0]) == ["model", "restart", "iteration", "feature", "value", "z"]
+    assert len(rows) == 2 * 2 * ITER * (len(FEATURES) + 3)
+    row = next(r for r in rows if r["model"] == "net_b" and r["restart"] == "1" and r["iteration"] == str(ITER - 1)
+               and r["feature"] == "firstorder_Mean")
+    assert float(row["value"]) == pytest.approx(comparison.results["net_b"][1].column("firstorder_Mean")[-1], rel=1e-6)
+    assert row["z"] == ""  # no reference
+    w, h = _png_size(paths["png"])
+    assert w > 300 and h > 200
+    sens = list(csv.DictReader(open(paths["sensitivity"])))
+    assert len(sens) == 2 * 2 * len(FEATURES)
+    assert {s["model"] for s in sens} == {"net_a", "net_b"}
+    s = next(s for s in sens if s["model"] == "net_a" and s["restart"] == "0" and s["feature"] == "firstorder_Mean")
+    curve = comparison.results["net_a"][0].column("firstorder_Mean")
+    finite = curve[np.isfinite(curve)]
+    assert float(s["start"]) == pytest.approx(finite[0], rel=1e-5)
+    assert float(s["final"]) == pytest.approx(finite[-1], rel=1e-5)
+    ranking = list(csv.DictReader(open(paths["ranking"])))
+    assert [r["rank"] for r in ranking if r["model"] == "net_a"] == ["1", "2", "3"]
+    meta = json.loads(paths["json"].read_text())
+    assert meta["restarts_run"] == 2 and meta["models_order"] == ["net_a", "net_b"]
+    assert "net_a" in paths["ranking_md"].read_text()
+
+
+def test_noise_start_restarts_differ_without_restart_noise(volume):
+    comp = compare_models(volume, SEED, {"a": _models()["net_a"]}, _config(start="noise", iterations=3),
+                          restarts=2, restart_noise_std=0.0)
+    starts = [r.snapshots[0].image for r in comp.results["a"]]
+    assert not np.array_equal(starts[0], starts[1])
+    assert comp.metadata["restart_noise_std"] is None
+
+
+def test_image_start_without_restart_noise_runs_once(volume):
+    comp = compare_models(volume, SEED, {"a": _models()["net_a"]}, _config(iterations=2), restarts=3,
+                          restart_noise_std=0.0)
+    assert comp.restarts == 1 and comp.metadata["restarts_requested"] == 3
+
+
+def test_bad_input_is_refused(volume):
+    with pytest.raises(ConfigError, match="at least one model"):
+        compare_models(volume, SEED, {}, _config())
+    with pytest.raises(ConfigError, match="restarts"):
+        compare_models(volume, SEED, _models(), _config(), restarts=0)
+    mixed = {"flat": _models()["net_a"], "deep": TinyModel(tiny_net(3), tiny_card(3))}
+    with pytest.raises(ModelError, match="all be 2D or all 3D"):
+        compare_models(Volume(liver_like((12, 40, 48))), (24, 20, 6), mixed, _config())
+
+
+def test_cancel_before_start_raises(volume):
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(DeepDreamError, match="cancelled"):
+        compare_models(volume, SEED, _models(), _config(), cancel=stop)
+
+
+def test_progress_names_model_and_restart(volume):
+    seen = []
+    compare_models(volume, SEED, _models(), _config(iterations=2), restarts=2,
+                   on_progress=lambda p: seen.append((p.model, p.restart, p.run_index, p.total_runs, p.progress.step.iteration)))
+    assert seen[0] == ("net_a", 0, 0, 4, 0)
+    assert seen[-1] == ("net_b", 1, 3, 4, 1)
+    assert len(seen) == 8
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _save_torchscript(net, card, folder, name):
+    path = folder / f"{name}.pt"
+    torch.jit.script(net).save(str(path))
+    (folder / f"{name}.card.json").write_text(json.dumps(card.to_dict()))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cli_inputs(tmp_path_factory, volume):
+    import SimpleITK as sitk
+
+    folder = tmp_path_factory.mktemp("cli")
+    a = _save_torchscript(blob_net(1.5), tiny_card(2), folder, "a")
+    b = _save_torchscript(blob_net(3.0), tiny_card(2), folder, "b")
+    img = sitk.GetImageFromArray(volume.array)
+    img.SetSpacing(volume.spacing)
+    image = folder / "ct.nii.gz"
+    sitk.WriteImage(img, str(image))
+    return folder, image, a, b
+
+
+def test_cli_compare_end_to_end(cli_inputs, capsys):
+    folder, image, a, b = cli_inputs
+    out = folder / "out"
+    rc = cli.main(["compare", "--image", str(image), "--seed", "24,20,0", "--model", f"first={a}",
+                   "--model", f"second={b}", "--restarts", "2", "--iterations", "10", "--step", "15", "--normalize-gradient",
+                   "--features", ",".join(FEATURES), "--feature-backend", "native", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert "2 models x 2 restarts" in printed and "raw feature values" in printed
+    for name in ("comparison.csv", "comparison.png", "sensitivity.csv", "ranking.csv", "ranking.md", "comparison.json"):
+        assert (out / name).stat().st_size > 0, name
+    rows = list(csv.DictReader(open(out / "comparison.csv")))
+    assert {r["model"] for r in rows} == {"first", "second"}
+    assert len(rows) == 2 * 2 * 10 * (len(FEATURES) + 3)
+    assert any(r["feature"] == "shape2D_PixelSurface" and r["value"] not in ("", "0") for r in rows)
+    meta = json.loads((out / "comparison.json").read_text())
+    assert meta["models"]["first"]["format"] == "torchscript"
+    assert meta["configuration"]["dream"]["iterations"] == 10
+
+
+def test_cli_compare_refuses_duplicate_names_and_stray_cards(cli_inputs, capsys):
+    folder, image, a, b = cli_inputs
+    base = ["compare", "--image", str(image), "--seed", "24,20,0", "--out", str(folder / "bad")]
+    rc = cli.main(base + ["--model", f"x={a}", "--model", f"x={b}"])
+    assert rc == cli.EXIT_BAD_INPUT
+    assert "Two models are named 'x'" in capsys.readouterr().err
+    rc = cli.main(base + ["--model", f"x={a}", "--card", f"y={folder / 'a.card.json'}"])
+    assert rc == cli.EXIT_BAD_INPUT
+    assert "no model named 'y'" in capsys.readouterr().err
