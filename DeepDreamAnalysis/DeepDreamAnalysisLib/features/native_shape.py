@@ -11,6 +11,7 @@ In 2D, ``P`` is the marching-squares perimeter and ``A`` the area it encloses.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -176,6 +177,21 @@ def _max_dist_sq(points: torch.Tensor, groups: torch.Tensor | None, chunk: int =
     return best ** 2
 
 
+def _extreme_dirs(grid: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
+    """Points of ``grid`` that are not the midpoint of two grid points along any lattice direction
+    (steps in {-1, 0, 1}) that moves only along ``axes``."""
+    dims = grid.dim()
+    p = torch.nn.functional.pad(grid, [1, 1] * dims)
+    keep = grid.clone()
+    for o in itertools.product((-1, 0, 1), repeat=dims):
+        if o <= (0,) * dims or any(o[d] != 0 and d not in axes for d in range(dims)):
+            continue
+        fwd = p[tuple(slice(1 + k, 1 + k + n) for k, n in zip(o, grid.shape))]
+        bwd = p[tuple(slice(1 - k, 1 - k + n) for k, n in zip(o, grid.shape))]
+        keep &= ~(fwd & bwd)
+    return keep
+
+
 def _vertices(mask: torch.Tensor, prune_axes: tuple[int, ...]) -> torch.Tensor:
     """Mesh vertices (midpoints between a mask voxel and a face-neighbour outside it), in voxel index
     units [n, dims], keeping only possible convex-hull vertices: a vertex whose two neighbours of
@@ -190,22 +206,23 @@ def _vertices(mask: torch.Tensor, prune_axes: tuple[int, ...]) -> torch.Tensor:
         m = torch.nn.functional.pad(mask, pad)
         n = m.shape[d]
         faces = m.narrow(d, 0, n - 1) ^ m.narrow(d, 1, n - 1)  # index k: between voxel k-1 and k
-        sel = faces
-        for a in prune_axes:
-            sel = sel & _extreme(faces, a)
+        sel = faces & _extreme_dirs(faces, prune_axes)
         idx = torch.nonzero(sel).to(torch.float64)
         idx[:, d] -= 0.5
         pts.append(idx)
     return torch.cat(pts)
 
 
-def diameters_3d(mask: torch.Tensor, spacing_zyx) -> dict[str, torch.Tensor]:
+def diameters_3d(mask: torch.Tensor, spacing_zyx, need=None) -> dict[str, torch.Tensor]:
     """Maximum 3D diameter and 2D diameters (slice, column, row), mm: the largest distance between
     two vertices of the marching-cubes mesh (within one axial slice / coronal / sagittal plane)."""
     sp = torch.tensor(spacing_zyx, dtype=torch.float64, device=mask.device)
     out = {}
-    out["Maximum3DDiameter"] = torch.sqrt(_max_dist_sq(_vertices(mask, (0, 1, 2)) * sp, None))
+    if need is None or "Maximum3DDiameter" in need:
+        out["Maximum3DDiameter"] = torch.sqrt(_max_dist_sq(_vertices(mask, (0, 1, 2)) * sp, None))
     for name, axis, prune in (("Slice", 0, (1, 2)), ("Column", 1, (0, 2)), ("Row", 2, (0, 1))):
+        if need is not None and "Maximum2DDiameter" + name not in need:
+            continue
         v = _vertices(mask, prune)
         out["Maximum2DDiameter" + name] = torch.sqrt(_max_dist_sq(v * sp, torch.round(v[:, axis] * 2).long()))
     return out
@@ -240,7 +257,7 @@ def compute_3d(mask: torch.Tensor, spacing_zyx, wanted: set[str]) -> dict[str, t
                    SphericalDisproportion=A / (36 * math.pi * V ** 2) ** (1 / 3))
     out["VoxelVolume"] = mask.sum().to(torch.float64) * float(np.prod(spacing_zyx))
     if any(k.startswith("Maximum") for k in need):
-        out.update(diameters_3d(mask, spacing_zyx))
+        out.update(diameters_3d(mask, spacing_zyx, need))
     if need & {"MajorAxisLength", "MinorAxisLength", "LeastAxisLength", "Elongation", "Flatness"}:
         ev = _eigen(mask, spacing_zyx)
         out.update(MajorAxisLength=_sqrt_or_nan(ev[2]) * 4, MinorAxisLength=_sqrt_or_nan(ev[1]) * 4,
