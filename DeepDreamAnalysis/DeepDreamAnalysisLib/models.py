@@ -528,6 +528,14 @@ def probe(network, card: ModelCard, where: str):
         network = OutputSelector(network, how)
         notes.append(f"The network returns a {type(y).__name__}; the loader uses {how} as its logits.")
     dims = card.spatial_dims
+    fits = tensor.dim() == dims + 2 and tensor.shape[1] == card.out_channels and tuple(tensor.shape[2:]) == shape[2:]
+    conv_dims = first_conv(network)[1]
+    if not fits and conv_dims is not None and conv_dims != dims:
+        # torch convolutions accept unbatched input, so a 3D network may run on a 2D probe and vice versa
+        raise ModelCardError(
+            f"The card says spatial_dims={dims} but the network is {conv_dims}D (its first convolution is "
+            f"conv{conv_dims}d): fix spatial_dims (and roi_size) in the card."
+        )
     if tensor.dim() != dims + 2:
         raise ModelCardError(
             f"The card says spatial_dims={dims}, but for an input of shape {list(shape)} the network returns shape "
