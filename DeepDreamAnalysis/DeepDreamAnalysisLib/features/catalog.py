@@ -47,7 +47,7 @@ CLASS_FEATURES: dict[str, tuple[str, ...]] = {
     ),
     "gldm": (
         "DependenceEntropy", "DependenceNonUniformity", "DependenceNonUniformityNormalized",
-        "DependenceVariance", "GrayLevelVariance", "HighGrayLevelEmphasis", "LargeDependenceEmphasis",
+        "DependenceVariance", "GrayLevelNonUniformity", "GrayLevelVariance", "HighGrayLevelEmphasis", "LargeDependenceEmphasis",
         "LargeDependenceHighGrayLevelEmphasis", "LargeDependenceLowGrayLevelEmphasis", "LowGrayLevelEmphasis",
         "SmallDependenceEmphasis", "SmallDependenceHighGrayLevelEmphasis", "SmallDependenceLowGrayLevelEmphasis",
     ),

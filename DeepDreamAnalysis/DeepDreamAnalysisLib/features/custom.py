@@ -25,7 +25,8 @@ of ``synthetic.LineMarking``, so the marking and the feature agree.
 
 Kernel :math:`K_\theta` (``line_kernel``): an ``L x L`` window (``L = 7`` voxels) in which each
 voxel gets the weight :math:`w = \max(0, 1 - 2d)`, :math:`d` its distance (voxels) to the segment
-of length ``L`` through the centre at angle :math:`\theta`; the weights are divided by their sum,
+through the centre at angle :math:`\theta` that crosses the whole window (so at 0, 45, 90 and 135
+degrees it covers exactly ``L`` voxels, with weight 1, and no others); the weights are divided by their sum,
 then the window's mean :math:`1/L^2` is subtracted. So a constant image responds 0 and a
 unit-contrast line along the kernel responds about 1. Voxel units: the in-plane spacing is not
 used (CT slices have square pixels).
@@ -194,7 +195,8 @@ def line_kernel(angle_deg: float = 135.0, length: int = LINE_LENGTH) -> np.ndarr
     jj, ii = np.mgrid[-r:r + 1, -r:r + 1].astype(float)
     along = ii * di + jj * dj
     across = np.abs(-ii * dj + jj * di)
-    over = np.clip(np.abs(along) - r, 0, None)  # beyond the segment's ends
+    half = r / max(abs(di), abs(dj))  # the segment crosses the whole window (7 voxels at 0, 45, 90, 135 degrees)
+    over = np.clip(np.abs(along) - half, 0, None)  # beyond the segment's ends
     dist = np.hypot(across, over)
     w = np.clip(1.0 - 2.0 * dist, 0.0, None)
     w /= w.sum()
