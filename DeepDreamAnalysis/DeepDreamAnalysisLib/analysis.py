@@ -89,15 +89,15 @@ def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None 
                 late = computer.collect()
                 t_features += time.perf_counter() - tf
                 snap = None
-                stopping = cancel is not None and cancel.is_set()
-                if it % config.snapshot_every == 0 or it == total - 1 or stopping:
-                    snap = Snapshot(it, state.image.detach().cpu().numpy().copy(), prob_np.astype(np.float32), mask)
-                    _keep_snapshot(snapshots, snap, config.max_snapshots)
+                if it % config.snapshot_every == 0 or it == total - 1:
+                    snap = _snapshot(state, prob_np, mask, snapshots, config.max_snapshots)
                 if on_progress is not None:
                     elapsed = time.perf_counter() - t0
                     eta = elapsed / (it + 1) * (total - it - 1)
                     on_progress(Progress(step, snap, total, elapsed, eta, late))
-                if stopping:
+                if cancel is not None and cancel.is_set():
+                    if snap is None:
+                        _snapshot(state, prob_np, mask, snapshots, config.max_snapshots)
                     status = "cancelled"
                     break
         if status == "completed" and loop.stopped_early:
@@ -140,6 +140,12 @@ def _check_fits(volume: Volume, card) -> None:
         )
     if float(volume.array.max()) == float(volume.array.min()):
         log.warning("The image is constant (%s everywhere): the dream starts from a blank image.", volume.array.flat[0])
+
+
+def _snapshot(state, prob_np, mask, snapshots, cap) -> Snapshot:
+    snap = Snapshot(state.iteration, state.image.detach().cpu().numpy().copy(), prob_np.astype(np.float32), mask)
+    _keep_snapshot(snapshots, snap, cap)
+    return snap
 
 
 def _keep_snapshot(snapshots: list[Snapshot], snap: Snapshot, cap: int) -> None:
