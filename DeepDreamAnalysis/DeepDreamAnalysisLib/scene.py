@@ -760,7 +760,11 @@ class SceneUpdater:
                 node.SetAttribute(f"DeepDreamAnalysis.{key}", json.dumps(payload[key], default=_json_default))
 
     def _set_attribute_all(self, name: str, value: str) -> None:
-        for node in self.nodes.all_nodes():
+        if name == ATTR_STATUS:  # the recorded items too, or scrubbing would bring back "running"
+            for seq in (self.nodes.imageSequence, self.nodes.maskSequence):
+                for n in range(seq.GetNumberOfDataNodes() if seq is not None else 0):
+                    seq.GetNthDataNode(n).SetAttribute(name, value)
+        for node in self.nodes.all_nodes():  # after the items: a modified item refreshes its proxy
             node.SetAttribute(name, value)
 
 

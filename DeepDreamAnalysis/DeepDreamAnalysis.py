@@ -1,0 +1,423 @@
+"""DeepDreamAnalysis: which image features does a segmentation network react to?
+
+3D Slicer scripted module (Module, ParameterNode, Widget, Logic, Test). The analysis itself lives in
+DeepDreamAnalysisLib (the engine); the MRML work in DeepDreamAnalysisLib/scene.py and the run
+control in DeepDreamAnalysisLib/slicer_logic.py, which CI tests without Slicer. This file never
+imports torch, monai, radiomics or matplotlib at the top: a module that fails to import disappears
+from Slicer, and torch comes from the PyTorch extension only when the user presses Apply.
+"""
+
+import logging
+import os
+import pathlib
+from typing import Annotated
+
+import qt
+import slicer
+import vtk
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+from DeepDreamAnalysisLib.config import PAPER_FEATURES_2D, PAPER_FEATURES_3D
+from DeepDreamAnalysisLib.slicer_logic import AnalysisLogicCore, status_text
+
+TIMER_INTERVAL_MS = 150
+
+
+#
+# Module
+#
+
+
+class DeepDreamAnalysis(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("DeepDream Analysis")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Quantification")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["DeepDreamAnalysis developers"]
+        self.parent.helpText = _(
+            "Makes a segmentation network 'dream' a lesion at a seed point by gradient ascent on the "
+            "image, and tracks radiomic features of the dreamed object, normalised against real "
+            "lesions (Couteaux et al., 2019). Features that move quickly into the normal range are "
+            "ones the network reacts to. See the "
+            '<a href="https://github.com/deepdream-analysis/SlicerDeepDreamAnalysis">documentation</a>.'
+        )
+        self.parent.acknowledgementText = _(
+            "Implements V. Couteaux, O. Nempont, G. Pizaine, I. Bloch: 'Towards Interpretability of "
+            "Segmentation Networks by Analyzing DeepDreams' (iMIMIC 2019)."
+        )
+
+
+#
+# Parameter node
+#
+
+
+@parameterNodeWrapper
+class DeepDreamAnalysisParameterNode:
+    """The panel's settings, saved with the scene.
+
+    features: comma-separated pyradiomics names (the checkable list; empty means the paper's six).
+    """
+
+    inputVolume: slicer.vtkMRMLScalarVolumeNode
+    seed: slicer.vtkMRMLMarkupsFiducialNode
+    modelPath: pathlib.Path
+    referencePath: pathlib.Path
+    device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
+    iterations: Annotated[int, WithinRange(1, 100000)] = 300
+    step: Annotated[float, WithinRange(0.0001, 100000.0)] = 1.0
+    recordEvery: Annotated[int, WithinRange(1, 10000)] = 10
+    newOutputs: bool = False
+    allowCodeTargets: bool = False
+    features: str = ""
+
+
+#
+# Widget
+#
+
+
+class DeepDreamAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._timer = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/DeepDreamAnalysis.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = DeepDreamAnalysisLogic()
+        self._timer = qt.QTimer()
+        self._timer.setInterval(TIMER_INTERVAL_MS)
+        self._timer.timeout.connect(self.onTimer)
+
+        self.ui.seedPlaceWidget.setMRMLScene(slicer.mrmlScene)
+        self.ui.seedPlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceSingleMarkup
+        self.ui.modelPathLineEdit.filters = ctkPathFilters()
+        self.ui.referencePathLineEdit.nameFilters = ["Reference statistics (*.json)"]
+        self._fillFeatureTree()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        slicer.app.connect("aboutToQuit()", self.cleanup)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.seedSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSeedNodeChanged)
+        self.ui.featureTree.connect("itemChanged(QTreeWidgetItem*,int)", self.onFeatureItemChanged)
+        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
+        self.initializeParameterNode()
+
+    # --- life cycle ---------------------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        """Module reload or application exit: stop the run without touching the scene."""
+        if self._timer is not None:
+            self._timer.stop()
+        if self.logic is not None:
+            self.logic.abandon()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self.logic is not None and self.logic.isRunning:
+            self.logic.abandon()
+            self._timer.stop()
+            self._updateRunState()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first:
+                self._parameterNode.inputVolume = first
+        if not self._parameterNode.seed:
+            seed = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "DeepDream seed")
+            seed.SetMaximumNumberOfControlPoints(1)
+            self._parameterNode.seed = seed
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self.ui.seedPlaceWidget.setCurrentNode(self._parameterNode.seed)
+            self._checkFeatureItems(self._parameterNode.features)
+            self._checkCanApply()
+
+    # --- GUI ----------------------------------------------------------------------------------
+
+    def _fillFeatureTree(self) -> None:
+        """The checkable feature list, grouped by pyradiomics class; the paper's features ticked."""
+        from DeepDreamAnalysisLib.slicer_deps import feature_catalog
+
+        tree = self.ui.featureTree
+        tree.clear()
+        tree.setHeaderLabels([_("Feature")])
+        for group, names in feature_catalog().items():
+            parent = qt.QTreeWidgetItem(tree, [group])
+            parent.setFlags(parent.flags() | qt.Qt.ItemIsAutoTristate | qt.Qt.ItemIsUserCheckable)
+            for name in names:
+                item = qt.QTreeWidgetItem(parent, [name])
+                item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
+                item.setData(0, qt.Qt.UserRole, name)
+                item.setCheckState(0, qt.Qt.Unchecked)
+        self._checkFeatureItems("")
+
+    def _featureItems(self):
+        tree = self.ui.featureTree
+        for g in range(tree.topLevelItemCount):
+            group = tree.topLevelItem(g)
+            for c in range(group.childCount()):
+                yield group.child(c)
+
+    def _checkFeatureItems(self, features: str) -> None:
+        names = {f.strip() for f in (features or "").split(",") if f.strip()}
+        if not names:
+            names = set(PAPER_FEATURES_2D) | set(PAPER_FEATURES_3D)
+        wasBlocked = self.ui.featureTree.blockSignals(True)
+        for item in self._featureItems():
+            item.setCheckState(0, qt.Qt.Checked if item.data(0, qt.Qt.UserRole) in names else qt.Qt.Unchecked)
+        self.ui.featureTree.blockSignals(wasBlocked)
+
+    def onFeatureItemChanged(self, item, column) -> None:
+        if self._parameterNode is None:
+            return
+        checked = [i.data(0, qt.Qt.UserRole) for i in self._featureItems() if i.checkState(0) == qt.Qt.Checked]
+        self._parameterNode.features = ",".join(checked)
+
+    def onSeedNodeChanged(self, node) -> None:
+        self.ui.seedPlaceWidget.setCurrentNode(node)
+        if node is not None:
+            node.SetMaximumNumberOfControlPoints(1)
+
+    def onModelPathChanged(self, path) -> None:
+        from DeepDreamAnalysisLib.slicer_deps import model_format_note
+
+        note = model_format_note(path)
+        self.ui.modelFormatNoteLabel.text = note
+        self.ui.modelFormatNoteLabel.visible = bool(note)
+
+    def _checkCanApply(self, caller=None, event=None) -> None:
+        if self.logic is not None and self.logic.isRunning:
+            return
+        p = self._parameterNode
+        ready = bool(p and p.inputVolume and p.seed and str(p.modelPath) not in ("", "."))
+        self.ui.applyButton.enabled = ready
+        self.ui.applyButton.toolTip = _("Run the analysis") if ready else _(
+            "Select an input volume, a model and place a seed point")
+
+    def _updateRunState(self) -> None:
+        running = self.logic is not None and self.logic.isRunning
+        self.ui.applyButton.text = _("Cancel") if running else _("Apply")
+        self.ui.applyButton.enabled = True
+        self.ui.parametersCollapsibleButton.enabled = not running
+        self.ui.inputsCollapsibleButton.enabled = not running
+        if not running:
+            self._checkCanApply()
+
+    # --- run ----------------------------------------------------------------------------------
+
+    def onApplyButton(self) -> None:
+        if self.logic.isRunning:
+            self.logic.cancel()
+            self.ui.statusLabel.text = _("Cancelling...")
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the analysis."), waitCursor=True):
+            from DeepDreamAnalysisLib.slicer_deps import ensure_dependencies
+
+            if not ensure_dependencies(askConfirmation=True):
+                return
+            p = self._parameterNode
+            features = [f for f in p.features.split(",") if f] or None
+            self.ui.progressBar.value = 0
+            self.ui.progressBar.maximum = p.iterations
+            self.logic.run(
+                p.inputVolume, p.modelPath, p.seed, iterations=p.iterations, step=p.step,
+                features=features, referencePath=p.referencePath, device=p.device,
+                recordEvery=p.recordEvery, newNodes=p.newOutputs, allowCodeTargets=p.allowCodeTargets,
+                waitForCompletion=False, progressCallback=self.onProgress, logCallback=self.onLog,
+                finishedCallback=self.onFinished)
+            self._showOutputs()
+            self._timer.start()
+        self._updateRunState()
+
+    def onTimer(self) -> None:
+        handle = self.logic.handle
+        if handle is None or not handle.processEvents():
+            self._timer.stop()
+            self._updateRunState()
+
+    def onProgress(self, progress) -> None:
+        self.ui.progressBar.maximum = progress.total_iterations
+        self.ui.progressBar.value = progress.step.iteration + 1
+        self.ui.statusLabel.text = status_text(progress, self.logic.handle.status)
+
+    def onLog(self, message: str) -> None:
+        logging.info(message)
+        self.ui.statusLabel.text = message
+
+    def onFinished(self, handle) -> None:
+        self.ui.statusLabel.text = handle.statusText()
+        if handle.error is not None:
+            slicer.util.errorDisplay(str(handle.error), windowTitle=_("DeepDream Analysis"))
+        self._updateRunState()
+
+    def _showOutputs(self) -> None:
+        """Dream image as foreground over the input, mask shown, chart in a layout beside the views."""
+        nodes = self.logic.handle.nodes
+        slicer.util.setSliceViewerLayers(background=self._parameterNode.inputVolume, foreground=nodes.image,
+                                         foregroundOpacity=1.0, fit=False)
+        layoutManager = slicer.app.layoutManager()
+        layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpPlotView)
+        slicer.modules.plots.logic().ShowChartInLayout(nodes.chart)
+        mask = nodes.mask
+        if mask is not None and mask.GetDisplayNode() is not None:
+            mask.GetDisplayNode().SetOpacity2DFill(0.3)
+
+
+def ctkPathFilters():
+    import ctk
+
+    return ctk.ctkPathLineEdit.Files | ctk.ctkPathLineEdit.Dirs | ctk.ctkPathLineEdit.Readable
+
+
+#
+# Logic
+#
+
+
+class DeepDreamAnalysisLogic(ScriptedLoadableModuleLogic, AnalysisLogicCore):
+    """Scriptable logic: see docs/scripting.md.
+
+    ``run(volumeNode, modelPath, seed, iterations=..., waitForCompletion=True)`` returns the result;
+    with ``waitForCompletion=False`` it returns a handle (``cancel()``, ``nodes``, ``status``) whose
+    nodes a main-thread timer updates every 150 ms.
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        AnalysisLogicCore.__init__(self)
+        self._timer = None
+
+    def getParameterNode(self):
+        return DeepDreamAnalysisParameterNode(super().getParameterNode())
+
+    def run(self, volumeNode, modelPath=None, seed=None, **kwargs):
+        """See AnalysisLogicCore.run. Blocking runs keep Slicer's GUI painting between drains;
+        non-blocking runs are drained by a timer (``manualDrain=True``: call handle.processEvents())."""
+        waitForCompletion = kwargs.get("waitForCompletion", True)
+        if waitForCompletion:
+            kwargs.setdefault("idle", slicer.app.processEvents)
+        from DeepDreamAnalysisLib.slicer_deps import require_torch
+
+        require_torch()
+        manualDrain = kwargs.pop("manualDrain", False)
+        result = AnalysisLogicCore.run(self, volumeNode, modelPath, seed, **kwargs)
+        if not waitForCompletion and not manualDrain:
+            self._startTimer()
+        return result
+
+    def _startTimer(self) -> None:
+        if self._timer is None:
+            self._timer = qt.QTimer()
+            self._timer.setInterval(TIMER_INTERVAL_MS)
+            self._timer.timeout.connect(self._onTimer)
+        self._timer.start()
+
+    def _onTimer(self) -> None:
+        if self.handle is None or not self.handle.processEvents():
+            self._timer.stop()
+
+    def abandon(self) -> None:
+        if self._timer is not None:
+            self._timer.stop()
+        AnalysisLogicCore.abandon(self)
+
+
+#
+# Test
+#
+
+
+class DeepDreamAnalysisTest(ScriptedLoadableModuleTest):
+    """Runs in Slicer (Reload and Test, CTest): a small volume, a tiny model made here, a few CPU
+    iterations through the Logic, and checks of the output nodes."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_run_through_logic()
+
+    def test_run_through_logic(self):
+        import json
+        import tempfile
+
+        import numpy as np
+        from DeepDreamAnalysisLib.slicer_deps import require_torch
+
+        torch = require_torch()
+        self.delayDisplay("Building a small volume and a tiny model")
+        rng = np.random.default_rng(0)
+        array = rng.normal(110.0, 15.0, (8, 32, 32)).astype(np.float32)
+        volumeNode = slicer.util.addVolumeFromArray(array, name="DeepDreamTestVolume")
+        volumeNode.SetSpacing(0.8, 0.8, 2.5)
+        folder = tempfile.mkdtemp()
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.Tanh(),
+                                  torch.nn.Conv3d(4, 2, 3, padding=1)).eval()
+        modelPath = os.path.join(folder, "tiny.pt")
+        torch.jit.save(torch.jit.script(net), modelPath)
+        card = {"name": "tiny", "spatial_dims": 3, "in_channels": 1, "out_channels": 2,
+                "activation": "softmax", "target_class": 1,
+                "preprocessing": {"type": "window", "min": -100.0, "max": 250.0}, "roi_size": [8, 16, 16]}
+        with open(os.path.join(folder, "tiny.pt.card.json"), "w") as f:
+            json.dump(card, f)
+
+        self.delayDisplay("Running 6 iterations on the CPU")
+        logic = DeepDreamAnalysisLogic()
+        result = logic.run(volumeNode, modelPath, (16, 16, 4), iterations=6, step=500.0, device="cpu",
+                           recordEvery=2, features=["firstorder_RootMeanSquared", "firstorder_Entropy"])
+        self.assertEqual(result.status, "completed")
+        nodes = logic.handle.nodes
+        self.assertEqual(nodes.table.GetNumberOfRows(), 6)
+        self.assertEqual(slicer.util.arrayFromVolume(nodes.image).shape, (8, 16, 16))
+        self.assertIsNotNone(nodes.mask.GetSegmentation().GetSegment("dream"))
+        self.assertGreaterEqual(nodes.imageSequence.GetNumberOfDataNodes(), 2)
+        self.assertIsNotNone(nodes.browser)
+        self.assertEqual(nodes.metadata.GetAttribute("DeepDreamAnalysis.Status"), "completed")
+        self.delayDisplay("Test passed")

@@ -1,0 +1,345 @@
+"""The MRML bridge (scene.py) and the headless Slicer logic, against Slicer's real MRML classes
+(slicer-core), fed by real engine runs on a tiny network."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import vtk
+
+from slicer_fixtures import mrml_scene, slicer  # noqa: F401 - fixture
+from tiny_models import liver_like, tiny_card, tiny_model, tiny_net
+
+from DeepDreamAnalysisLib import scene
+from DeepDreamAnalysisLib.analysis import run_analysis
+from DeepDreamAnalysisLib.config import AnalysisConfig, DreamConfig, FeatureConfig
+from DeepDreamAnalysisLib.errors import SeedError
+from DeepDreamAnalysisLib.reference import ReferenceStats
+from DeepDreamAnalysisLib.result import Progress
+from DeepDreamAnalysisLib.runner import AnalysisRunner
+from DeepDreamAnalysisLib.slicer_logic import AnalysisLogicCore, RunHandle
+from DeepDreamAnalysisLib.volume import Volume
+
+FEATURES = ("firstorder_RootMeanSquared", "firstorder_Entropy")
+REFERENCE = ReferenceStats(mean={"firstorder_RootMeanSquared": 100.0, "firstorder_Entropy": 2.0},
+                           std={"firstorder_RootMeanSquared": 20.0, "firstorder_Entropy": 0.5},
+                           n={"firstorder_RootMeanSquared": 30, "firstorder_Entropy": 30})
+SHAPE = (3, 40, 48)  # k, j, i
+SEED = (24, 20, 1)  # i, j, k
+
+
+def _config(iterations=12, snapshot_every=2):
+    return AnalysisConfig(dream=DreamConfig(iterations=iterations, step=400.0, device="cpu"),
+                          features=FeatureConfig(names=FEATURES, backend="native"), snapshot_every=snapshot_every)
+
+
+def _input_node(array=None, spacing=(0.8, 0.7, 2.5), origin=(10.0, -20.0, 5.0), rotate=True):
+    array = liver_like(SHAPE) if array is None else array
+    node = slicer.util.addVolumeFromArray(array, name="input")
+    node.SetSpacing(*spacing)
+    node.SetOrigin(*origin)
+    if rotate:  # a rotation about S and an axis flip, so that direction errors show
+        c, s = math.cos(0.3), math.sin(0.3)
+        node.SetIJKToRASDirections(np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, -1.0]]))
+    return node
+
+
+@pytest.fixture(scope="module")
+def engine_run():
+    """One real run (2D tiny network, native features, reference) and every report it made."""
+    volume = Volume(liver_like(SHAPE), spacing=(0.8, 0.7, 2.5))
+    reports: list[Progress] = []
+    result = run_analysis(volume, SEED, tiny_model(2), _config(), REFERENCE, on_progress=reports.append)
+    return volume, result, reports
+
+
+def _ras_of_voxel(node, ijk):
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return np.array(m.MultiplyPoint([*map(float, ijk), 1.0])[:3])
+
+
+def _segment_array_in_input_frame(seg_node, input_node):
+    """The mask as a [k, j, i] array over the whole input grid (for comparing positions)."""
+    labelmap = seg_node.GetSegmentation().GetSegment(scene.SEGMENT_ID).GetRepresentation("Binary labelmap")
+    from vtk.util import numpy_support
+
+    e = labelmap.GetExtent()
+    arr = numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars()).reshape(
+        e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
+    full = np.zeros(slicer.util.arrayFromVolume(input_node).shape, np.uint8)
+    full[e[4]:e[5] + 1, e[2]:e[3] + 1, e[0]:e[1] + 1] = arr
+    return full
+
+
+# ----------------------------------------------------------------------------- geometry
+
+def test_volume_from_node_keeps_voxels_and_converts_geometry_to_lps(mrml_scene):
+    node = _input_node()
+    vol = scene.volume_from_node(node)
+    np.testing.assert_array_equal(vol.array, slicer.util.arrayFromVolume(node))
+    assert vol.array.shape == SHAPE and vol.spacing == pytest.approx((0.8, 0.7, 2.5))
+    for ijk in [(0, 0, 0), (47, 39, 2), (5, 17, 1)]:
+        ras = _ras_of_voxel(node, ijk)
+        lps = vol.index_to_physical(ijk)
+        np.testing.assert_allclose(lps, [-ras[0], -ras[1], ras[2]], atol=1e-9)
+
+
+def test_seed_under_nested_parent_transforms_maps_to_the_right_voxel(mrml_scene):
+    node = _input_node()
+    outer = mrml_scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    inner = mrml_scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    rot = np.eye(4)
+    rot[:3, :3] = [[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]  # 90 degrees about S
+    rot[:3, 3] = (30.0, -12.0, 7.0)
+    shift = np.eye(4)
+    shift[:3, 3] = (-5.0, 4.0, 100.0)
+    outer.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(rot))
+    inner.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(shift))
+    inner.SetAndObserveTransformNodeID(outer.GetID())
+    node.SetAndObserveTransformNodeID(inner.GetID())
+    markups = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    for ijk in [(24, 20, 1), (0, 0, 0), (47, 39, 2)]:
+        world = (rot @ shift @ np.append(_ras_of_voxel(node, ijk), 1.0))[:3]
+        markups.RemoveAllControlPoints()
+        markups.AddControlPointWorld(vtk.vtkVector3d(*world))
+        assert scene.seed_ijk_from_markups(markups, node) == ijk
+        # 0.4 voxel off still rounds to the same voxel
+        near = (rot @ shift @ np.append(_ras_of_voxel(node, np.add(ijk, (0.4, -0.4, 0.3))), 1.0))[:3]
+        assert scene.seed_ijk_from_ras(near, node) == ijk
+        np.testing.assert_allclose(scene.ras_from_ijk(ijk, node), world, atol=1e-9)
+    outside = (rot @ shift @ np.append(_ras_of_voxel(node, (24, 20, 5)), 1.0))[:3]
+    with pytest.raises(SeedError, match=r"outside 'input'.*Place the seed point inside"):
+        scene.seed_ijk_from_ras(outside, node)
+    markups.RemoveAllControlPoints()
+    with pytest.raises(SeedError, match="no placed point"):
+        scene.seed_ijk_from_markups(markups, node)
+
+
+# ----------------------------------------------------------------------------- nodes from a run
+
+def test_real_run_becomes_nodes_with_the_input_geometry(mrml_scene, engine_run):
+    _, result, reports = engine_run
+    node = _input_node()
+    transform = mrml_scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    updater = scene.SceneUpdater(node, result.crop, result.feature_names, REFERENCE, total_iterations=12,
+                                 options=scene.SceneOptions(record_every=4))
+    for start in range(0, len(reports), 5):  # drains of five reports
+        updater.update(reports[start:start + 5])
+    nodes = updater.finish(result)
+
+    # dream image: crop-sized, [k, j, i], placed where the crop is in the input, same transform
+    last = result.snapshots[-1]
+    image = slicer.util.arrayFromVolume(nodes.image)
+    assert image.shape == tuple(result.crop.size)
+    np.testing.assert_allclose(image, last.image, rtol=1e-6)
+    k0, j0, i0 = result.crop.start
+    np.testing.assert_allclose(_ras_of_voxel(nodes.image, (0, 0, 0)), _ras_of_voxel(node, (i0, j0, k0)), atol=1e-9)
+    np.testing.assert_allclose(_ras_of_voxel(nodes.image, (3, 5, 0)), _ras_of_voxel(node, (i0 + 3, j0 + 5, k0)),
+                               atol=1e-9)
+    assert nodes.image.GetTransformNodeID() == transform.GetID() == nodes.mask.GetTransformNodeID()
+
+    # mask: the last snapshot's mask, at the crop's place in the input grid
+    expected = np.zeros(SHAPE, np.uint8)
+    expected[result.crop.slices] = last.mask
+    assert expected.sum() > 0
+    np.testing.assert_array_equal(_segment_array_in_input_frame(nodes.mask, node), expected)
+
+    # curves: one row per iteration, raw and z columns equal to the result's
+    table = nodes.table
+    assert table.GetNumberOfRows() == len(result.steps) == 12
+    for name in result.columns():
+        column = slicer.util.arrayFromTableColumn(table, name)
+        np.testing.assert_allclose(column, result.column(name), equal_nan=True)
+    z = slicer.util.arrayFromTableColumn(table, "firstorder_RootMeanSquared_z")
+    raw = slicer.util.arrayFromTableColumn(table, "firstorder_RootMeanSquared")
+    np.testing.assert_allclose(z, (raw - 100.0) / 20.0, equal_nan=True)
+
+    # chart: one series per feature (z-scores) plus the band at -1 and 1
+    chart = nodes.chart
+    assert chart.GetNumberOfPlotSeriesNodes() == len(FEATURES) + 2
+    ys = {chart.GetNthPlotSeriesNode(n).GetYColumnName() for n in range(chart.GetNumberOfPlotSeriesNodes())}
+    assert ys == {f"{f}_z" for f in FEATURES} | {"low", "high"}
+    band = nodes.get("band")
+    assert list(slicer.util.arrayFromTableColumn(band, "low")) == [-1.0, -1.0]
+    assert list(slicer.util.arrayFromTableColumn(band, "high")) == [1.0, 1.0]
+
+    # sequences: every 4th iteration and the last, crop-sized; the browser scrubs image and mask
+    assert updater.recorded_iterations == [0, 4, 8, 11]
+    assert nodes.imageSequence.GetNumberOfDataNodes() == 4 == nodes.maskSequence.GetNumberOfDataNodes()
+    browser = nodes.browser
+    assert browser.GetSelectedItemNumber() == 3
+    browser.SetSelectedItemNumber(1)  # iteration 4
+    snap4 = result.snapshot_at(4)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(nodes.image), snap4.image, rtol=1e-6)
+    expected4 = np.zeros(SHAPE, np.uint8)
+    expected4[result.crop.slices] = snap4.mask
+    np.testing.assert_array_equal(_segment_array_in_input_frame(nodes.mask, node), expected4)
+
+    # metadata: JSON text node and attributes
+    meta = json.loads(nodes.metadata.GetText())
+    assert meta["status"] == "completed" and meta["slicer"]["crop_start_kji"] == list(result.crop.start)
+    assert meta["input"]["seed_ijk"] == list(SEED)
+    assert all(n.GetAttribute(scene.ATTR_STATUS) == "completed" for n in nodes.all_nodes())
+
+
+def test_sequences_stay_under_their_cap(mrml_scene, engine_run):
+    _, result, reports = engine_run
+    updater = scene.SceneUpdater(_input_node(), result.crop, result.feature_names, None,
+                                 options=scene.SceneOptions(record_every=1, max_sequence_items=3))
+    for p in reports:
+        updater.update([p])
+        assert updater.nodes.imageSequence.GetNumberOfDataNodes() <= 3
+    nodes = updater.finish(result)
+    assert nodes.imageSequence.GetNumberOfDataNodes() <= 3
+    recorded = updater.recorded_iterations
+    assert recorded[0] == 0 and recorded[-1] == 11
+    # without a reference: raw curves, no band
+    assert nodes.get("band") is None
+    assert nodes.chart.GetNumberOfPlotSeriesNodes() == len(FEATURES)
+
+
+def test_replace_or_new_output_nodes(mrml_scene, engine_run):
+    _, result, _ = engine_run
+    node = _input_node()
+    first = scene.show_result(result, node)
+    count = mrml_scene.GetNumberOfNodes()
+    second = scene.show_result(result, node, scene.SceneOptions(new_nodes=False))
+    assert mrml_scene.GetNumberOfNodes() == count
+    assert first.image is None and second.image is not None
+    third = scene.show_result(result, node, scene.SceneOptions(new_nodes=True))
+    assert second.image is not None and third.image is not None
+    assert second.image.GetID() != third.image.GetID()
+    assert len(scene.find_run_nodes(mrml_scene, second.run_id)) == len(scene.find_run_nodes(mrml_scene))
+
+
+# ----------------------------------------------------------------------------- live runs
+
+def _live_handle(node, iterations, **options):
+    volume = scene.volume_from_node(node)
+    config = _config(iterations=iterations, snapshot_every=1)
+    model = tiny_model(2)
+    crop = AnalysisLogicCore.cropFor(volume, SEED, model.card, config)
+    updater = scene.SceneUpdater(node, crop, FEATURES, REFERENCE, total_iterations=iterations,
+                                 options=scene.SceneOptions(**options))
+    runner = AnalysisRunner(volume, SEED, model, config, REFERENCE, queue_size=2)
+    return RunHandle(runner, updater)
+
+
+def test_cancelled_run_leaves_consistent_nodes(mrml_scene):
+    node = _input_node()
+    handle = _live_handle(node, 100000, record_every=2)
+    handle.runner.start()
+    while handle.updater.last_iteration is None or handle.updater.last_iteration < 5:
+        assert handle.processEvents()
+        handle.runner.join(0.05)
+    handle.cancel()
+    while handle.processEvents():
+        handle.runner.join(0.05)
+    result = handle.result
+    assert result.status == "cancelled" and handle.status == "cancelled"
+    nodes = handle.nodes
+    assert nodes.table.GetNumberOfRows() == len(result.steps) >= 6
+    np.testing.assert_array_equal(slicer.util.arrayFromTableColumn(nodes.table, "iteration"),
+                                  [s.iteration for s in result.steps])
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(nodes.image), result.snapshots[-1].image, rtol=1e-6)
+    assert handle.updater.recorded_iterations[-1] == result.snapshots[-1].iteration
+    assert nodes.browser is not None
+    assert {(n.GetName(), n.GetAttribute(scene.ATTR_STATUS)) for n in nodes.all_nodes()} == \
+        {(n.GetName(), "cancelled") for n in nodes.all_nodes()}
+    assert json.loads(nodes.metadata.GetText())["status"] == "cancelled"
+
+
+def test_nodes_deleted_mid_run_do_not_break_the_drain(mrml_scene):
+    node = _input_node()
+    handle = _live_handle(node, 100000, record_every=1)
+    handle.runner.start()
+
+    def drain_until(iteration):
+        while handle.updater.last_iteration is None or handle.updater.last_iteration < iteration:
+            assert handle.processEvents()
+            handle.runner.join(0.05)
+
+    drain_until(3)
+    nodes = handle.nodes
+    old_ids = {r: nodes.get(r).GetID() for r in ("image", "mask", "table", "chart", "imageSequence")}
+    for role in ("image", "mask", "table", "chart", "imageSequence", "band"):
+        mrml_scene.RemoveNode(nodes.get(role))
+    mrml_scene.RemoveNode(nodes.series(FEATURES[0]))
+    drain_until(handle.updater.last_iteration + 3)  # drains after the deletion
+    handle.cancel()
+    result = handle.wait(interval=0.05)
+    assert result.status == "cancelled" and handle.error is None
+    for role, old in old_ids.items():
+        assert nodes.get(role) is not None and nodes.get(role).GetID() != old
+    # refilled with every row, not only the later ones
+    np.testing.assert_array_equal(slicer.util.arrayFromTableColumn(nodes.table, "iteration"),
+                                  [s.iteration for s in result.steps])
+    assert nodes.chart.GetNumberOfPlotSeriesNodes() == len(FEATURES) + 2
+    for n in range(nodes.chart.GetNumberOfPlotSeriesNodes()):
+        assert nodes.chart.GetNthPlotSeriesNode(n).GetTableNode() is not None
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(nodes.image), result.snapshots[-1].image, rtol=1e-6)
+    # the input itself deleted: the mask is still made, with the remembered geometry
+    mrml_scene.RemoveNode(nodes.mask)
+    mrml_scene.RemoveNode(node)
+    handle.updater.finish(result)
+    assert handle.nodes.mask.GetSegmentation().GetSegment(scene.SEGMENT_ID) is not None
+
+
+# ----------------------------------------------------------------------------- the logic, headless
+
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "tiny.pt"
+    torch.jit.save(torch.jit.script(tiny_net(2)), str(path))
+    tiny_card(2).save(tmp_path / "tiny.pt.card.json")
+    return path
+
+
+def test_logic_blocking_run_from_a_model_file(mrml_scene, model_file, tmp_path):
+    node = _input_node()
+    reference = tmp_path / "reference.json"
+    reference.write_text(json.dumps({"features": {f: {"mean": REFERENCE.mean[f], "std": REFERENCE.std[f], "n": 30}
+                                                  for f in FEATURES}}))
+    messages, progress = [], []
+    logic = AnalysisLogicCore()
+    result = logic.run(node, model_file, SEED, iterations=6, step=400.0, features=list(FEATURES),
+                       referencePath=reference, device="cpu", recordEvery=2, logCallback=messages.append,
+                       progressCallback=progress.append)
+    assert result.status == "completed" and len(result.steps) == 6
+    assert result.normalised
+    nodes = logic.handle.nodes
+    assert nodes.table.GetNumberOfRows() == 6
+    assert nodes.get("band") is not None
+    assert progress and progress[-1].step.iteration == 5
+    assert any("Run completed" in m for m in messages), messages
+
+
+def test_logic_seed_forms_agree_and_nonblocking_handle_cancels(mrml_scene, model_file):
+    node = _input_node()
+    logic = AnalysisLogicCore()
+    markups = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    world = scene.ras_from_ijk(SEED, node)
+    markups.AddControlPointWorld(vtk.vtkVector3d(*world))
+    assert logic.resolveSeed(node, markups) == logic.resolveSeed(node, SEED) == \
+        logic.resolveSeed(node, seedRAS=world) == SEED
+    with pytest.raises(SeedError, match="not both"):
+        logic.resolveSeed(node, SEED, seedRAS=world)
+    with pytest.raises(SeedError, match="outside"):
+        logic.resolveSeed(node, (48, 0, 0))
+    handle = logic.run(node, model_file, markups, iterations=100000, step=400.0, features=list(FEATURES),
+                       device="cpu", waitForCompletion=False)
+    assert isinstance(handle, RunHandle) and logic.isRunning
+    with pytest.raises(Exception, match="already running"):
+        logic.run(node, model_file, SEED, iterations=3)
+    while handle.lastProgress is None:
+        handle.processEvents()
+        handle.runner.join(0.05)
+    handle.cancel()
+    assert handle.wait(timeout=30) is not None
+    assert handle.status == "cancelled" and not logic.isRunning
