@@ -51,3 +51,23 @@ def liver_like(shape=(1, 40, 48), seed: int = 0, mean: float = 110.0, std: float
     """A smooth-ish random image in HU, [k, j, i]."""
     rng = np.random.default_rng(seed)
     return (rng.normal(mean, std, shape)).astype(np.float32)
+
+
+def write_case(folder: Path, spatial_dims: int = 2) -> dict:
+    """A tiny TorchScript model with its card and a small CT-like NIfTI, for command-line tests."""
+    import json
+
+    import SimpleITK as sitk
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    net = tiny_net(spatial_dims)
+    model = folder / "tiny.pt"
+    torch.jit.save(torch.jit.script(net), str(model))
+    card = tiny_card(spatial_dims).to_dict()
+    (folder / "tiny.card.json").write_text(json.dumps(card))
+    image = folder / "ct.nii.gz"
+    img = sitk.GetImageFromArray(liver_like((3, 40, 48) if spatial_dims == 2 else (16, 20, 20)))
+    img.SetSpacing((0.8, 0.8, 2.5))
+    sitk.WriteImage(img, str(image))
+    return {"model": model, "card": folder / "tiny.card.json", "image": image}

@@ -183,6 +183,7 @@ def _metadata(volume, seed, model, config, crop, device, reference, names) -> di
             "format": getattr(model, "format", "unknown"),
             "sha256": getattr(model, "sha256", None),
             "executes_code": getattr(model, "executes_code", None),
+            "notes": list(getattr(model, "notes", []) or []),
             "card": card.to_dict(),
         },
         "input": {

@@ -229,8 +229,12 @@ def _print_summary(result, paths, out: Path) -> None:
     if not result.normalised:
         print("note: no reference statistics given; curves are raw feature values, not z-scores.")
     print(f"Results in {out}/:")
+    snapshots = [p for p in paths.values() if Path(p).parent.name == "snapshots"]
     for key, path in paths.items():
-        print(f"  {key:10s} {path}")
+        if path not in snapshots:
+            print(f"  {key:8s} {path}")
+    if snapshots:
+        print(f"  {'snapshots':8s} {Path(snapshots[0]).parent}/ ({len(snapshots)} NIfTI files)")
 
 
 def cmd_run(args) -> int:
@@ -241,6 +245,10 @@ def cmd_run(args) -> int:
     out = check_output_dir(args.out)
     volume = read_volume(args.image)
     model = load_model(args.model, card=args.card, device="cpu", allow_code_targets=args.allow_code_targets)
+    for note in getattr(model, "notes", []) or []:
+        print(f"note: {note}", file=sys.stderr)
+    if model.executes_code:
+        print(f"note: {model.format} models run their author's code when loaded; use models you trust.", file=sys.stderr)
     config = _analysis_config(args, model.card.spatial_dims)
     reference = ReferenceStats.load(args.reference) if args.reference else None
     return _run_and_write(volume, args.seed, model, config, reference, out)
