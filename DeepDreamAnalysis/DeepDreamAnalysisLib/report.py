@@ -22,7 +22,8 @@ reader never sees a half-written file; a failed write leaves no temporary file b
   origin of the crop's first voxel, so they overlay the input volume exactly in any viewer
   (3D Slicer, ITK-SNAP) at a fraction of the size of a full volume. Mask: uint8 (1 inside).
 - ``strip.png``: like the paper's Fig. 3: columns are those iterations; top row the image (the
-  seed's axial slice, a fixed grey window taken from the first snapshot) with the seed marked by a
+  seed's axial slice, grey window: the model card's intensity window, else the 1st-99th percentiles
+  of the first snapshot) with the seed marked by a
   red cross in the first column, bottom row the network's probability (black 0, white 1).
 - ``report.html``: self-contained (the PNGs embedded as base64): the note, a table of the final
   values, the snapshot strip, the curves and the metadata.
@@ -255,6 +256,21 @@ def seed_in_crop(result: AnalysisResult, seed_ijk=None) -> tuple[int, int, int] 
     return (k - k0, j - j0, i - i0)
 
 
+def display_window(result: AnalysisResult, first_slice: np.ndarray) -> tuple[float, float]:
+    """Grey window of the strip: the model card's intensity window when it has one (what the network
+    sees), else the 1st-99th percentiles of the first snapshot's slice."""
+    pre = (((result.metadata.get("model") or {}).get("card") or {}).get("preprocessing") or {})
+    try:
+        if pre.get("type") == "window" and float(pre["max"]) > float(pre["min"]):
+            return float(pre["min"]), float(pre["max"])
+    except (KeyError, TypeError, ValueError):
+        pass
+    lo, hi = np.percentile(first_slice, [1, 99]) if first_slice.size else (0.0, 1.0)
+    if not hi > lo:
+        lo, hi = float(np.min(first_slice)) - 1.0, float(np.max(first_slice)) + 1.0
+    return float(lo), float(hi)
+
+
 def strip_figure(result: AnalysisResult, snaps: list, seed_kji=None):
     """The Fig. 3-like strip: image (top) and probability (bottom) at the chosen iterations."""
     n = max(len(snaps), 1)
@@ -265,10 +281,7 @@ def strip_figure(result: AnalysisResult, snaps: list, seed_kji=None):
     k = 0
     if seed_kji is not None and 0 <= seed_kji[0] < snaps[0].image.shape[0]:
         k = int(seed_kji[0])
-    first = np.asarray(snaps[0].image)[k]
-    lo, hi = np.percentile(first, [1, 99]) if first.size else (0.0, 1.0)
-    if not hi > lo:
-        lo, hi = float(first.min()) - 1.0, float(first.max()) + 1.0
+    lo, hi = display_window(result, np.asarray(snaps[0].image)[k])
     for c, snap in enumerate(snaps):
         top = fig.add_subplot(2, n, c + 1)
         top.imshow(np.asarray(snap.image)[k], cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
