@@ -175,8 +175,7 @@ def feature_catalog(with_radiomics: bool | None = None) -> dict[str, list[str]]:
     From ``features.catalog`` (a static table: no torch or pyradiomics import when the panel
     opens). Classes only pyradiomics computes appear when pyradiomics is importable.
     """
-    from .features.catalog import CLASS_FEATURES
-
+    CLASS_FEATURES = _catalog_module().CLASS_FEATURES
     if with_radiomics is None:
         with_radiomics = radiomics_available()
     out = {}
@@ -185,6 +184,21 @@ def feature_catalog(with_radiomics: bool | None = None) -> dict[str, list[str]]:
             continue
         out[GROUP_TITLES.get(cls, cls)] = [f"{cls}_{n}" for n in names]
     return out
+
+
+def _catalog_module():
+    """``features/catalog.py`` (a static table) loaded on its own: importing the ``features``
+    package would import torch, which the panel must not need before the user presses Apply."""
+    import sys
+
+    name = "DeepDreamAnalysisLib.features.catalog"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(__file__).resolve().parent / "features" / "catalog.py"
+    spec = importlib.util.spec_from_file_location("_deepdream_feature_catalog", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def paper_feature_names() -> frozenset[str]:

@@ -13,6 +13,7 @@ thread). Imports torch only when a run starts.
 from __future__ import annotations
 
 import copy
+import importlib
 import importlib.util
 import logging
 import math
@@ -58,6 +59,22 @@ def choose_features(names: Sequence[str] | None, spatial_dims: int,
     native = native_feature_names()
     kept = tuple(n for n in wanted if n in native)
     return kept, tuple(n for n in wanted if n not in native)
+
+
+def preload_engine() -> None:
+    """Import, on the calling (main) thread, what the worker would otherwise import on its first
+    iteration. An import holds the GIL for its whole duration (monai: seconds), which would freeze
+    Slicer's main thread mid-run; done here it is a one-time wait when Apply is pressed."""
+    import torch
+
+    from . import analysis, features, runner  # noqa: F401
+
+    # the loop's deterministic() switch imports torch._dynamo/_inductor on first use (seconds)
+    torch.use_deterministic_algorithms(torch.are_deterministic_algorithms_enabled(),
+                                       warn_only=torch.is_deterministic_algorithms_warn_only_enabled())
+    for name in ("monai", "radiomics", "SimpleITK"):
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name)
 
 
 def status_text(progress: Progress | None, status: str = "running") -> str:
@@ -304,6 +321,7 @@ class AnalysisLogicCore:
 
             reference = ReferenceStats.load(referencePath)
         crop = self.cropFor(volume, seed_ijk, card, config)
+        preload_engine()
         from .runner import AnalysisRunner
 
         updater = scene_mod.SceneUpdater(
