@@ -56,8 +56,7 @@ def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None 
     if reference is not None:
         reference.require([n for n in names])
 
-    roi = default_roi(card, config.dream)
-    crop = crop_around_seed(volume.array.shape, seed_kji, roi, card.spatial_dims, card.size_divisible)
+    crop = plan_crop(volume, seed, card, config)
     seed_in_crop = tuple(s - c for s, c in zip(seed_kji, crop.start))
     device = select_device(config.dream.device)
     network = model.network.to(device) if hasattr(model.network, "to") else model.network
@@ -74,7 +73,7 @@ def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None 
     every = config.features.every
     loop = DreamLoop(network, card, start, seed_in_crop, config.dream, device)
     try:
-        with deterministic(config.dream.random_seed):
+        with deterministic(config.dream.random_seed, device):
             for state in loop:
                 it = state.iteration
                 prob_np = state.probability.detach().cpu().numpy()
@@ -112,7 +111,11 @@ def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None 
         t_features += time.perf_counter() - tf
     wall = time.perf_counter() - t0
     result = AnalysisResult(steps, snapshots, crop, names, reference, metadata, status)
+    failures = dict(getattr(feature_set, "failures", {}) or {})
+    if computer.local_set is not None and computer.local_set is not feature_set:
+        failures.update(getattr(computer.local_set, "failures", {}) or {})
     metadata.update({
+        "feature_failures": failures,
         "status": status,
         "iterations_run": len(steps),
         "first_iteration_above_0.5": result.first_iteration_above(0.5),
@@ -124,6 +127,14 @@ def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None 
         },
     })
     return result
+
+
+def plan_crop(volume: Volume, seed_ijk, card, config: AnalysisConfig):
+    """The crop (start and size in [k, j, i]) the loop will work on for this seed and model."""
+    seed = volume.check_seed(seed_ijk)
+    roi = default_roi(card, config.dream)
+    return crop_around_seed(volume.array.shape, (seed[2], seed[1], seed[0]), roi, card.spatial_dims,
+                            card.size_divisible)
 
 
 def _check_fits(volume: Volume, card) -> None:
@@ -157,13 +168,16 @@ def _keep_snapshot(snapshots: list[Snapshot], snap: Snapshot, cap: int) -> None:
 
 
 def _versions() -> dict[str, str]:
+    """Package versions from their metadata (importing them here would hold the GIL for seconds)."""
+    from importlib import metadata
+
     out = {"python": platform.python_version(), "deepdream-analysis": __version__}
-    for mod in ("torch", "monai", "numpy", "SimpleITK", "radiomics"):
+    for dist, key in (("torch", "torch"), ("monai", "monai"), ("numpy", "numpy"), ("SimpleITK", "SimpleITK"),
+                      ("pyradiomics", "radiomics")):
         try:
-            m = __import__(mod)
-            out[mod] = str(getattr(m, "__version__", "unknown"))
-        except Exception:  # noqa: BLE001 - an optional package missing is fine here
-            out[mod] = "not installed"
+            out[key] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[key] = "not installed"
     return out
 
 

@@ -97,12 +97,20 @@ class DreamState:
 
 
 @contextlib.contextmanager
-def deterministic(seed: int):
-    """Seed torch's generators and ask for deterministic kernels; restore the setting afterwards."""
+def deterministic(seed: int, device: torch.device | str = "cpu"):
+    """Seed torch's generators; on CUDA also ask for deterministic kernels (restored afterwards).
+
+    The CPU kernels the loop uses (convolutions, their gradients) are deterministic already; the
+    switch is left alone there because its first use imports torch's compiler stack, holding the
+    GIL for seconds on the worker thread.
+    """
+    torch.manual_seed(seed)
+    if torch.device(device).type != "cuda":
+        yield
+        return
     previous = torch.are_deterministic_algorithms_enabled()
     previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.manual_seed(seed)
     try:
         yield
     finally:

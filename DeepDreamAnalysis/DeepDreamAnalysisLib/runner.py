@@ -39,6 +39,13 @@ class AnalysisRunner:
         self.error: BaseException | None = None
         self.last_progress: Progress | None = None
 
+    @property
+    def crop(self):
+        """Where in the volume the loop works: a :class:`~.result.Crop` (start, size in [k, j, i])."""
+        from .analysis import plan_crop
+
+        return plan_crop(self.volume, self.seed_ijk, self.model.card, self.config)
+
     def start(self) -> "AnalysisRunner":
         if self._thread is not None:
             raise RuntimeError("This runner was started already; make a new one for another run.")

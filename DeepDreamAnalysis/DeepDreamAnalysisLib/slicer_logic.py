@@ -69,9 +69,10 @@ def preload_engine() -> None:
 
     from . import analysis, features, runner  # noqa: F401
 
-    # the loop's deterministic() switch imports torch._dynamo/_inductor on first use (seconds)
-    torch.use_deterministic_algorithms(torch.are_deterministic_algorithms_enabled(),
-                                       warn_only=torch.is_deterministic_algorithms_warn_only_enabled())
+    # on CUDA the loop's deterministic() switch imports torch._dynamo/_inductor on first use (seconds)
+    if torch.cuda.is_available():
+        torch.use_deterministic_algorithms(torch.are_deterministic_algorithms_enabled(),
+                                           warn_only=torch.is_deterministic_algorithms_warn_only_enabled())
     for name in ("monai", "radiomics", "SimpleITK"):
         if importlib.util.find_spec(name) is not None:
             importlib.import_module(name)
@@ -342,12 +343,10 @@ class AnalysisLogicCore:
 
     @staticmethod
     def cropFor(volume, seed_ijk, card, config: AnalysisConfig):
-        """The crop the loop will work on (the same computation as ``analysis.run_analysis``)."""
-        from .dream import crop_around_seed, default_roi
+        """The crop the loop will work on (``analysis.plan_crop``, as ``run_analysis`` uses it)."""
+        from .analysis import plan_crop
 
-        seed = volume.check_seed(seed_ijk)
-        return crop_around_seed(volume.array.shape, (seed[2], seed[1], seed[0]),
-                                default_roi(card, config.dream), card.spatial_dims, card.size_divisible)
+        return plan_crop(volume, seed_ijk, card, config)
 
     def cancel(self) -> None:
         if self.handle is not None:
