@@ -385,9 +385,10 @@ def plot_comparison(comparison: Comparison, path, features=None, title: str | No
             c = colours[n % len(colours)]
             mean = comparison.mean(m, name, k)
             lo, hi = comparison.min(m, name, k), comparison.max(m, name, k)
-            ax.plot(its, mean, color=c, lw=1.5, label=m)
+            ok = np.isfinite(mean)  # features computed every N-th iteration: join the computed points
+            ax.plot(its[ok], mean[ok], color=c, lw=1.5, label=m)
             if comparison.restarts > 1:
-                ax.fill_between(its, lo, hi, color=c, alpha=0.22, lw=0)
+                ax.fill_between(its[ok], lo[ok], hi[ok], color=c, alpha=0.22, lw=0)
         ax.set_title(name if base or not zmode else f"{name} (z)", fontsize=8)
         ax.set_xlabel("iteration", fontsize=7)
         ax.tick_params(labelsize=7)
