@@ -197,3 +197,25 @@ def test_marching_cubes_tables_rederive_from_pyradiomics():
     c, a, v, nn = native_shape_tables.tables()
     assert np.array_equal(np.array(classes) / 16.0, c)
     assert np.array_equal(area, a) and np.array_equal(v0 / 8.0, v) and np.array_equal(n / 8.0, nn)
+
+
+@pytest.mark.parametrize("kind", ["sphere", "needle", "disk", "cloud"])
+def test_maximum_distance_search_equals_all_pairs(kind):
+    """The pruned search of the largest distance (used above a few hundred mesh vertices) returns
+    exactly the all-pairs maximum, on digital spheres, thin needles, flat disks and random clouds."""
+    from DeepDreamAnalysisLib.features import native_shape
+
+    rng = np.random.default_rng(len(kind))
+    if kind == "cloud":
+        pts = rng.normal(0, 1, (3000, 3)) * (30, 10, 3)
+    else:
+        n = 61
+        z, y, x = (np.indices((n, n, n)) - n // 2).astype(float)
+        scale = {"sphere": (1, 1, 1), "needle": (1, 6, 6), "disk": (7, 1, 1)}[kind]
+        m = (z * scale[0]) ** 2 + (y * scale[1]) ** 2 + (x * scale[2]) ** 2 <= 29.5 ** 2
+        pts = native_shape._vertices(torch.from_numpy(m), (0, 1, 2)).numpy() * (3.0, 0.8, 0.7)
+    assert len(pts) > 300  # above the all-pairs threshold: the pruned search runs
+    t = torch.from_numpy(pts)
+    expected = float(torch.cdist(t, t, compute_mode="donot_use_mm_for_euclid_dist").max())
+    got = math.sqrt(float(native_shape._max_dist_sq(t)))
+    assert got == pytest.approx(expected, rel=1e-12)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import native_firstorder, native_shape, native_texture
-from .native_common import discretize
+from .native_common import Levels, discretize
 
 NATIVE_FEATURES_3D: frozenset[str] = (native_firstorder.NAMES | native_shape.NAMES_3D
                                       | native_texture.GLCM_NAMES | native_texture.GLDM_NAMES)
@@ -25,6 +25,8 @@ NATIVE_FEATURES_2D: frozenset[str] = (native_firstorder.NAMES | native_shape.NAM
                                       | native_texture.GLCM_NAMES | native_texture.GLDM_NAMES)
 NATIVE_FEATURES: frozenset[str] = NATIVE_FEATURES_3D | NATIVE_FEATURES_2D
 """Every feature name (pyradiomics' ``class_Feature``) that :func:`compute_native` can compute."""
+TEXTURE_CLASSES = {"glcm_": native_texture.glcm, "gldm_": native_texture.gldm}
+TEXTURE_PREFIXES = tuple(TEXTURE_CLASSES)
 
 
 def _as_tensor(a, dtype=None) -> torch.Tensor:
@@ -76,26 +78,26 @@ def compute_native(image, mask, spacing, names, bin_width: float = 25.0, force2d
     wanted = set(names)
     values = img[msk]
     out: dict[str, torch.Tensor] = {}
+    tex = {n for n in wanted if n.startswith(TEXTURE_PREFIXES)}
     fo = {n for n in wanted if n.startswith("firstorder_")}
+    hist = None
+    if tex or fo & {"firstorder_Entropy", "firstorder_Uniformity"}:
+        level = discretize(values, bin_width)  # computed once, shared by entropy and the textures
+        hist = torch.bincount(level)
     if fo:
-        out.update(native_firstorder.compute(values, fo, bin_width, sx * sy * sz))
+        out.update(native_firstorder.compute(values, fo, bin_width, sx * sy * sz, hist))
     sh3 = {n for n in wanted if n.startswith("shape_")}
     if sh3:
         out.update(native_shape.compute_3d(msk, (sz, sy, sx), sh3))
     sh2 = {n for n in wanted if n.startswith("shape2D_")}
     if sh2:
         out.update(native_shape.compute_2d(msk[0], (sy, sx), sh2))
-    tex = {n for n in wanted if n.startswith(("glcm_", "gldm_"))}
     if tex:
-        levels = torch.zeros(msk.shape, dtype=torch.int64, device=msk.device)
-        levels[msk] = discretize(values, bin_width)
-        present = torch.unique(levels[msk])
-        g = {n for n in tex if n.startswith("glcm_")}
-        if g:
-            out.update(native_texture.glcm(levels, present, force2d, g))
-        d = {n for n in tex if n.startswith("gldm_")}
-        if d:
-            out.update(native_texture.gldm(levels, present, force2d, d))
+        lv = Levels.build(msk, level, hist)
+        for prefix, fn in TEXTURE_CLASSES.items():
+            sel = {n for n in tex if n.startswith(prefix)}
+            if sel:
+                out.update(fn(lv, force2d, sel))
     for n in names:
         v = out.get(n)
         if v is not None:

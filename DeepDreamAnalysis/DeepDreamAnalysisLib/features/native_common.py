@@ -1,6 +1,9 @@
-"""Shared helpers of the native (torch) features: grey-level discretisation as pyradiomics does it."""
+"""Shared helpers of the native (torch) features: grey-level discretisation as pyradiomics does it,
+and the neighbour look-up that the texture matrices share."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -14,8 +17,9 @@ def bin_edges(values: torch.Tensor, bin_width: float) -> np.ndarray:
     image exactly as numpy does it in pyradiomics; a flat region gets the edges ``[e - .5, e + .5]``.
     """
     np_dtype = np.float64 if values.dtype == torch.float64 else np.float32
-    lo = np_dtype(values.min().item())
-    hi = np_dtype(values.max().item())
+    lo_hi = torch.aminmax(values)
+    lo = np_dtype(lo_hi.min.item())
+    hi = np_dtype(lo_hi.max.item())
     low_bound = lo - (lo % bin_width)
     high_bound = hi + 2 * bin_width
     edges = np.arange(low_bound, high_bound, bin_width)
@@ -33,3 +37,70 @@ def discretize(values: torch.Tensor, bin_width: float) -> torch.Tensor:
 
 EPS = float(np.spacing(1))
 """numpy.spacing(1), the epsilon pyradiomics adds inside logarithms."""
+
+
+@dataclass
+class Levels:
+    """The discretised region, prepared once for all texture matrices.
+
+    ``grid``: int32 [k+2, j+2, i+2], the grey-level *rank* (1..N_present) of every mask voxel of the
+    bounding box padded by one voxel, 0 elsewhere, flattened. ``mask``: bool [k, j, i] the region. ``inside``: int64 [N_p] positions of
+    the mask voxels in ``grid``. ``rank``: int64 [N_p] their ranks, in the same order as the
+    intensities ``image[mask]``. ``present``: float64 [N_present] the grey levels (1, 2, ...) that
+    occur, ascending (rank r is level ``present[r - 1]``). ``shape``: the padded box shape.
+    """
+
+    grid: torch.Tensor
+    mask: torch.Tensor
+    inside: torch.Tensor
+    rank: torch.Tensor
+    present: torch.Tensor
+    shape: tuple[int, int, int]
+    _neighbours: dict
+
+    @classmethod
+    def build(cls, mask: torch.Tensor, level: torch.Tensor, hist: torch.Tensor) -> "Levels":
+        """``mask`` bool [k, j, i] (the bounding box), ``level`` int64 [N_p] the grey level of each
+        mask voxel (``mask`` order), ``hist`` = ``bincount(level)``."""
+        dev = mask.device
+        occurs = hist > 0
+        occurs[0] = False
+        to_rank = torch.cumsum(occurs, 0) * occurs
+        rank = to_rank[level]
+        present = torch.nonzero(occurs).squeeze(1).to(torch.float64)
+        D, H, W = (s + 2 for s in mask.shape)
+        grid = torch.zeros((D, H, W), dtype=torch.int32, device=dev)
+        grid[1:-1, 1:-1, 1:-1][mask] = rank.to(torch.int32)
+        inside = torch.nonzero(torch.nn.functional.pad(mask, (1, 1, 1, 1, 1, 1)).reshape(-1)).squeeze(1)
+        return cls(grid.reshape(-1), mask, inside, rank, present, (D, H, W), {})
+
+    def _box(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(padded grid [D, H, W], its centre view [D-2, H-2, W-2]) in the smallest int type."""
+        D, H, W = self.shape
+        g = self.grid.reshape(D, H, W)
+        if self.present.numel() < 32767:
+            g = g.to(torch.int16)
+        return g, g[1:-1, 1:-1, 1:-1]
+
+    def _shifted(self, g: torch.Tensor, o: tuple[int, int, int]) -> torch.Tensor:
+        D, H, W = self.shape
+        dz, dy, dx = o
+        return g[1 + dz:D - 1 + dz, 1 + dy:H - 1 + dy, 1 + dx:W - 1 + dx]
+
+    def cooccurrences(self, offsets: list[tuple[int, int, int]]) -> torch.Tensor:
+        """int64 [len(offsets), N+1, N+1] (N = number of levels present): entry [k, a, b] counts the
+        voxels of rank ``a`` whose neighbour at ``offsets[k]`` has rank ``b`` (rank 0: outside)."""
+        g, c = self._box()
+        n1 = self.present.numel() + 1
+        row = c.to(torch.int32) * n1
+        return torch.stack([torch.bincount((row + self._shifted(g, o)).reshape(-1), minlength=n1 * n1)
+                            for o in offsets]).reshape(len(offsets), n1, n1)
+
+    def same_level_neighbours(self, offsets: list[tuple[int, int, int]]) -> torch.Tensor:
+        """int64 [N_p]: for each mask voxel, how many of its neighbours at ``offsets`` have its grey
+        level (slices of the padded box: no index arrays; uint8 counts, so at most 255 offsets)."""
+        g, c = self._box()
+        same = torch.zeros(c.shape, dtype=torch.uint8, device=g.device)
+        for o in offsets:
+            same += self._shifted(g, o) == c
+        return same[self.mask].long()

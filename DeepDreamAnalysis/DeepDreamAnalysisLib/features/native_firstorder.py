@@ -47,45 +47,55 @@ def _percentile(sorted_x: torch.Tensor, q: float) -> torch.Tensor:
     return sorted_x[lo] + (sorted_x[hi] - sorted_x[lo]) * frac
 
 
-def compute(values: torch.Tensor, wanted: set[str], bin_width: float, voxel_volume: float) -> dict[str, torch.Tensor]:
-    """Features of the 1-D tensor ``values`` (the intensities inside the mask); returns 0-d float64 tensors."""
-    x = values.to(torch.float64)
-    out: dict[str, torch.Tensor] = {}
-    n = x.numel()
+def compute(values: torch.Tensor, wanted: set[str], bin_width: float, voxel_volume: float,
+            hist: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Features of the 1-D tensor ``values`` (the intensities inside the mask); returns 0-d float64 tensors.
+
+    ``hist``: optional ``bincount`` of the grey levels of ``values`` (pyradiomics' binning with
+    ``bin_width``), when the caller has it already. Only what ``wanted`` needs is computed.
+    """
     need = {w.split("_", 1)[1] for w in wanted}
-    mean = x.mean()
-    d = x - mean
+    x = values.to(torch.float64)
+    n = x.numel()
+    out: dict[str, torch.Tensor] = {}
     if need & {"Entropy", "Uniformity"}:
-        g = discretize(values, bin_width)
-        counts = torch.bincount(g)
+        counts = torch.bincount(discretize(values, bin_width)) if hist is None else hist
         p = counts[counts > 0].to(torch.float64) / n
         out["Entropy"] = -(p * torch.log2(p + EPS)).sum()
         out["Uniformity"] = (p * p).sum()
-    energy = (x * x).sum()
-    out["Energy"] = energy
-    out["TotalEnergy"] = energy * voxel_volume
-    out["RootMeanSquared"] = torch.sqrt(energy / n)
-    out["Minimum"] = x.min()
-    out["Maximum"] = x.max()
-    out["Range"] = out["Maximum"] - out["Minimum"]
-    out["Mean"] = mean
-    m2 = (d * d).mean()
-    out["Variance"] = m2
-    out["StandardDeviation"] = torch.sqrt(m2)
-    out["MeanAbsoluteDeviation"] = d.abs().mean()
-    if need & {"Skewness", "Kurtosis"}:
-        m3 = (d ** 3).mean()
-        m4 = (d ** 4).mean()
-        flat = m2 == 0
-        safe = torch.where(flat, torch.ones_like(m2), m2)
-        out["Skewness"] = torch.where(flat, torch.zeros_like(m3), m3 / safe ** 1.5)
-        out["Kurtosis"] = torch.where(flat, torch.zeros_like(m4), m4 / safe ** 2)
+    if need & {"Energy", "TotalEnergy", "RootMeanSquared"}:
+        energy = torch.dot(x, x)
+        out["Energy"] = energy
+        out["TotalEnergy"] = energy * voxel_volume
+        out["RootMeanSquared"] = torch.sqrt(energy / n)
+    if need & {"Minimum", "Maximum", "Range"}:
+        mm = torch.aminmax(x)
+        out["Minimum"], out["Maximum"] = mm.min, mm.max
+        out["Range"] = mm.max - mm.min
+    if need & {"Mean", "Variance", "StandardDeviation", "MeanAbsoluteDeviation", "Skewness", "Kurtosis"}:
+        mean = x.mean()
+        d = x - mean
+        out["Mean"] = mean
+        d2 = d * d
+        m2 = d2.mean()
+        out["Variance"] = m2
+        out["StandardDeviation"] = torch.sqrt(m2)
+        if "MeanAbsoluteDeviation" in need:
+            out["MeanAbsoluteDeviation"] = d.abs().mean()
+        if need & {"Skewness", "Kurtosis"}:
+            m3 = (d2 * d).mean()
+            m4 = (d2 * d2).mean()
+            flat = m2 == 0
+            safe = torch.where(flat, torch.ones_like(m2), m2)
+            out["Skewness"] = torch.where(flat, torch.zeros_like(m3), m3 / safe ** 1.5)
+            out["Kurtosis"] = torch.where(flat, torch.zeros_like(m4), m4 / safe ** 2)
     if need & {"10Percentile", "90Percentile", "Median", "InterquartileRange", "RobustMeanAbsoluteDeviation"}:
         s = torch.sort(x).values
         p10, p90 = _percentile(s, 10), _percentile(s, 90)
         out["10Percentile"], out["90Percentile"] = p10, p90
         out["Median"] = _percentile(s, 50)
         out["InterquartileRange"] = _percentile(s, 75) - _percentile(s, 25)
-        r = x[(x >= p10) & (x <= p90)]
-        out["RobustMeanAbsoluteDeviation"] = (r - r.mean()).abs().mean()
+        if "RobustMeanAbsoluteDeviation" in need:
+            r = x[(x >= p10) & (x <= p90)]
+            out["RobustMeanAbsoluteDeviation"] = (r - r.mean()).abs().mean()
     return {f"firstorder_{k}": v for k, v in out.items() if f"firstorder_{k}" in wanted}

@@ -69,9 +69,9 @@ def _tables(device):
 def mesh_3d(mask: torch.Tensor, spacing_zyx: tuple[float, float, float]) -> tuple[torch.Tensor, torch.Tensor]:
     """(surface area mm^2, mesh volume mm^3) of the bool mask [k, j, i], as pyradiomics computes them."""
     classes, area_counts, v0, n = _tables(mask.device)
-    m = torch.nn.functional.pad(mask.to(torch.int64), (1, 1, 1, 1, 1, 1))
+    m = torch.nn.functional.pad(mask.to(torch.uint8), (1, 1, 1, 1, 1, 1))
     D, H, W = (s - 1 for s in m.shape)
-    cfg = torch.zeros((D, H, W), dtype=torch.int64, device=mask.device)
+    cfg = torch.zeros((D, H, W), dtype=torch.uint8, device=mask.device)
     for bit, (z, y, x) in enumerate((z, y, x) for z in (0, 1) for y in (0, 1) for x in (0, 1)):
         cfg |= m[z:z + D, y:y + H, x:x + W] << bit
     flat = cfg.reshape(-1)
@@ -82,7 +82,7 @@ def mesh_3d(mask: torch.Tensor, spacing_zyx: tuple[float, float, float]) -> tupl
     area = counts @ (area_counts @ tri)
     # volume: sum over cubes of V0[c] + o . N[c] (o = cube offset in voxels, padded frame)
     nz = torch.nonzero((flat != 0) & (flat != 255)).squeeze(1)
-    c = flat[nz]
+    c = flat[nz].long()
     o = torch.stack((nz // (H * W), (nz // W) % H, nz % W), 1).to(torch.float64)
     vol = det / 6.0 * ((counts * v0).sum() + (o * n[c]).sum())
     return area, vol
@@ -143,17 +143,101 @@ def _extreme(mask: torch.Tensor, axis: int) -> torch.Tensor:
     return mask & ~(before & after)
 
 
-def _max_dist_sq(points: torch.Tensor, groups: torch.Tensor | None, chunk: int = 4096) -> torch.Tensor:
-    """Largest squared distance between two rows of ``points`` [n, d] (mm), within equal ``groups``."""
+_PAIR_CHUNK = 1 << 21
+"""Most point pairs whose distances one step of a maximum-distance search holds in memory."""
+
+
+def _pairs_max_sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Largest squared distance between a row of ``a`` [n, d] and a row of ``b`` [m, d] (chunked)."""
+    best = torch.zeros((), dtype=a.dtype, device=a.device)
+    nb = (b * b).sum(1)
+    step = max(1, _PAIR_CHUNK // max(1, b.shape[0]))
+    for s in range(0, a.shape[0], step):
+        x = a[s:s + step]
+        # |x|^2 + |y|^2 - 2 x.y on centred float64 coordinates (mm): rounding ~1e-12 mm^2
+        d2 = torch.addmm(nb[None, :], x, b.T, alpha=-2.0).add_((x * x).sum(1)[:, None])
+        best = torch.maximum(best, d2.max())
+    return best
+
+
+_DIR_CACHE: dict = {}
+
+
+def _directions(dims: int, k: int, device) -> tuple[torch.Tensor, float]:
+    """Unit vectors along the integer vectors ``v`` with ``max |v_i| = k`` (one of each +/- pair),
+    float64 [m, dims], and ``cos(delta)``: every unit vector is within the angle
+    ``delta = asin(sqrt(dims - 1) / (2 k))`` of one of them or of its opposite (scale it so that its
+    largest component is +/-k and round the others: the error is at most sqrt(dims - 1) / 2, the
+    rounded vector is at least k long)."""
+    key = (dims, k, str(device))
+    if key not in _DIR_CACHE:
+        vs = [v for v in itertools.product(range(-k, k + 1), repeat=dims)
+              if max(abs(c) for c in v) == k and v > (0,) * dims]
+        u = torch.tensor(vs, dtype=torch.float64, device=device)
+        u = u / u.norm(dim=1, keepdim=True)
+        _DIR_CACHE[key] = (u, math.cos(math.asin(math.sqrt(dims - 1) / (2 * k))))
+    return _DIR_CACHE[key]
+
+
+def _max_dist_sq(points: torch.Tensor, small: int = 256) -> torch.Tensor:
+    """Largest squared distance between two rows of ``points`` [n, d] (float64, mm).
+
+    Up to ``small`` points: all pairs. Above: only pairs that can be the longest. If ``p, q`` are
+    the farthest pair (``D = |p - q| >= L``, ``L`` any pair's distance) and ``u`` is a direction
+    within ``delta`` of ``(p - q) / D`` (see :func:`_directions`), then ``(p - q) . u >= L cos(delta)``,
+    so ``p . u >= min(x . u) + L cos(delta)`` and ``q . u <= max(x . u) - L cos(delta)``: ``p`` and ``q``
+    lie in the two thin caps of the point set along ``u``. The answer is the largest distance
+    between the caps of one direction, over all directions (exact: no pair is left out that could
+    be longer than ``L``).
+    """
+    n = points.shape[0]
+    if n < 2:
+        return torch.zeros((), dtype=torch.float64, device=points.device)
+    x = points - points.mean(0)
+    if n <= small:
+        return _pairs_max_sq(x, x)
+    u, cos_delta = _directions(x.shape[1], 4 if x.shape[1] == 3 else 8, x.device)
+    proj = u @ x.T  # [m, n]
+    hi, ihi = proj.max(1)
+    lo, ilo = proj.min(1)
+    lower = ((x[ihi] - x[ilo]) ** 2).sum(1).max()  # L^2: a pair's squared distance
+    c = torch.sqrt(lower) * cos_delta * (1 - 1e-9)
+    act = torch.nonzero(hi - lo >= c).squeeze(1)
+    proj = proj[act]  # [a, n]
+    top_thr = (lo[act] + c)[:, None]
+    bot_thr = (hi[act] - c)[:, None]
+    n_top = int((proj >= top_thr).sum(1).max())
+    n_bot = int((proj <= bot_thr).sum(1).max())
+    if act.numel() * n_top * n_bot >= n * n // 2:  # caps too wide to help: all pairs
+        return _pairs_max_sq(x, x)
+    top = torch.topk(proj, n_top, dim=1)
+    bot = torch.topk(proj, n_bot, dim=1, largest=False)
+    # out-of-cap slots get a copy of the cap's first point (distance 0 to it, harmless for a maximum)
+    ti = torch.where(top.values >= top_thr, top.indices, top.indices[:, :1])
+    bi = torch.where(bot.values <= bot_thr, bot.indices, bot.indices[:, :1])
+    best = lower
+    step = max(1, _PAIR_CHUNK // (n_top * n_bot))
+    for s in range(0, act.numel(), step):
+        best = torch.maximum(best, _batched_max_sq(x[ti[s:s + step]], x[bi[s:s + step]]))
+    return best
+
+
+def _batched_max_sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Largest squared distance between a row of ``a[g]`` [L, d] and a row of ``b[g]`` [M, d], over
+    the batch ``g`` (float64; rows are re-centred on ``a[g, 0]`` first to keep the rounding small)."""
+    o = a[:, :1]
+    a = a - o
+    b = b - o
+    na = (a * a).sum(2)
+    nb = (b * b).sum(2)
+    return torch.baddbmm(na[:, :, None] + nb[:, None, :], a, b.transpose(1, 2), alpha=-2.0).max()
+
+
+def _grouped_max_dist_sq(points: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Largest squared distance between two rows of ``points`` [n, d] (mm) with equal ``groups``."""
     zero = torch.zeros((), dtype=torch.float64, device=points.device)
     if points.shape[0] < 2:
         return zero
-    if groups is None:
-        best = zero
-        for s in range(0, points.shape[0], chunk):
-            d = torch.cdist(points[s:s + chunk], points).max()
-            best = torch.maximum(best, d)
-        return best ** 2
     order = torch.argsort(groups)
     g = groups[order]
     p = points[order]
@@ -165,16 +249,15 @@ def _max_dist_sq(points: torch.Tensor, groups: torch.Tensor | None, chunk: int =
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(p.shape[0], device=p.device) - torch.repeat_interleave(starts, counts)
     gi = torch.repeat_interleave(torch.arange(G, device=p.device), counts)
-    padded = torch.full((G, L, p.shape[1]), float("nan"), dtype=p.dtype, device=p.device)
-    padded[gi, rank] = p
-    # fill the padding with each group's first point (distance 0 to it, harmless for a maximum)
-    first = padded[:, :1].expand(-1, L, -1)
-    padded = torch.where(torch.isnan(padded), first, padded)
+    # pad each group with copies of its first point (distance 0 to it, harmless for a maximum)
+    idx = starts[:, None].expand(G, L).clone()
+    idx[gi, rank] = torch.arange(p.shape[0], device=p.device)
+    padded = p[idx]  # [G, L, d]
     best = zero
-    step = max(1, int(2e7 // (L * L)))
+    step = max(1, _PAIR_CHUNK // (L * L))
     for s in range(0, G, step):
-        best = torch.maximum(best, torch.cdist(padded[s:s + step], padded[s:s + step]).max())
-    return best ** 2
+        best = torch.maximum(best, _batched_max_sq(padded[s:s + step], padded[s:s + step]))
+    return best
 
 
 def _extreme_dirs(grid: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
@@ -219,22 +302,38 @@ def diameters_3d(mask: torch.Tensor, spacing_zyx, need=None) -> dict[str, torch.
     sp = torch.tensor(spacing_zyx, dtype=torch.float64, device=mask.device)
     out = {}
     if need is None or "Maximum3DDiameter" in need:
-        out["Maximum3DDiameter"] = torch.sqrt(_max_dist_sq(_vertices(mask, (0, 1, 2)) * sp, None))
+        out["Maximum3DDiameter"] = torch.sqrt(_max_dist_sq(_vertices(mask, (0, 1, 2)) * sp))
     for name, axis, prune in (("Slice", 0, (1, 2)), ("Column", 1, (0, 2)), ("Row", 2, (0, 1))):
         if need is not None and "Maximum2DDiameter" + name not in need:
             continue
         v = _vertices(mask, prune)
-        out["Maximum2DDiameter" + name] = torch.sqrt(_max_dist_sq(v * sp, torch.round(v[:, axis] * 2).long()))
+        out["Maximum2DDiameter" + name] = torch.sqrt(_grouped_max_dist_sq(v * sp, torch.round(v[:, axis] * 2).long()))
     return out
 
 
 def _eigen(mask: torch.Tensor, spacing) -> torch.Tensor:
-    """Eigenvalues (ascending) of the covariance of voxel centres (mm^2), pyradiomics' convention."""
-    sp = torch.tensor(spacing, dtype=torch.float64, device=mask.device)
-    c = torch.nonzero(mask).to(torch.float64) * sp
-    c = c - c.mean(0)
-    c = c / math.sqrt(c.shape[0])
-    ev = torch.linalg.eigvalsh(c.T @ c)
+    """Eigenvalues (ascending) of the covariance of voxel centres (mm^2), pyradiomics' convention
+    (normalised by N_v). The moments come from the mask's projections on each axis pair: integer
+    sums, exact in float64, so no per-voxel coordinate list is built."""
+    dims = mask.dim()
+    dev = mask.device
+    n = mask.sum(dtype=torch.float64)
+    ax = [torch.arange(s, dtype=torch.float64, device=dev) * float(h) for s, h in zip(mask.shape, spacing)]
+    m1 = torch.empty(dims, dtype=torch.float64, device=dev)
+    m2 = torch.empty((dims, dims), dtype=torch.float64, device=dev)
+    if dims == 2:
+        w = mask.to(torch.float64)
+        pairs = {(0, 1): w}
+    else:
+        pairs = {(a, b): mask.sum(dim=3 - a - b, dtype=torch.float64) for a, b in ((0, 1), (0, 2), (1, 2))}
+    for (a, b), w in pairs.items():
+        m2[a, b] = m2[b, a] = ax[a] @ w @ ax[b]
+        for k, v in ((a, w.sum(1)), (b, w.sum(0))):
+            m1[k] = ax[k] @ v
+            m2[k, k] = (ax[k] * ax[k]) @ v
+    mean = m1 / n
+    cov = m2 / n - mean[:, None] * mean[None, :]
+    ev = torch.linalg.eigvalsh(cov)
     ev = torch.where((ev < 0) & (ev > -1e-10), torch.zeros_like(ev), ev)
     return torch.sort(ev).values
 
@@ -276,7 +375,7 @@ def compute_2d(mask2d: torch.Tensor, spacing_yx, wanted: set[str]) -> dict[str, 
     out["PixelSurface"] = mask2d.sum().to(torch.float64) * spacing_yx[0] * spacing_yx[1]
     if "MaximumDiameter" in need:
         p = _vertices(mask2d, (0, 1)) * torch.tensor(spacing_yx, dtype=torch.float64, device=mask2d.device)
-        out["MaximumDiameter"] = torch.sqrt(_max_dist_sq(p, None))
+        out["MaximumDiameter"] = torch.sqrt(_max_dist_sq(p))
     if need & {"MajorAxisLength", "MinorAxisLength", "Elongation"}:
         ev = _eigen(mask2d, spacing_yx)
         out.update(MajorAxisLength=_sqrt_or_nan(ev[1]) * 4, MinorAxisLength=_sqrt_or_nan(ev[0]) * 4,

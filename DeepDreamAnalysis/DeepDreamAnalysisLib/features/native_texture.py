@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .native_common import EPS
+from .native_common import EPS, Levels
 
 GLCM_FORMULAS = {
     "Autocorrelation": "sum i j P(i,j)",
@@ -78,146 +78,175 @@ def offsets(force2d: bool, bidirectional: bool) -> list[tuple[int, int, int]]:
     return out
 
 
-def _shifted(padded: torch.Tensor, o) -> torch.Tensor:
-    D, H, W = (s - 2 for s in padded.shape)
-    dz, dy, dx = o
-    return padded[1 + dz:1 + dz + D, 1 + dy:1 + dy + H, 1 + dx:1 + dx + W]
+class _GlcmTerms:
+    """Per-direction GLCM features, each computed on first use (``P`` [A, n, n], normalised)."""
+
+    def __init__(self, P: torch.Tensor, iv: torch.Tensor):
+        self.P, self.iv = P, iv
+        self.ng = float(iv.max())
+        self.i = iv[None, :, None]
+        self.j = iv[None, None, :]
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        cache = self.__dict__["_cache"]
+        if name not in cache:
+            cache[name] = getattr(type(self), "q_" + name)(self)
+        return cache[name]
+
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t.sum((1, 2))
+
+    # intermediate quantities
+    def q_px(self): return self.P.sum(2)
+    def q_py(self): return self.P.sum(1)
+    def q_ux(self): return self.px @ self.iv
+    def q_uy(self): return self.py @ self.iv
+    def q_di(self): return self.i - self.ux[:, None, None]
+    def q_dj(self): return self.j - self.uy[:, None, None]
+    def q_u(self): return self.di + self.dj
+
+    def _binned(self, idx: torch.Tensor, size: int) -> torch.Tensor:
+        A = self.P.shape[0]
+        return torch.zeros((A, size), dtype=self.P.dtype, device=self.P.device).index_add_(
+            1, idx.reshape(-1), self.P.reshape(A, -1))
+
+    def q_pxy_sub(self):
+        ng = int(self.ng)
+        d = (self.iv[:, None] - self.iv[None, :]).abs().long()
+        return self._binned(d, ng)
+
+    def q_pxy_add(self):
+        ng = int(self.ng)
+        k = (self.iv[:, None] + self.iv[None, :]).long() - 2
+        return self._binned(k, 2 * ng - 1)
+
+    def q_k_diff(self): return torch.arange(0, int(self.ng), dtype=torch.float64, device=self.P.device)
+    def q_k_sum(self): return torch.arange(2, 2 * int(self.ng) + 1, dtype=torch.float64, device=self.P.device)
+    def q_hxy(self): return -self._sum(self.P * torch.log2(self.P + EPS))
+    def q_hx(self): return -(self.px * torch.log2(self.px + EPS)).sum(1)
+    def q_hy(self): return -(self.py * torch.log2(self.py + EPS)).sum(1)
+    def q_pxpy(self): return self.px[:, :, None] * self.py[:, None, :]
+    def q_sigx(self): return torch.sqrt(self._sum(self.P * self.di ** 2))
+    def q_sigy(self): return torch.sqrt(self._sum(self.P * self.dj ** 2))
+
+    # features (per direction)
+    def q_Autocorrelation(self): return self._sum(self.P * self.i * self.j)
+    def q_JointAverage(self): return self.ux
+    def q_ClusterProminence(self): return self._sum(self.P * self.u ** 4)
+    def q_ClusterShade(self): return self._sum(self.P * self.u ** 3)
+    def q_ClusterTendency(self): return self._sum(self.P * self.u ** 2)
+    def q_Contrast(self): return self._sum(self.P * (self.i - self.j) ** 2)
+
+    def q_Correlation(self):
+        corm = self._sum(self.P * self.di * self.dj)
+        corr = corm / (self.sigx * self.sigy + EPS)
+        return torch.where(self.sigx * self.sigy == 0, torch.ones_like(corr), corr)
+
+    def q_DifferenceAverage(self): return (self.k_diff * self.pxy_sub).sum(1)
+    def q_DifferenceEntropy(self): return -(self.pxy_sub * torch.log2(self.pxy_sub + EPS)).sum(1)
+
+    def q_DifferenceVariance(self):
+        return (self.pxy_sub * (self.k_diff - self.DifferenceAverage[:, None]) ** 2).sum(1)
+
+    def q_JointEnergy(self): return self._sum(self.P ** 2)
+    def q_JointEntropy(self): return self.hxy
+
+    def q_Imc1(self):
+        hxy1 = -self._sum(self.P * torch.log2(self.pxpy + EPS))
+        div = torch.fmax(self.hx, self.hy)
+        imc1 = (self.hxy - hxy1) / torch.where(div == 0, torch.ones_like(div), div)
+        return torch.where(div == 0, torch.zeros_like(imc1), imc1)
+
+    def q_Imc2(self):
+        hxy2 = -self._sum(self.pxpy * torch.log2(self.pxpy + EPS))
+        imc2 = torch.sqrt(1 - torch.exp(-2 * (hxy2 - self.hxy)))
+        return torch.where(hxy2 == self.hxy, torch.zeros_like(imc2), imc2)
+
+    def q_Idm(self): return (self.pxy_sub / (1 + self.k_diff ** 2)).sum(1)
+    def q_Idmn(self): return (self.pxy_sub / (1 + self.k_diff ** 2 / self.ng ** 2)).sum(1)
+    def q_Id(self): return (self.pxy_sub / (1 + self.k_diff)).sum(1)
+    def q_Idn(self): return (self.pxy_sub / (1 + self.k_diff / self.ng)).sum(1)
+    def q_InverseVariance(self): return (self.pxy_sub[:, 1:] / self.k_diff[1:] ** 2).sum(1)
+    def q_MaximumProbability(self): return self.P.amax((1, 2))
+    def q_SumAverage(self): return (self.k_sum * self.pxy_add).sum(1)
+    def q_SumEntropy(self): return -(self.pxy_add * torch.log2(self.pxy_add + EPS)).sum(1)
+    def q_SumSquares(self): return self._sum(self.P * self.di ** 2)
+
+    def q_MCC(self):
+        P, px, py = self.P, self.px, self.py
+        if P.shape[1] < 2:
+            return torch.ones(P.shape[0], dtype=torch.float64, device=P.device)
+        Q = (P[:, :, None, :] * P[:, None, :, :] / (px[:, :, None, None] * py[:, None, None, :] + EPS)).sum(3)
+        ev = torch.linalg.eigvals(Q.cpu())
+        order = torch.argsort(ev.real, dim=1, stable=True)
+        second = torch.gather(ev, 1, order[:, -2:-1]).squeeze(1)
+        return torch.sqrt(second).real.to(P.device)
 
 
-def glcm(levels: torch.Tensor, present: torch.Tensor, force2d: bool, wanted: set[str]) -> dict[str, torch.Tensor]:
-    """GLCM features of ``levels`` (int64 [k, j, i], 0 outside the mask, 1..N_g inside);
-    ``present`` the sorted grey levels that occur in the mask."""
-    dev = levels.device
-    ng = int(present.max())
-    n1 = ng + 1
-    pad = torch.nn.functional.pad(levels, (1, 1, 1, 1, 1, 1))
-    a = levels
+def glcm(lv: Levels, force2d: bool, wanted: set[str]) -> dict[str, torch.Tensor]:
+    """GLCM features of the discretised region ``lv`` (see ``native_common.Levels``): the
+    co-occurrence counts of every direction by ``bincount`` over slices of the padded box."""
     offs = offsets(force2d, bidirectional=False)
-    idx = []
-    for k, o in enumerate(offs):
-        b = _shifted(pad, o)
-        ok = (a > 0) & (b > 0)
-        idx.append(k * n1 * n1 + a[ok] * n1 + b[ok])
-    counts = torch.bincount(torch.cat(idx), minlength=len(offs) * n1 * n1).to(torch.float64)
-    P = counts.reshape(len(offs), n1, n1)[:, present][:, :, present]
+    A = len(offs)
+    n1 = lv.present.numel() + 1
+    counts = lv.cooccurrences(offs).to(torch.float64)
+    P = counts.reshape(A, n1, n1)[:, 1:, 1:]
     P = P + P.transpose(1, 2)
     s = P.sum((1, 2))
-    if P.shape[0] > 1:
+    if A > 1:
         keep = s > 0
         P, s = P[keep], s[keep]
     s = torch.where(s == 0, torch.full_like(s, float("nan")), s)
-    P = P / s[:, None, None]
-    iv = present.to(torch.float64)
-    i = iv[None, :, None]
-    j = iv[None, None, :]
-    px = P.sum(2)  # [A, n]
-    py = P.sum(1)
-    ux = (i * P).sum((1, 2))
-    uy = (j * P).sum((1, 2))
-    ii = iv[:, None].expand(-1, iv.numel())
-    jj = iv[None, :].expand(iv.numel(), -1)
-    sum_idx = (ii + jj - 2).long().reshape(-1)
-    diff_idx = (ii - jj).abs().long().reshape(-1)
-    A = P.shape[0]
-    flatP = P.reshape(A, -1)
-    pxy_add = torch.zeros((A, 2 * ng - 1), dtype=torch.float64, device=dev).index_add_(1, sum_idx, flatP)
-    pxy_sub = torch.zeros((A, ng), dtype=torch.float64, device=dev).index_add_(1, diff_idx, flatP)
-    k_sum = torch.arange(2, 2 * ng + 1, dtype=torch.float64, device=dev)
-    k_diff = torch.arange(0, ng, dtype=torch.float64, device=dev)
-    hxy = -(P * torch.log2(P + EPS)).sum((1, 2))
-    need = {w.split("_", 1)[1] for w in wanted}
-    r: dict[str, torch.Tensor] = {}
-    u = (i + j) - ux[:, None, None] - uy[:, None, None]
-    r["Autocorrelation"] = (P * i * j).sum((1, 2))
-    r["JointAverage"] = ux
-    r["ClusterProminence"] = (P * u ** 4).sum((1, 2))
-    r["ClusterShade"] = (P * u ** 3).sum((1, 2))
-    r["ClusterTendency"] = (P * u ** 2).sum((1, 2))
-    r["Contrast"] = (P * (i - j) ** 2).sum((1, 2))
-    sigx = torch.sqrt((P * (i - ux[:, None, None]) ** 2).sum((1, 2)))
-    sigy = torch.sqrt((P * (j - uy[:, None, None]) ** 2).sum((1, 2)))
-    corm = (P * (i - ux[:, None, None]) * (j - uy[:, None, None])).sum((1, 2))
-    corr = corm / (sigx * sigy + EPS)
-    r["Correlation"] = torch.where(sigx * sigy == 0, torch.ones_like(corr), corr)
-    da = (k_diff * pxy_sub).sum(1)
-    r["DifferenceAverage"] = da
-    r["DifferenceEntropy"] = -(pxy_sub * torch.log2(pxy_sub + EPS)).sum(1)
-    r["DifferenceVariance"] = (pxy_sub * (k_diff - da[:, None]) ** 2).sum(1)
-    r["JointEnergy"] = (P ** 2).sum((1, 2))
-    r["JointEntropy"] = hxy
-    if need & {"Imc1", "Imc2"}:
-        hx = -(px * torch.log2(px + EPS)).sum(1)
-        hy = -(py * torch.log2(py + EPS)).sum(1)
-        pxpy = px[:, :, None] * py[:, None, :]
-        hxy1 = -(P * torch.log2(pxpy + EPS)).sum((1, 2))
-        div = torch.fmax(hx, hy)
-        imc1 = (hxy - hxy1) / torch.where(div == 0, torch.ones_like(div), div)
-        r["Imc1"] = torch.where(div == 0, torch.zeros_like(imc1), imc1)
-        hxy2 = -(pxpy * torch.log2(pxpy + EPS)).sum((1, 2))
-        imc2 = torch.sqrt(1 - torch.exp(-2 * (hxy2 - hxy)))
-        r["Imc2"] = torch.where(hxy2 == hxy, torch.zeros_like(imc2), imc2)
-    r["Idm"] = (pxy_sub / (1 + k_diff ** 2)).sum(1)
-    r["Idmn"] = (pxy_sub / (1 + k_diff ** 2 / ng ** 2)).sum(1)
-    r["Id"] = (pxy_sub / (1 + k_diff)).sum(1)
-    r["Idn"] = (pxy_sub / (1 + k_diff / ng)).sum(1)
-    r["InverseVariance"] = (pxy_sub[:, 1:] / k_diff[1:] ** 2).sum(1)
-    r["MaximumProbability"] = P.amax((1, 2))
-    r["SumAverage"] = (k_sum * pxy_add).sum(1)
-    r["SumEntropy"] = -(pxy_add * torch.log2(pxy_add + EPS)).sum(1)
-    r["SumSquares"] = (P * (i - ux[:, None, None]) ** 2).sum((1, 2))
-    out = {f"glcm_{k}": torch.nanmean(v) for k, v in r.items() if f"glcm_{k}" in wanted}
-    if "MCC" in need:
-        if P.shape[1] < 2:
-            out["glcm_MCC"] = torch.tensor(1.0, dtype=torch.float64, device=dev)
-        else:
-            Q = (P[:, :, None, :] * P[:, None, :, :] / (px[:, :, None, None] * py[:, None, None, :] + EPS)).sum(3)
-            ev = torch.linalg.eigvals(Q.cpu())
-            re = ev.real
-            order = torch.argsort(re, dim=1, stable=True)
-            second = torch.gather(ev, 1, order[:, -2:-1]).squeeze(1)
-            out["glcm_MCC"] = torch.nanmean(torch.sqrt(second).real).to(dev)
+    terms = _GlcmTerms(P / s[:, None, None], lv.present)
+    out = {}
+    for w in wanted:
+        out[w] = torch.nanmean(getattr(terms, w.split("_", 1)[1]))
     return out
 
 
-def gldm(levels: torch.Tensor, present: torch.Tensor, force2d: bool, wanted: set[str]) -> dict[str, torch.Tensor]:
-    """GLDM features (alpha 0, distance 1) of ``levels`` (int64 [k, j, i], 0 outside the mask)."""
-    dev = levels.device
-    pad = torch.nn.functional.pad(levels, (1, 1, 1, 1, 1, 1))
+def gldm(lv: Levels, force2d: bool, wanted: set[str]) -> dict[str, torch.Tensor]:
+    """GLDM features (alpha 0, distance 1) of the discretised region ``lv``."""
+    dev = lv.rank.device
     offs = offsets(force2d, bidirectional=True)
-    dep = torch.ones_like(levels)
-    for o in offs:
-        dep += (_shifted(pad, o) == levels).long()
-    inside = levels > 0
+    a = lv.rank
+    dep = 1 + lv.same_level_neighbours(offs)
     ndep = len(offs) + 2
-    ng = int(present.max())
-    counts = torch.bincount(levels[inside] * ndep + dep[inside], minlength=(ng + 1) * ndep).to(torch.float64)
-    P = counts.reshape(ng + 1, ndep)[present]
+    n = lv.present.numel()
+    counts = torch.bincount(a * ndep + dep, minlength=(n + 1) * ndep).to(torch.float64)
+    P = counts.reshape(n + 1, ndep)[1:]
     pd = P.sum(0)
     keep = pd > 0
     P = P[:, keep]
     pd = pd[keep]
     jv = torch.arange(ndep, dtype=torch.float64, device=dev)[keep]
     pg = P.sum(1)
-    iv = present.to(torch.float64)
+    iv = lv.present
     nz = pd.sum()
     i = iv[:, None]
     j = jv[None, :]
-    r: dict[str, torch.Tensor] = {}
-    r["SmallDependenceEmphasis"] = (pd / jv ** 2).sum() / nz
-    r["LargeDependenceEmphasis"] = (pd * jv ** 2).sum() / nz
-    r["GrayLevelNonUniformity"] = (pg ** 2).sum() / nz
-    r["DependenceNonUniformity"] = (pd ** 2).sum() / nz
-    r["DependenceNonUniformityNormalized"] = (pd ** 2).sum() / nz ** 2
-    pgn = pg / nz
-    r["GrayLevelVariance"] = (pgn * (iv - (pgn * iv).sum()) ** 2).sum()
-    pdn = pd / nz
-    r["DependenceVariance"] = (pdn * (jv - (pdn * jv).sum()) ** 2).sum()
-    pn = P / nz
-    r["DependenceEntropy"] = -(pn * torch.log2(pn + EPS)).sum()
-    r["LowGrayLevelEmphasis"] = (pg / iv ** 2).sum() / nz
-    r["HighGrayLevelEmphasis"] = (pg * iv ** 2).sum() / nz
-    r["SmallDependenceLowGrayLevelEmphasis"] = (P / (i ** 2 * j ** 2)).sum() / nz
-    r["SmallDependenceHighGrayLevelEmphasis"] = (P * i ** 2 / j ** 2).sum() / nz
-    r["LargeDependenceLowGrayLevelEmphasis"] = (P * j ** 2 / i ** 2).sum() / nz
-    r["LargeDependenceHighGrayLevelEmphasis"] = (P * i ** 2 * j ** 2).sum() / nz
-    return {f"gldm_{k}": v for k, v in r.items() if f"gldm_{k}" in wanted}
+    need = {w.split("_", 1)[1] for w in wanted}
+    f = {
+        "SmallDependenceEmphasis": lambda: (pd / jv ** 2).sum() / nz,
+        "LargeDependenceEmphasis": lambda: (pd * jv ** 2).sum() / nz,
+        "GrayLevelNonUniformity": lambda: (pg ** 2).sum() / nz,
+        "DependenceNonUniformity": lambda: (pd ** 2).sum() / nz,
+        "DependenceNonUniformityNormalized": lambda: (pd ** 2).sum() / nz ** 2,
+        "GrayLevelVariance": lambda: _variance(pg / nz, iv),
+        "DependenceVariance": lambda: _variance(pd / nz, jv),
+        "DependenceEntropy": lambda: -((P / nz) * torch.log2(P / nz + EPS)).sum(),
+        "LowGrayLevelEmphasis": lambda: (pg / iv ** 2).sum() / nz,
+        "HighGrayLevelEmphasis": lambda: (pg * iv ** 2).sum() / nz,
+        "SmallDependenceLowGrayLevelEmphasis": lambda: (P / (i ** 2 * j ** 2)).sum() / nz,
+        "SmallDependenceHighGrayLevelEmphasis": lambda: (P * i ** 2 / j ** 2).sum() / nz,
+        "LargeDependenceLowGrayLevelEmphasis": lambda: (P * j ** 2 / i ** 2).sum() / nz,
+        "LargeDependenceHighGrayLevelEmphasis": lambda: (P * i ** 2 * j ** 2).sum() / nz,
+    }
+    return {f"gldm_{k}": f[k]() for k in need}
+
+
+def _variance(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """sum p (v - mu)^2 with mu = sum p v (p a normalised histogram over values v)."""
+    return (p * (v - (p * v).sum()) ** 2).sum()
