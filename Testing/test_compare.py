@@ -229,3 +229,19 @@ def test_cli_compare_refuses_duplicate_names_and_stray_cards(cli_inputs, capsys)
     rc = cli.main(base + ["--model", f"x={a}", "--card", f"y={folder / 'a.card.json'}"])
     assert rc == cli.EXIT_BAD_INPUT
     assert "no model named 'y'" in capsys.readouterr().err
+
+
+def test_z_scores_against_reference_statistics(volume, tmp_path):
+    from DeepDreamAnalysisLib.reference import ReferenceStats
+
+    ref = ReferenceStats(mean={f: 50.0 for f in FEATURES}, std={f: 20.0 for f in FEATURES}, n={f: 10 for f in FEATURES})
+    comp = compare_models(volume, SEED, _models(), _config(), ref, restarts=2)
+    assert comp.normalised
+    raw = comp.values("net_a", "firstorder_RootMeanSquared", "raw")
+    np.testing.assert_allclose(comp.values("net_a", "firstorder_RootMeanSquared"), (raw - 50.0) / 20.0)
+    np.testing.assert_allclose(comp.mean("net_b", "firstorder_Mean"), np.nanmean((comp.values("net_b", "firstorder_Mean", "raw") - 50) / 20, axis=0))
+    rows = {(r.model, r.feature): r for r in comp.ranking()}
+    assert all(r.normalised and r.key == "score" for r in rows.values())
+    paths = write_comparison(comp, tmp_path)
+    row = next(r for r in csv.DictReader(open(paths["csv"])) if r["feature"] == "firstorder_Mean" and r["value"])
+    assert float(row["z"]) == pytest.approx((float(row["value"]) - 50.0) / 20.0, rel=1e-5)

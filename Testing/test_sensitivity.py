@@ -118,3 +118,11 @@ def test_ranking_averages_restarts():
     assert row.mean == pytest.approx((1.25 + 0.0) / 2)
     assert row.std == pytest.approx(0.625)
     assert row.entered_fraction == 0.5
+
+
+def test_a_run_without_a_lesion_keeps_the_feature_normalised():
+    r1 = feature_sensitivity(ITS, np.r_[-5, np.zeros(10)], "f")
+    r2 = feature_sensitivity(ITS, np.full(11, np.nan), "f")  # z-scores, but this run made no lesion
+    (row,) = rank_features({"A": [r1, r2]})
+    assert row.normalised and row.key == "score"
+    assert row.mean == pytest.approx(1.25) and row.runs == 2 and row.entered_fraction == 0.5

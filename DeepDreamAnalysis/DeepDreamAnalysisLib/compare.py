@@ -133,14 +133,18 @@ class Comparison:
         """``{model: [[FeatureSensitivity per feature] per restart]}`` (see :mod:`.sensitivity`)."""
         from .sensitivity import feature_sensitivity
 
+        # z-scores for a feature the reference knows (finite z in some run), in every run, so that a
+        # restart that never made a lesion gives NaN rather than switching that feature to raw values
+        normalised = {f: self.z is not None and any(np.isfinite(self.z[m][:, :, n]).any() for m in self.models)
+                      for n, f in enumerate(self.features)}
         out = {}
         for m in self.models:
             per_restart = []
             for r in range(self.restarts):
                 row = []
                 for f in self.features:
-                    z = self.z[m][r, :, self.features.index(f)] if self.z is not None else None
-                    if z is not None and np.isfinite(z).any():
+                    if normalised[f]:
+                        z = self.z[m][r, :, self.features.index(f)]
                         row.append(feature_sensitivity(self.iterations, z, f, True))
                     else:
                         row.append(feature_sensitivity(self.iterations, self.raw[m][r, :, self.features.index(f)], f, False))

@@ -157,7 +157,7 @@ def rank_features(per_model: dict[str, Iterable[FeatureSensitivity]]) -> list[Ra
             by_feature.setdefault(s.feature, []).append(s)
         entries = []
         for feature, ss in by_feature.items():
-            keys = np.array([ranking_key(s) for s in ss], dtype=float)
+            keys = np.array([ranking_key(s) for s in ss], dtype=float)  # NaN: a run without a lesion
             finite = keys[np.isfinite(keys)]
             mean = float(finite.mean()) if finite.size else NAN
             std = float(finite.std()) if finite.size else NAN
