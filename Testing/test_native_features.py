@@ -219,3 +219,21 @@ def test_maximum_distance_search_equals_all_pairs(kind):
     expected = float(torch.cdist(t, t, compute_mode="donot_use_mm_for_euclid_dist").max())
     got = math.sqrt(float(native_shape._max_dist_sq(t)))
     assert got == pytest.approx(expected, rel=1e-12)
+
+
+def test_in_plane_maximum_distance_search_equals_all_pairs():
+    """The per-plane search (shape_Maximum2DDiameterSlice/Column/Row) equals all pairs plane by plane."""
+    from DeepDreamAnalysisLib.features import native_shape
+
+    n = 41
+    z, y, x = (np.indices((n, n, n)) - n // 2).astype(float)
+    m = (z * 1.3) ** 2 + (y * 0.7) ** 2 + x ** 2 + 3 * np.sin(y) * x <= 19.5 ** 2
+    sp = np.array([3.0, 0.8, 0.7])
+    for axis in range(3):
+        v = native_shape._vertices(torch.from_numpy(m), tuple(a for a in range(3) if a != axis)).numpy()
+        pts = (v * sp)[:, [a for a in range(3) if a != axis]]
+        groups = np.round(v[:, axis] * 2).astype(np.int64)
+        expected = max(float(np.max(np.sum((pts[groups == g][:, None] - pts[groups == g][None]) ** 2, -1)))
+                       for g in np.unique(groups))
+        got = float(native_shape._grouped_max_dist_sq(torch.from_numpy(pts), torch.from_numpy(groups)))
+        assert got == pytest.approx(expected, rel=1e-12)

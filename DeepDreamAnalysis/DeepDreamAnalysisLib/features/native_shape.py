@@ -234,10 +234,27 @@ def _batched_max_sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _grouped_max_dist_sq(points: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """Largest squared distance between two rows of ``points`` [n, d] (mm) with equal ``groups``."""
+    """Largest squared distance between two rows of ``points`` [n, d] (mm) with equal ``groups``.
+
+    Each group is first cut down to the points of its thin caps along the directions of
+    :func:`_directions` (the argument of :func:`_max_dist_sq`, with the lower bound ``L`` = the
+    group's largest width along those directions, itself at most its diameter), then all pairs of
+    what is left are compared, group by group.
+    """
     zero = torch.zeros((), dtype=torch.float64, device=points.device)
     if points.shape[0] < 2:
         return zero
+    _, gid = torch.unique(groups, return_inverse=True)
+    G = int(gid.max()) + 1
+    u, cos_delta = _directions(points.shape[1], 4 if points.shape[1] == 3 else 8, points.device)
+    proj = u @ points.T  # [m, n]
+    idx = gid[None, :].expand_as(proj)
+    full = proj.new_full((u.shape[0], G), float("inf"))
+    lo = full.scatter_reduce(1, idx, proj, "amin")
+    hi = (-full).scatter_reduce(1, idx, proj, "amax")
+    c = (hi - lo).amax(0) * cos_delta * (1 - 1e-9)  # [G]
+    keep = ((proj >= (lo + c)[:, gid]) | (proj <= (hi - c)[:, gid])).any(0)
+    points, groups = points[keep], groups[keep]
     order = torch.argsort(groups)
     g = groups[order]
     p = points[order]
@@ -307,7 +324,9 @@ def diameters_3d(mask: torch.Tensor, spacing_zyx, need=None) -> dict[str, torch.
         if need is not None and "Maximum2DDiameter" + name not in need:
             continue
         v = _vertices(mask, prune)
-        out["Maximum2DDiameter" + name] = torch.sqrt(_grouped_max_dist_sq(v * sp, torch.round(v[:, axis] * 2).long()))
+        in_plane = [a for a in range(3) if a != axis]
+        groups = torch.round(v[:, axis] * 2).long()
+        out["Maximum2DDiameter" + name] = torch.sqrt(_grouped_max_dist_sq((v * sp)[:, in_plane], groups))
     return out
 
 
