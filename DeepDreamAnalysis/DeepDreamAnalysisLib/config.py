@@ -8,8 +8,12 @@ Sizes in voxels; ``roi_size`` in the network's spatial order ([D,] H, W).
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from numpy import bool_ as np_bool
 
 from .errors import ConfigError
 
@@ -70,31 +74,39 @@ class DreamConfig:
     device: str = "auto"
 
     def validate(self) -> None:
-        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
+        if not _is_int(self.iterations) or self.iterations < 1:
             raise ConfigError(f"iterations must be a positive integer, got {self.iterations!r}.")
         if not _finite_positive(self.step):
             raise ConfigError(f"step must be a positive number, got {self.step!r}.")
-        if self.objective not in ("logit", "log_odds"):
+        if not isinstance(self.objective, str) or self.objective not in ("logit", "log_odds"):
             raise ConfigError(f"objective must be 'logit' or 'log_odds', got {self.objective!r}.")
-        if self.start not in ("image", "noise"):
+        if not isinstance(self.start, str) or self.start not in ("image", "noise"):
             raise ConfigError(f"start must be 'image' or 'noise', got {self.start!r}.")
-        if not 0.0 < float(self.threshold) < 1.0:
+        if not _in_unit_interval(self.threshold):
             raise ConfigError(f"threshold must be between 0 and 1, got {self.threshold!r}.")
-        if self.stop_probability is not None and not 0.0 < float(self.stop_probability) < 1.0:
+        if self.stop_probability is not None and not _in_unit_interval(self.stop_probability):
             raise ConfigError(f"stop_probability must be between 0 and 1, got {self.stop_probability!r}.")
-        if self.stop_patience < 1:
-            raise ConfigError(f"stop_patience must be at least 1, got {self.stop_patience!r}.")
+        if not _is_int(self.stop_patience) or self.stop_patience < 1:
+            raise ConfigError(f"stop_patience must be a positive integer, got {self.stop_patience!r}.")
         if self.update_radius is not None and not _finite_positive(self.update_radius):
             raise ConfigError(f"update_radius must be a positive number of voxels, got {self.update_radius!r}.")
         for name in ("l2_weight", "tv_weight"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or v < 0 or v != v:
-                raise ConfigError(f"{name} must be zero or positive, got {v!r}.")
-        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            if not _finite_number(v) or v < 0:
+                raise ConfigError(f"{name} must be zero or a positive number, got {v!r}.")
+        if self.noise_mean is not None and not _finite_number(self.noise_mean):
+            raise ConfigError(f"noise_mean must be a number (image units), got {self.noise_mean!r}.")
+        if self.noise_std is not None and not _finite_positive(self.noise_std):
+            raise ConfigError(f"noise_std must be a positive number (image units), got {self.noise_std!r}.")
+        if not _is_int(self.random_seed) or not 0 <= self.random_seed < 2**63:
+            raise ConfigError(f"random_seed must be an integer from 0 to 2**63 - 1, got {self.random_seed!r}.")
+        if not isinstance(self.device, str) or (
+                self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:")):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}.")
         if self.roi_size is not None:
-            if any((not isinstance(s, int)) or s < 1 for s in self.roi_size):
-                raise ConfigError(f"roi_size must be positive integers, got {self.roi_size!r}.")
+            if (isinstance(self.roi_size, (str, bytes)) or not isinstance(self.roi_size, (tuple, list))
+                    or not self.roi_size or any(not _is_int(s) or s < 1 for s in self.roi_size)):
+                raise ConfigError(f"roi_size must be positive integers ([D,] H, W), got {self.roi_size!r}.")
 
 
 @dataclass
@@ -115,12 +127,20 @@ class FeatureConfig:
     """name -> ``module:function`` of user-defined features f(image, mask, spacing) -> float."""
 
     def validate(self) -> None:
-        if self.backend not in ("auto", "native", "pyradiomics"):
+        if not isinstance(self.backend, str) or self.backend not in ("auto", "native", "pyradiomics"):
             raise ConfigError(f"feature backend must be auto, native or pyradiomics, got {self.backend!r}.")
-        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+        if not _is_int(self.every) or self.every < 1:
             raise ConfigError(f"feature interval must be a positive integer, got {self.every!r}.")
         if not _finite_positive(self.bin_width):
             raise ConfigError(f"bin_width must be positive, got {self.bin_width!r}.")
+        if not _is_int(self.min_mask_voxels) or self.min_mask_voxels < 0:
+            raise ConfigError(f"min_mask_voxels must be zero or a positive integer, got {self.min_mask_voxels!r}.")
+        if self.names is not None and (isinstance(self.names, (str, bytes)) or not isinstance(self.names, (tuple, list))
+                                       or not all(isinstance(n, str) for n in self.names)):
+            raise ConfigError(f"feature names must be a list of names such as ('firstorder_Entropy',), got {self.names!r}.")
+        if not isinstance(self.custom, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.custom.items()):
+            raise ConfigError(f"custom features must map a name to 'module:function', got {self.custom!r}.")
 
 
 @dataclass
@@ -137,18 +157,26 @@ class AnalysisConfig:
     def validate(self) -> None:
         self.dream.validate()
         self.features.validate()
-        if self.snapshot_every < 1:
+        if not _is_int(self.snapshot_every) or self.snapshot_every < 1:
             raise ConfigError(f"snapshot_every must be a positive integer, got {self.snapshot_every!r}.")
-        if self.max_snapshots < 2:
+        if not _is_int(self.max_snapshots) or self.max_snapshots < 2:
             raise ConfigError(f"max_snapshots must be at least 2, got {self.max_snapshots!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np_bool))
+
+
+def _finite_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np_bool)) and math.isfinite(v)
+
+
+def _in_unit_interval(v) -> bool:
+    return _finite_number(v) and 0.0 < v < 1.0
+
+
 def _finite_positive(v) -> bool:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return False
-    return not isinstance(v, bool) and f > 0 and f != float("inf")
+    return _finite_number(v) and v > 0
