@@ -39,11 +39,23 @@ class Volume:
         if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
             raise ImageError(f"Image voxels must be real numbers, got dtype {arr.dtype}.")
         self.array = arr.astype(np.float32, copy=False)
-        self.spacing = tuple(float(s) for s in self.spacing)
-        self.origin = tuple(float(o) for o in self.origin)
-        self.direction = np.asarray(self.direction, dtype=float).reshape(3, 3)
-        if len(self.spacing) != 3 or min(self.spacing) <= 0 or not all(np.isfinite(self.spacing)):
-            raise ImageError(f"Voxel spacing must be three positive numbers, got {self.spacing}.")
+        try:
+            spacing = tuple(float(s) for s in self.spacing)
+        except (TypeError, ValueError):
+            spacing = ()
+        if len(spacing) != 3 or not all(np.isfinite(spacing)) or min(spacing) <= 0:
+            raise ImageError(f"Voxel spacing must be three positive numbers (mm, i j k), got {self.spacing!r}.")
+        self.spacing = spacing
+        try:
+            self.origin = tuple(float(o) for o in self.origin)
+            self.direction = np.asarray(self.direction, dtype=float).reshape(3, 3)
+        except (TypeError, ValueError):
+            raise ImageError(
+                f"The image origin must be three numbers and its direction a 3x3 matrix, got {self.origin!r} "
+                f"and {self.direction!r}."
+            ) from None
+        if len(self.origin) != 3 or not np.isfinite(self.origin).all() or not np.isfinite(self.direction).all():
+            raise ImageError(f"The image origin and direction must be finite numbers, got {self.origin!r}.")
 
     @property
     def shape_ijk(self) -> tuple[int, int, int]:
@@ -55,8 +67,8 @@ class Volume:
         """Round ``seed_ijk`` (i, j, k) to integers and check it lies inside the volume."""
         try:
             seed = tuple(int(round(float(v))) for v in seed_ijk)
-        except (TypeError, ValueError):
-            raise SeedError(f"The seed must be three numbers i,j,k; got {seed_ijk!r}.") from None
+        except (TypeError, ValueError, OverflowError):
+            raise SeedError(f"The seed must be three finite numbers i,j,k; got {seed_ijk!r}.") from None
         if len(seed) != 3:
             raise SeedError(f"The seed must be three numbers i,j,k; got {seed_ijk!r}.")
         size = self.shape_ijk
