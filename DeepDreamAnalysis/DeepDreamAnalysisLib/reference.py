@@ -162,10 +162,16 @@ class ReferenceStats:
                 mean[name] = _number(entry["mean"])
                 std[name] = _number(entry["std"])
                 n[name] = int(entry["n"])
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise ReferenceStatsError(f"{where}: the mean, std and n of {name} must be numbers, got {entry!r}.") from None
-        return cls(mean, std, n, settings=dict(data.get("settings") or {}), sources=list(data.get("sources") or []),
-                   lesion_count=int(data.get("lesion_count") or max(n.values(), default=0)), source=source)
+        settings, sources, lesions = data.get("settings") or {}, data.get("sources") or [], data.get("lesion_count")
+        if not isinstance(settings, dict) or not isinstance(sources, list):
+            raise ReferenceStatsError(f"{where}: 'settings' must be an object and 'sources' a list. Recompute it with "
+                                      "`deepdream-analysis reference`.")
+        if lesions is not None and (isinstance(lesions, bool) or not isinstance(lesions, int) or lesions < 0):
+            raise ReferenceStatsError(f"{where}: 'lesion_count' must be a whole number, got {lesions!r}.")
+        return cls(mean, std, n, settings=dict(settings), sources=list(sources),
+                   lesion_count=int(lesions or max(n.values(), default=0)), source=source)
 
 
 def _number(v) -> float:
