@@ -158,6 +158,11 @@ class DreamLoop:
                 f"[1, {self.card.out_channels}, ...] with {self.card.spatial_dims} spatial dimensions. "
                 "Check spatial_dims and out_channels in the model card."
             )
+        if logits.shape[1] != self.card.out_channels:
+            raise ModelError(
+                f"The network returned {logits.shape[1]} output channels but its model card says out_channels="
+                f"{self.card.out_channels}. Fix out_channels (and target_class) in the model card."
+            )
         spatial_seed = self.seed[1:] if self.card.spatial_dims == 2 else self.seed
         z = logits[0]
         if self.card.activation == "sigmoid":
