@@ -122,7 +122,9 @@ class DreamLoop:
 
     Iterate it to get one :class:`DreamState` per iteration (``config.iterations`` in all, fewer
     with the probability stop). Faults (non-finite gradients, an exception in the model, out of
-    memory) raise :class:`RunFault` naming the iteration; the states yielded before stay valid.
+    memory) raise :class:`RunFault` naming the iteration; the states yielded before stay valid. A seed
+    whose output does not depend on the image at all (zero gradient at iteration 0) raises
+    :class:`SeedError` before anything is yielded.
     """
 
     def __init__(self, network: torch.nn.Module, card: ModelCard, start: np.ndarray,
@@ -233,6 +235,12 @@ class DreamLoop:
                 raise RunFault(
                     f"The gradient became NaN or infinite at iteration {it}; the result keeps the iterations "
                     "before it. Try a smaller step or --normalize-gradient."
+                )
+            if it == 0 and not bool(grad.any()):
+                raise SeedError(
+                    "The network's output at the seed does not depend on the image (its gradient is zero at the "
+                    "start): the seed lies where the model cannot see, or the model is saturated there. Pick a "
+                    "seed inside the region the model segments (for example inside the organ), or try --start noise."
                 )
             yield DreamState(it, obj_value, p_seed, x, prob.detach())
             if cfg.stop_probability is not None:
