@@ -46,7 +46,7 @@ def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None 
     card = model.card
     seed = volume.check_seed(seed_ijk)
     volume.check_finite()
-    _check_fits(volume, card)
+    _check_fits(volume, card, config.dream.start)
     seed_kji = (seed[2], seed[1], seed[0])
 
     from .features import build_feature_set
@@ -137,7 +137,7 @@ def plan_crop(volume: Volume, seed_ijk, card, config: AnalysisConfig):
                             card.size_divisible)
 
 
-def _check_fits(volume: Volume, card) -> None:
+def _check_fits(volume: Volume, card, start: str = "image") -> None:
     if card.in_channels != 1:
         raise ModelError(
             f"The model card says the network takes {card.in_channels} input channels, but the image has one "
@@ -149,8 +149,28 @@ def _check_fits(volume: Volume, card) -> None:
             f"The model is 3D but the image is a single slice (shape [k, j, i] = {volume.array.shape}). "
             "Give a 3D volume, or use a 2D model (spatial_dims 2 in its card)."
         )
-    if float(volume.array.max()) == float(volume.array.min()):
-        log.warning("The image is constant (%s everywhere): the dream starts from a blank image.", volume.array.flat[0])
+    if start == "noise":
+        return  # the image's voxels are not used
+    lo, hi = float(volume.array.min()), float(volume.array.max())
+    if lo == hi:
+        log.warning("The image is constant (%s everywhere): the dream starts from a blank image. If that is not "
+                    "what you meant, check that the right volume was loaded.", volume.array.flat[0])
+    elif looks_like_label_map(volume.array):
+        log.warning("The image holds only the values %s: it looks like a label map (segmentation), not an intensity "
+                    "image. It is analysed as a scalar image; choose the intensity volume (the CT or MR) if this "
+                    "was a mistake.", ", ".join(f"{v:g}" for v in np.unique(volume.array)))
+
+
+LABEL_MAP_MAX_VALUES = 8
+
+
+def looks_like_label_map(array: np.ndarray) -> bool:
+    """True for an integer-valued image with at most :data:`LABEL_MAP_MAX_VALUES` distinct values."""
+    sample = array.ravel()[:: max(array.size // 100_000, 1)]
+    if np.unique(sample).size > LABEL_MAP_MAX_VALUES or not np.array_equal(sample, np.round(sample)):
+        return False
+    values = np.unique(array)
+    return values.size <= LABEL_MAP_MAX_VALUES and np.array_equal(values, np.round(values))
 
 
 def _snapshot(state, prob_np, mask, snapshots, cap) -> Snapshot:
