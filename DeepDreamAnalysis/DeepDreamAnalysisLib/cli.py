@@ -242,16 +242,45 @@ def cmd_run(args) -> int:
     from .reference import ReferenceStats
     from .volume import read_volume
 
+    created = _first_missing(Path(args.out))
     out = check_output_dir(args.out)
-    volume = read_volume(args.image)
-    model = load_model(args.model, card=args.card, device="cpu", allow_code_targets=args.allow_code_targets)
-    for note in getattr(model, "notes", []) or []:
-        print(f"note: {note}", file=sys.stderr)
-    if model.executes_code:
-        print(f"note: {model.format} models run their author's code when loaded; use models you trust.", file=sys.stderr)
-    config = _analysis_config(args, model.card.spatial_dims)
-    reference = ReferenceStats.load(args.reference) if args.reference else None
-    return _run_and_write(volume, args.seed, model, config, reference, out)
+    try:
+        volume = read_volume(args.image)
+        model = load_model(args.model, card=args.card, device="cpu", allow_code_targets=args.allow_code_targets)
+        for note in getattr(model, "notes", []) or []:
+            print(f"note: {note}", file=sys.stderr)
+        if model.executes_code:
+            print(f"note: {model.format} models run their author's code when loaded; use models you trust.",
+                  file=sys.stderr)
+        config = _analysis_config(args, model.card.spatial_dims)
+        reference = ReferenceStats.load(args.reference) if args.reference else None
+        return _run_and_write(volume, args.seed, model, config, reference, out)
+    except DeepDreamError:
+        _remove_if_empty(out, created)  # bad input found before anything was written: leave no empty folder
+        raise
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (None when ``path`` exists)."""
+    missing = None
+    for p in [path, *path.parents]:
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
+def _remove_if_empty(out: Path, created: Path | None) -> None:
+    """Remove the folders this run created for ``out`` (up to ``created``) while they are empty."""
+    if created is None:
+        return
+    for p in [out, *out.parents]:
+        try:
+            p.rmdir()
+        except OSError:
+            return
+        if p == created:
+            return
 
 
 def cmd_reference(args) -> int:
