@@ -17,7 +17,7 @@ CPU cores. Deterministic for a given ``--seed`` and thread count.
 After training it checks the demo: the tumour probability at the demo seed on the healthy slice
 must be below 0.1, and plain gradient ascent on the target logit (X <- X + step * dlogit/dX, X in
 HU, on the card's crop around the seed) must raise it above 0.5. The smallest step of a fixed list
-that passes 0.5 within 150 of 300 iterations is written into the card (``demo.step``), where
+that passes 0.5 within 120 of 300 iterations is written into the card (``demo.step``), where
 ``deepdream-analysis demo`` reads it.
 """
 
@@ -41,7 +41,7 @@ from DeepDreamAnalysisLib.synthetic import HypointenseLesions  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 STEP_CANDIDATES = (30.0, 50.0, 100.0, 200.0, 300.0, 500.0, 1000.0, 3000.0)
 DEMO_ITERATIONS = 300
-CROSS_BY = 150
+CROSS_BY = 120
 REFERENCE_MIN_VOXELS = 10
 
 
