@@ -44,19 +44,17 @@ class Levels:
     """The discretised region, prepared once for all texture matrices.
 
     ``grid``: int32 [k+2, j+2, i+2], the grey-level *rank* (1..N_present) of every mask voxel of the
-    bounding box padded by one voxel, 0 elsewhere, flattened. ``mask``: bool [k, j, i] the region. ``inside``: int64 [N_p] positions of
-    the mask voxels in ``grid``. ``rank``: int64 [N_p] their ranks, in the same order as the
+    bounding box padded by one voxel, 0 elsewhere, flattened. ``mask``: bool [k, j, i] the
+    region. ``rank``: int64 [N_p] the ranks of the mask voxels, in the same order as the
     intensities ``image[mask]``. ``present``: float64 [N_present] the grey levels (1, 2, ...) that
     occur, ascending (rank r is level ``present[r - 1]``). ``shape``: the padded box shape.
     """
 
     grid: torch.Tensor
     mask: torch.Tensor
-    inside: torch.Tensor
     rank: torch.Tensor
     present: torch.Tensor
     shape: tuple[int, int, int]
-    _neighbours: dict
 
     @classmethod
     def build(cls, mask: torch.Tensor, level: torch.Tensor, hist: torch.Tensor) -> "Levels":
@@ -71,8 +69,7 @@ class Levels:
         D, H, W = (s + 2 for s in mask.shape)
         grid = torch.zeros((D, H, W), dtype=torch.int32, device=dev)
         grid[1:-1, 1:-1, 1:-1][mask] = rank.to(torch.int32)
-        inside = torch.nonzero(torch.nn.functional.pad(mask, (1, 1, 1, 1, 1, 1)).reshape(-1)).squeeze(1)
-        return cls(grid.reshape(-1), mask, inside, rank, present, (D, H, W), {})
+        return cls(grid.reshape(-1), mask, rank, present, (D, H, W))
 
     def _box(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(padded grid [D, H, W], its centre view [D-2, H-2, W-2]) in the smallest int type."""
