@@ -176,3 +176,12 @@ def test_runner_hands_errors_to_the_caller(volume):
     runner.join(10)
     with pytest.raises(SeedError):
         runner.wait()
+
+
+def test_an_empty_feature_selection_dreams_without_features(volume):
+    result = run_analysis(volume, (24, 20, 1), tiny_model(2), _config(iterations=5, names=()))
+    assert result.feature_names == ()
+    assert result.columns() == ["iteration", "objective", "probability", "mask_voxels"]
+    assert len(result.steps) == 5
+    timings = result.metadata["timings_s"]
+    assert timings["setup"] <= timings["total"] and timings["per_iteration"] > 0

@@ -229,12 +229,12 @@ def bench_scale(device: str, iterations: int) -> dict:
 
     def per_iteration(vol):
         r = run_analysis(vol, seed_of(vol), model, config(iterations, names, step=10.0, device=device))
-        return r.metadata["timings_s"]["total"] / len(r.steps)
+        return r.metadata["timings_s"]["per_iteration"], r.metadata["timings_s"]["setup"]
 
     per_iteration(small)
-    t_small = min(per_iteration(small) for _ in range(2))
-    t_big = min(per_iteration(big) for _ in range(2))
+    (t_small, s_small), (t_big, s_big) = (min(per_iteration(v) for _ in range(2)) for v in (small, big))
     return {"ratio": t_big / t_small, "small_s_per_iteration": t_small, "big_s_per_iteration": t_big,
+            "small_setup_s": s_small, "big_setup_s": s_big,
             "iterations": iterations, "crop": [32, 32, 32], "big_volume_alloc_s": t_alloc}
 
 
@@ -302,7 +302,7 @@ def bench_gpu(iterations: int) -> dict:
     run_analysis(vol, seed_of(vol), model, config(5, (), step=10.0, device="cuda"))
     torch.cuda.synchronize()
     r = run_analysis(vol, seed_of(vol), model, config(iterations, (), step=10.0, device="cuda"))
-    per_it = r.metadata["timings_s"]["total"] / len(r.steps)
+    per_it = r.metadata["timings_s"]["per_iteration"]
     name = torch.cuda.get_device_name(0)
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     out = {"gpu": name, "iterations_per_s": 1.0 / per_it, "flops_per_iteration": flops,

@@ -41,6 +41,7 @@ def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None 
     run (NaN gradients, out of memory, an exception in the model) returns the iterations before it
     with ``status == "fault"`` and the message in ``metadata["fault"]``.
     """
+    t_start = time.perf_counter()
     config = config or AnalysisConfig()
     config.validate()
     card = model.card
@@ -72,6 +73,7 @@ def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None 
     total = config.dream.iterations
     every = config.features.every
     loop = DreamLoop(network, card, start, seed_in_crop, config.dream, device)
+    t_setup = time.perf_counter() - t_start
     try:
         with deterministic(config.dream.random_seed, device):
             for state in loop:
@@ -109,12 +111,14 @@ def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None 
         tf = time.perf_counter()
         computer.finish(wait=status != "cancelled")
         t_features += time.perf_counter() - tf
-    wall = time.perf_counter() - t0
+    wall = time.perf_counter() - t_start
+    loop_wall = time.perf_counter() - t0
     result = AnalysisResult(steps, snapshots, crop, names, reference, metadata, status)
     failures = dict(getattr(feature_set, "failures", {}) or {})
     if computer.local_set is not None and computer.local_set is not feature_set:
         failures.update(getattr(computer.local_set, "failures", {}) or {})
     metadata.update({
+        "feature_backends": dict(getattr(feature_set, "backend_of", {}) or {}),
         "feature_failures": failures,
         "status": status,
         "iterations_run": len(steps),
@@ -122,8 +126,9 @@ def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None 
         "finished": _now(),
         "timings_s": {
             "total": round(wall, 4),
+            "setup": round(t_setup, 4),
             "features": round(t_features, 4),
-            "per_iteration": round(wall / max(len(steps), 1), 6),
+            "per_iteration": round(loop_wall / max(len(steps), 1), 6),
         },
     })
     return result

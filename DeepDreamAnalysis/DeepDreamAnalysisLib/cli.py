@@ -65,7 +65,7 @@ def _add_dream_options(p: argparse.ArgumentParser, iterations: int | None = None
     g.add_argument("--random-seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     f = p.add_argument_group("features")
-    f.add_argument("--features", default=None, help="comma-separated pyradiomics names (default: the paper's six)")
+    f.add_argument("--features", default=None, help="comma-separated pyradiomics names (default: the paper's six; 'none': track no features)")
     f.add_argument("--feature-backend", choices=("auto", "native", "pyradiomics"), default="auto")
     f.add_argument("--feature-every", type=int, default=1, help="compute features every N-th iteration")
     f.add_argument("--bin-width", type=float, default=25.0, help="grey-level bin width (image units)")
@@ -133,7 +133,9 @@ def _feature_config(args, names_default=None):
         name, target = item.split("=", 1)
         custom[name.strip()] = target.strip()
     names = None
-    if args.features:
+    if args.features and args.features.strip().lower() == "none":
+        names = ()
+    elif args.features:
         names = tuple(n.strip() for n in args.features.split(",") if n.strip())
     elif names_default:
         names = names_default

@@ -175,6 +175,8 @@ def build_feature_set(config: FeatureConfig, spatial_dims: int) -> FeatureSet:
     seen = set()
     names = tuple(n for n in names if not (n in seen or seen.add(n)))
     if not names:
+        if config.names is not None:  # an explicit empty selection: dream without tracking features
+            return FeatureSet(names=(), backend_of={}, spatial_dims=spatial_dims, config=config, custom_functions={})
         raise FeatureError("No features requested. Give at least one name (deepdream-analysis features lists them).")
     known_radiomics = _all_radiomics(spatial_dims)
     registry = _custom.registered()
