@@ -245,3 +245,53 @@ def test_z_scores_against_reference_statistics(volume, tmp_path):
     paths = write_comparison(comp, tmp_path)
     row = next(r for r in csv.DictReader(open(paths["csv"])) if r["feature"] == "firstorder_Mean" and r["value"])
     assert float(row["z"]) == pytest.approx((float(row["value"]) - 50.0) / 20.0, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- the reproduction's verdicts
+
+
+def _reproduce_module():
+    import importlib
+    import sys
+    from pathlib import Path
+
+    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    return importlib.import_module("reproduce")
+
+
+def _row(p, dice, sel_gain, resp):
+    r = {"p": p, "network": f"G_{p:g}", "dice_unmarked": dice}
+    for start in ("noise", "healthy"):
+        r[f"{start}_window_selectivity_start"] = 0.1
+        r[f"{start}_window_selectivity_final"] = 0.1 + sel_gain
+        r[f"{start}_window_response_final"] = resp
+    return r
+
+
+def test_section_31_verdict_groups_networks_by_dice_and_checks_both_features():
+    R = _reproduce_module()
+    rows = [_row(0.0, 0.60, 0.02, 50), _row(0.2, 0.55, 0.03, 45), _row(0.5, 0.40, 0.30, 55),
+            _row(0.9, 0.05, 0.40, 190), _row(1.0, 0.00, 0.05, 120)]
+    c = R._claim_31(rows)
+    assert c["not_relying"] == ["G_0", "G_0.2"] and c["intermediate"] == ["G_0.5"] and c["relying"] == ["G_0.9", "G_1"]
+    b = c["by_start"]["noise"]
+    assert b["rising"] == ["G_0.5", "G_0.9"]
+    assert not b["holds"]  # G_1 relies on the marking but its selectivity did not rise
+    assert b["response_holds"]  # 190 and 120 HU above every robust network's 50 HU
+    rows[4] = _row(1.0, 0.00, 0.25, 40)
+    b = R._claim_31(rows)["by_start"]["healthy"]
+    assert b["holds"] and not b["response_holds"]  # intermediate G_0.5 rising does not count against it
+
+
+def test_section_32_verdicts():
+    R = _reproduce_module()
+    s = {"a": {"f": {"final_mean": 1.0, "final_min": 0.9, "final_max": 1.1}},
+         "b": {"f": {"final_mean": 2.0, "final_min": 1.5, "final_max": 2.5}},
+         "c": {"f": {"final_mean": 1.8, "final_min": 1.0, "final_max": 2.6}},
+         "none": {"f": {"final_mean": math.nan, "final_min": math.nan, "final_max": math.nan}}}
+    assert R._compare_claim(s, "f", lower="a", higher="b")["verdict"] == "holds (every restart)"
+    assert R._compare_claim(s, "f", lower="c", higher="b")["verdict"].startswith("holds on average")
+    assert R._compare_claim(s, "f", lower="b", higher="a")["verdict"] == "does not hold"
+    assert R._compare_claim(s, "f", lower="none", higher="a")["verdict"].startswith("not testable")
