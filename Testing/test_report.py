@@ -151,3 +151,17 @@ def test_failed_write_midway_leaves_no_partial_file(tmp_path, monkeypatch):
         write_outputs(_result(None), tmp_path, _volume())
     assert not (tmp_path / "snapshots" / "iter_0000_image.nii.gz").exists()
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]
+
+
+def test_atomic_writes_get_the_usual_file_permissions(tmp_path):
+    import os
+    import stat
+
+    from DeepDreamAnalysisLib.atomic import write_text_atomic
+
+    target = tmp_path / "shared.txt"
+    write_text_atomic(target, "hello")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
+    assert target.read_text() == "hello"

@@ -29,6 +29,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None):
         raise OutputError(f"Cannot write into {target.parent} ({exc.strerror}). Choose a writable output folder.") from None
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, target)
     except OSError as exc:
         _remove(tmp)
@@ -46,6 +47,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         Path(tmp).write_bytes(data)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _remove(tmp):
