@@ -47,7 +47,7 @@ test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) benchmarks/run_benchmarks.py
+	$(PY) benchmarks/run_benchmarks.py --update-readme
 
 train-demo: setup
 	$(PY) scripts/train_demo.py

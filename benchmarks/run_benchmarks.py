@@ -368,6 +368,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run)")
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--update-readme", action="store_true", help="write the table into README.md's Benchmarks section")
     args = ap.parse_args(argv)
     q = args.quick
     plan = {
@@ -399,7 +400,28 @@ def main(argv=None) -> int:
     path.write_text(json.dumps(record, indent=2, default=float) + "\n")
     print(table(results))
     print(f"\nwritten {path}")
+    if args.update_readme:
+        update_readme(record, path)
     return 0
+
+
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def update_readme(record: dict, path: Path) -> None:
+    """Replace the table between the README's bench markers with this run's."""
+    readme = ROOT / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    if README_START not in text or README_END not in text:
+        print("README.md has no benchmark markers; table not written there", file=sys.stderr)
+        return
+    m = record["machine"]
+    head = (f"Latest run: {record['date']}, device {record['device']}, {m.get('cpu_model', m['processor'])}, "
+            f"{m['cpu_count']} cores, torch {m['torch']} ({path.relative_to(ROOT)}).\n\n")
+    before, rest = text.split(README_START, 1)
+    _, after = rest.split(README_END, 1)
+    readme.write_text(before + README_START + "\n" + head + table(record["results"]) + "\n" + README_END + after,
+                      encoding="utf-8")
 
 
 if __name__ == "__main__":
