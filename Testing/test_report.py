@@ -165,3 +165,18 @@ def test_atomic_writes_get_the_usual_file_permissions(tmp_path):
     os.umask(mask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
     assert target.read_text() == "hello"
+
+
+def test_run_outputs_carry_the_sensitivity_summary(tmp_path):
+    import csv as _csv
+    import json as _json
+
+    from DeepDreamAnalysisLib.report import write_outputs
+
+    result = _result(reference=_reference())
+    paths = write_outputs(result, tmp_path / "out", _volume())
+    rows = list(_csv.DictReader(paths["sensitivity"].open()))
+    assert [r["feature"] for r in rows] == list(result.feature_names)
+    run = _json.loads(paths["json"].read_text())
+    assert [r["feature"] for r in run["sensitivity"]] == list(result.feature_names)
+    assert "sensitivity score" in paths["html"].read_text()

@@ -365,13 +365,17 @@ def report_html(result: AnalysisResult, run: dict, curves_png: bytes, strip_png:
     """The self-contained HTML report."""
     final = run.get("final", {})
     ref = run.get("reference_stats", {}).get("features", {}) if result.normalised else {}
+    sens = {row["feature"]: row for row in run.get("sensitivity", [])}
     rows = []
     for name in result.feature_names:
         f = final.get(name, {})
         r = ref.get(name, {})
+        z = sens.get(name, {})
         rows.append(
             f"<tr><td>{html.escape(name)}</td><td>{_fmt(f.get('value'))}</td><td>{_fmt(f.get('z'))}</td>"
-            f"<td>{_fmt(r.get('mean'))}</td><td>{_fmt(r.get('std'))}</td><td>{_fmt(f.get('iteration'))}</td></tr>"
+            f"<td>{_fmt(r.get('mean'))}</td><td>{_fmt(r.get('std'))}</td><td>{_fmt(f.get('iteration'))}</td>"
+            f"<td>{_fmt(z.get('entered_at'))}</td><td>{'yes' if z.get('overshoot') else ''}</td>"
+            f"<td>{_fmt(z.get('score'))}</td></tr>"
         )
     note = run.get("note")
     first = run.get("first_iteration_above_0.5")
@@ -399,9 +403,11 @@ pre{{background:#f6f6f6;padding:1em;overflow:auto;font-size:12px}}
 {f'<p class="note">{html.escape(note)}</p>' if note else ''}
 <h2>Final values</h2>
 <table><tr><th>feature</th><th>final raw value</th><th>z-score</th><th>reference mean</th><th>reference std</th>
-<th>at iteration</th></tr>
+<th>at iteration</th><th>entered [-1, 1] at</th><th>overshoot</th><th>sensitivity score</th></tr>
 {''.join(rows)}
 </table>
+<p>Sensitivity: see docs/sensitivity.md (score = mean progress toward the normal range over the run;
+1 = the whole way at once).</p>
 <h2>The dream</h2>
 {img(strip_png, "image and probability at chosen iterations")}
 <h2>Curves</h2>
@@ -415,6 +421,13 @@ pre{{background:#f6f6f6;padding:1em;overflow:auto;font-size:12px}}
 # ----------------------------------------------------------------------------- all outputs
 
 
+def _json_number(v):
+    """NaN and infinities are not JSON: write them as null."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
 def write_outputs(result: AnalysisResult, out_dir: str | os.PathLike, volume,
                   formats: Iterable[str] = ("nii.gz",), seed_ijk=None) -> dict[str, Path]:
     """Write every output of ``result`` into ``out_dir`` (created if needed); returns name -> path.
@@ -422,7 +435,7 @@ def write_outputs(result: AnalysisResult, out_dir: str | os.PathLike, volume,
     ``volume`` is the input :class:`~.volume.Volume` (its spacing, origin and direction give the
     snapshots' geometry). ``formats``: snapshot image formats (``nii.gz``, ``nii``, ``nrrd``,
     ``mha``). ``seed_ijk``: the seed (default ``metadata['input']['seed_ijk']``) for the red cross.
-    Keys: ``csv``, ``json``, ``plot``, ``strip``, ``html`` and ``<image|probability|mask>@<iteration>``.
+    Keys: ``csv``, ``sensitivity`` (docs/sensitivity.md), ``json``, ``plot``, ``strip``, ``html`` and ``<image|probability|mask>@<iteration>``.
     Raises OutputError when the folder cannot be written (before anything is written).
     """
     formats = tuple(formats)
@@ -448,10 +461,17 @@ def write_outputs(result: AnalysisResult, out_dir: str | os.PathLike, volume,
             Path(tmp).write_bytes(strip_png)
         paths.update(write_snapshots(result, out, volume, formats, snaps))
 
+    from .sensitivity import result_sensitivity, write_sensitivity_csv
+
+    sensitivity = [s.to_row() for s in result_sensitivity(result)]
+    paths["sensitivity"] = out / "sensitivity.csv"
+    write_sensitivity_csv(sensitivity, paths["sensitivity"])
+
     paths["json"] = out / "run.json"
     paths["html"] = out / "report.html"
     files = {k: os.path.relpath(p, out) for k, p in paths.items()}
     run = run_json(result, files)
+    run["sensitivity"] = [{k: _json_number(v) for k, v in row.items()} for row in sensitivity]
     write_text_atomic(paths["json"], json.dumps(run, indent=2, allow_nan=False) + "\n")
     write_text_atomic(paths["html"], report_html(result, run, curves_png, strip_png))
     return paths
