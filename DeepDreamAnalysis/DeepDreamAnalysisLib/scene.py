@@ -39,7 +39,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from .errors import ImageError, SeedError
+from .errors import DeepDreamError, FeatureError, ImageError, SeedError
 from .result import BASE_COLUMNS, AnalysisResult, Crop, Progress, Snapshot, Step
 from .volume import Volume
 
@@ -98,10 +98,27 @@ def volume_from_node(volumeNode) -> Volume:
     The geometry is the node's own (local) frame; parent transforms are not applied (the outputs
     are placed under the same transform, so they overlay the input).
     """
-    if volumeNode is None or not volumeNode.IsA("vtkMRMLScalarVolumeNode"):
-        raise ImageError("Select a scalar volume (a grey-level image such as a CT) as the input.")
-    if volumeNode.GetImageData() is None:
-        raise ImageError(f"Volume {volumeNode.GetName()!r} holds no image data. Load an image first.")
+    if volumeNode is None or not hasattr(volumeNode, "IsA"):
+        raise ImageError(f"No input volume given ({volumeNode!r}). Select a scalar volume (a grey-level image "
+                         "such as a CT) as the input.")
+    name = volumeNode.GetName()
+    if volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
+        raise ImageError(
+            f"{name!r} is a label map (a segmentation), not an intensity image. Select the grey-level volume "
+            "(the CT or MR) as the input; if this really is an intensity image loaded as a label map, convert it "
+            "(Volumes module > Volume Information > Convert to scalar volume).")
+    image = volumeNode.GetImageData() if volumeNode.IsA("vtkMRMLVolumeNode") else None
+    components = image.GetNumberOfScalarComponents() if image is not None else 1
+    if volumeNode.IsA("vtkMRMLVectorVolumeNode") or components != 1:
+        raise ImageError(
+            f"{name!r} is a vector volume with {components} value(s) per voxel (a colour, vector or multi-channel "
+            "image); the analysis needs one grey value per voxel. Select a scalar volume, or extract one component "
+            "first (Vector to Scalar Volume module).")
+    if not volumeNode.IsA("vtkMRMLScalarVolumeNode") or volumeNode.IsA("vtkMRMLTensorVolumeNode"):
+        raise ImageError(f"{name!r} is a {volumeNode.GetClassName()}, not a scalar volume. Select a scalar volume "
+                         "(a grey-level image such as a CT) as the input.")
+    if image is None:
+        raise ImageError(f"Volume {name!r} holds no image data. Load an image first.")
     array = np.array(slicer.util.arrayFromVolume(volumeNode), dtype=np.float32, copy=True)
     dirs = np.zeros((3, 3))
     volumeNode.GetIJKToRASDirections(dirs)
@@ -785,3 +802,339 @@ def show_result(result: AnalysisResult, inputNode, options: SceneOptions | None 
     updater.update([Progress(step, snapshots.get(step.iteration), len(result.steps), 0.0, 0.0)
                     for step in result.steps])
     return updater.finish(result)
+
+
+# ----------------------------------------------------------------------------- several runs in one chart
+
+ATTR_CHART = "DeepDreamAnalysis.ChartID"
+ATTR_COMPARISON = "DeepDreamAnalysis.ComparisonId"
+
+
+def _has_column(table_node, name: str) -> bool:
+    return table_node.GetTable().GetColumnByName(name) is not None
+
+
+def _feature_columns(table_node) -> list[str]:
+    table = table_node.GetTable()
+    names = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
+    return [n for n in names if n not in BASE_COLUMNS and not n.endswith("_z")]
+
+
+def _run_table(run, scene):
+    """The curves table of ``run``: a :class:`ResultNodes`, anything with ``.nodes`` (a
+    ``RunHandle``), a curves table node, or a run ID (``DeepDreamAnalysis.RunId``)."""
+    if isinstance(run, str):
+        tables = [n for n in find_run_nodes(scene, run) if n.GetAttribute(ATTR_ROLE) == "table"]
+        if not tables:
+            raise DeepDreamError(f"No curves table of run {run!r} in the scene (deleted, or not a run ID).")
+        return tables[0]
+    nodes = getattr(run, "nodes", run)
+    if isinstance(nodes, ResultNodes):
+        if nodes.table is None:
+            raise DeepDreamError(f"The curves table of run {nodes.run_id} was deleted; it cannot be charted.")
+        return nodes.table
+    if hasattr(run, "IsA") and run.IsA("vtkMRMLTableNode"):
+        if not scene.IsNodePresent(run):
+            raise DeepDreamError(f"The table {run.GetName()!r} is not in the scene (deleted?).")
+        if not _has_column(run, "iteration"):
+            raise DeepDreamError(f"The table {run.GetName()!r} has no 'iteration' column: it is not a DeepDream "
+                                 "curves table.")
+        return run
+    raise DeepDreamError(f"Cannot chart {run!r}: give run handles, result nodes (handle.nodes), curves table nodes "
+                         "or run IDs.")
+
+
+def _default_label(table_node) -> str:
+    label = table_node.GetName()
+    if label.endswith(" curves"):
+        label = label[: -len(" curves")]
+    seed = table_node.GetAttribute(ATTR_RUN) and _run_attribute(table_node, "DeepDreamAnalysis.seed_ijk")
+    if seed:
+        label += f" seed {tuple(seed)}"
+    return label
+
+
+def _run_attribute(table_node, key: str):
+    """A JSON attribute of the run's metadata node (the run of ``table_node``), or None."""
+    scene = table_node.GetScene()
+    if scene is None:
+        return None
+    for node in find_run_nodes(scene, table_node.GetAttribute(ATTR_RUN)):
+        if node.GetAttribute(ATTR_ROLE) == "metadata" and node.GetAttribute(key):
+            try:
+                return json.loads(node.GetAttribute(key))
+            except ValueError:
+                return None
+    return None
+
+
+def _unique(labels: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        out.append(label if seen[label] == 1 else f"{label} ({seen[label]})")
+    return out
+
+
+def _style_series(node, colour, dashed: bool = False, width: int = 2) -> None:
+    node.SetPlotType(node.PlotTypeScatter)
+    node.SetMarkerStyle(node.MarkerStyleNone)
+    node.SetLineStyle(node.LineStyleDash if dashed else node.LineStyleSolid)
+    node.SetLineWidth(width)
+    node.SetColor(*colour)
+
+
+def _band_nodes(scene, first: float, last: float, base_name: str, tag: dict[str, str]) -> list:
+    """A two-row table [first, last] x [-1, 1] and its two dashed grey series (the normal band)."""
+    band = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(f"{base_name} normal band"))
+    table = band.GetTable()
+    for name in ("iteration", "low", "high"):
+        array = vtk.vtkDoubleArray()
+        array.SetName(name)
+        table.AddColumn(array)
+    table.SetNumberOfRows(2)
+    for row, x in enumerate((float(first), float(max(last, first + 1)))):
+        table.SetValue(row, 0, x)
+        table.SetValue(row, 1, -1.0)
+        table.SetValue(row, 2, 1.0)
+    nodes = [band]
+    for bound in ("low", "high"):
+        series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode",
+                                         scene.GenerateUniqueName(f"{base_name} normal {bound}"))
+        series.SetAndObserveTableNodeID(band.GetID())
+        series.SetXColumnName("iteration")
+        series.SetYColumnName(bound)
+        _style_series(series, (0.45, 0.45, 0.45), dashed=True, width=1)
+        nodes.append(series)
+    for node in nodes:
+        for key, value in tag.items():
+            node.SetAttribute(key, value)
+    return nodes
+
+
+def remove_chart(chart, scene=None) -> int:
+    """Remove a chart made by :func:`show_runs_in_chart` or :func:`show_comparison` with the
+    series and band tables made for it (the runs' own tables stay). Returns the number removed."""
+    scene = _scene(scene)
+    if chart is None or not scene.IsNodePresent(chart):
+        return 0
+    chart_id = chart.GetID()
+    made = [scene.GetNthNode(n) for n in range(scene.GetNumberOfNodes())]
+    made = [n for n in made if n is not None and n.GetAttribute(ATTR_CHART) == chart_id]
+    for node in made:
+        _remove_with_display(scene, node)
+    scene.RemoveNode(chart)
+    return len(made) + 1
+
+
+def show_runs_in_chart(runs, feature: str, labels: list[str] | None = None, kind: str = "auto", chart=None,
+                       scene=None, title: str | None = None):
+    """One chart with one curve per run for ``feature`` (and the normal band [-1, 1] for z-scores).
+
+    ``runs``: run handles (``logic.handle``), result nodes (``handle.nodes``), curves table nodes or
+    run IDs, in the order of the legend; the runs' own tables are plotted (nothing is copied, so a
+    run still going on grows in this chart too). ``kind``: ``z`` (the ``<feature>_z`` columns;
+    every run needs reference statistics), ``raw`` (feature values), or ``auto`` (z when every run
+    has z-scores, else raw: units are never mixed in one chart). ``labels``: legend names (default:
+    the table name without " curves", and the seed). ``chart``: a chart made by this function to
+    reuse (its previous curves are removed). Returns the chart node; show it with
+    ``slicer.modules.plots.logic().ShowChartInLayout(chart)``; :func:`remove_chart` removes it.
+    """
+    scene = _scene(scene)
+    tables = [_run_table(r, scene) for r in runs]
+    if not tables:
+        raise DeepDreamError("Give at least one run to chart.")
+    if labels is None:
+        labels = _unique([_default_label(t) for t in tables])
+    elif len(labels) != len(tables):
+        raise DeepDreamError(f"{len(labels)} labels for {len(tables)} runs: give one label per run.")
+    if kind not in ("auto", "z", "raw"):
+        raise DeepDreamError(f"kind must be 'auto', 'z' or 'raw'; got {kind!r}.")
+    has_z = [_has_column(t, f"{feature}_z") for t in tables]
+    if kind == "auto":
+        kind = "z" if all(has_z) else "raw"
+    column = f"{feature}_z" if kind == "z" else feature
+    missing = [t.GetName() for t in tables if not _has_column(t, column)]
+    if missing:
+        known = sorted({f for t in tables for f in _feature_columns(t)})
+        why = "z-scores (that run had no reference statistics for it)" if kind == "z" else "values"
+        raise FeatureError(f"No {why} of {feature!r} in {', '.join(repr(m) for m in missing)}. "
+                           f"Features of these runs: {', '.join(known) or 'none'}.")
+    if chart is None:
+        chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode",
+                                        scene.GenerateUniqueName(f"DeepDream {feature} ({len(tables)} runs)"))
+        chart.SetAttribute(ATTR_ROLE, "runs chart")
+    else:
+        for node in [scene.GetNthNode(n) for n in range(scene.GetNumberOfNodes())]:
+            if node is not None and node.GetAttribute(ATTR_CHART) == chart.GetID():
+                _remove_with_display(scene, node)
+        chart.RemoveAllPlotSeriesNodeIDs()
+    was = chart.StartModify()
+    chart.SetTitle(title or f"{feature} ({'z-score' if kind == 'z' else 'raw value'}), {len(tables)} runs")
+    chart.SetXAxisTitle("iteration")
+    chart.SetYAxisTitle("z-score (normal range: -1 to 1)" if kind == "z" else feature)
+    chart.SetLegendVisibility(True)
+    tag = {ATTR_CHART: chart.GetID(), ATTR_ROLE: "runs chart series"}
+    last = 0.0
+    for n, (table, label) in enumerate(zip(tables, labels)):
+        series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", scene.GenerateUniqueName(label))
+        for key, value in tag.items():
+            series.SetAttribute(key, value)
+        series.SetAndObserveTableNodeID(table.GetID())
+        series.SetXColumnName("iteration")
+        series.SetYColumnName(column)
+        _style_series(series, PALETTE[n % len(PALETTE)])
+        chart.AddAndObservePlotSeriesNodeID(series.GetID())
+        iterations = slicer.util.arrayFromTableColumn(table, "iteration")
+        if len(iterations):
+            last = max(last, float(np.nanmax(iterations)))
+    if kind == "z":
+        for node in _band_nodes(scene, 0.0, last, chart.GetName(), {ATTR_CHART: chart.GetID(),
+                                                                    ATTR_ROLE: "runs chart band"})[1:]:
+            chart.AddAndObservePlotSeriesNodeID(node.GetID())
+    chart.EndModify(was)
+    return chart
+
+
+# ----------------------------------------------------------------------------- a comparison of models
+
+COMPARISON_STATS = ("mean", "std", "min", "max")
+
+
+@dataclass
+class ComparisonNodes:
+    """The nodes of a shown ``compare.Comparison`` (see :func:`show_comparison`): one table per
+    model (``tables[model]``), one chart, a text node with the comparison's metadata as JSON."""
+
+    scene: Any
+    comparison_id: str
+    table_ids: dict[str, str]
+    chart_id: str
+    metadata_id: str
+    series_ids: dict[tuple[str, str], str]  # (model, statistic) -> series
+    band_ids: list[str]
+    feature: str
+    normalised: bool
+
+    @property
+    def tables(self) -> dict[str, Any]:
+        return {m: self.scene.GetNodeByID(i) for m, i in self.table_ids.items()}
+
+    @property
+    def chart(self):
+        return self.scene.GetNodeByID(self.chart_id)
+
+    @property
+    def metadata(self):
+        return self.scene.GetNodeByID(self.metadata_id)
+
+    def series(self, model: str, statistic: str = "mean"):
+        node_id = self.series_ids.get((model, statistic))
+        return self.scene.GetNodeByID(node_id) if node_id else None
+
+
+def show_comparison(comparison, feature: str | None = None, spread: bool = True, scene=None,
+                    name: str = "DeepDream comparison") -> ComparisonNodes:
+    """Show a ``compare.Comparison`` (several models x restarts) as nodes.
+
+    Tables ``<name> <model>``: ``iteration`` and, for ``probability`` and every feature, the
+    statistic over the restarts at each iteration: ``<curve>_mean``, ``_std`` (ddof 0), ``_min``,
+    ``_max`` (z-scores when the comparison has reference statistics, raw values otherwise;
+    probability raw; NaN where no restart has a value). One chart ``<name>`` of ``feature``
+    (default the first feature): per model the mean (solid) and, with ``spread`` and more than one
+    restart, min and max (thin dashed, same colour), and the normal band for z-scores. Switch the
+    chart to another curve with :func:`show_comparison_feature`.
+    """
+    scene = _scene(scene)
+    curves = ["probability", *comparison.features]
+    feature = feature or (comparison.features[0] if comparison.features else "probability")
+    if feature not in curves:
+        raise FeatureError(f"The comparison has no curve {feature!r}; it has: {', '.join(curves)}.")
+    comparison_id = str(time.time_ns())
+    tag = {ATTR_COMPARISON: comparison_id}
+    iterations = np.asarray(comparison.iterations, dtype=float)
+    table_ids: dict[str, str] = {}
+    for model in comparison.models:
+        node = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(f"{name} {model}"))
+        node.SetAttribute(ATTR_ROLE, "comparison table")
+        node.SetAttribute(ATTR_COMPARISON, comparison_id)
+        node.SetAttribute("DeepDreamAnalysis.Model", model)
+        was = node.StartModify()
+        columns = {"iteration": iterations}
+        for curve in curves:
+            for stat in COMPARISON_STATS:
+                columns[f"{curve}_{stat}"] = np.asarray(getattr(comparison, stat)(model, curve), dtype=float)
+        table = node.GetTable()
+        for column_name, values in columns.items():
+            array = vtk.vtkDoubleArray()
+            array.SetName(column_name)
+            array.SetNumberOfTuples(len(values))
+            numpy_support.vtk_to_numpy(array)[:] = values
+            table.AddColumn(array)
+        table.Modified()
+        node.EndModify(was)
+        table_ids[model] = node.GetID()
+    chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", scene.GenerateUniqueName(name))
+    chart.SetAttribute(ATTR_ROLE, "comparison chart")
+    chart.SetAttribute(ATTR_COMPARISON, comparison_id)
+    chart.SetXAxisTitle("iteration")
+    chart.SetLegendVisibility(True)
+    series_tag = {**tag, ATTR_CHART: chart.GetID(), ATTR_ROLE: "comparison series"}
+    series_ids: dict[tuple[str, str], str] = {}
+    stats = ("mean", "min", "max") if spread and comparison.restarts > 1 else ("mean",)
+    for n, model in enumerate(comparison.models):
+        for stat in stats:
+            label = model if stat == "mean" else f"{model} {stat}"
+            series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", scene.GenerateUniqueName(f"{name} {label}"))
+            for key, value in series_tag.items():
+                series.SetAttribute(key, value)
+            series.SetAndObserveTableNodeID(table_ids[model])
+            series.SetXColumnName("iteration")
+            _style_series(series, PALETTE[n % len(PALETTE)], dashed=stat != "mean", width=2 if stat == "mean" else 1)
+            chart.AddAndObservePlotSeriesNodeID(series.GetID())
+            series_ids[(model, stat)] = series.GetID()
+    band_ids: list[str] = []
+    if comparison.normalised and len(iterations):
+        band = _band_nodes(scene, float(iterations[0]), float(iterations[-1]), name,
+                           {**tag, ATTR_CHART: chart.GetID(), ATTR_ROLE: "comparison band"})
+        band_ids = [b.GetID() for b in band[1:]]
+    metadata = scene.AddNewNodeByClass("vtkMRMLTextNode", scene.GenerateUniqueName(f"{name} metadata"))
+    metadata.SetAttribute(ATTR_ROLE, "comparison metadata")
+    metadata.SetAttribute(ATTR_COMPARISON, comparison_id)
+    meta = dict(comparison.metadata)
+    meta.update({"models_order": list(comparison.models), "features": list(comparison.features),
+                 "restarts": comparison.restarts})
+    metadata.SetText(json.dumps(meta, indent=2, default=_json_default))
+    nodes = ComparisonNodes(scene, comparison_id, table_ids, chart.GetID(), metadata.GetID(), series_ids, band_ids,
+                            feature, comparison.normalised)
+    show_comparison_feature(nodes, feature)
+    return nodes
+
+
+def show_comparison_feature(nodes: ComparisonNodes, feature: str) -> None:
+    """Point the comparison chart at another curve (``probability`` or a feature of the comparison)."""
+    tables = [t for t in nodes.tables.values() if t is not None]
+    if tables and not _has_column(tables[0], f"{feature}_mean"):
+        curves = [c[: -len("_mean")] for c in (tables[0].GetTable().GetColumnName(i)
+                                                for i in range(tables[0].GetTable().GetNumberOfColumns()))
+                  if c.endswith("_mean")]
+        raise FeatureError(f"The comparison has no curve {feature!r}; it has: {', '.join(curves)}.")
+    chart = nodes.chart
+    if chart is None:
+        raise DeepDreamError("The comparison chart was deleted; show the comparison again.")
+    zmode = nodes.normalised and feature != "probability"
+    was = chart.StartModify()
+    for (model, stat), node_id in nodes.series_ids.items():
+        series = nodes.scene.GetNodeByID(node_id)
+        if series is not None:
+            series.SetYColumnName(f"{feature}_{stat}")
+    for node_id in nodes.band_ids:
+        if zmode and not chart.HasPlotSeriesNodeID(node_id):
+            chart.AddAndObservePlotSeriesNodeID(node_id)
+        elif not zmode and chart.HasPlotSeriesNodeID(node_id):
+            chart.RemovePlotSeriesNodeID(node_id)
+    chart.SetTitle(f"{feature} ({'z-score' if zmode else 'raw value'}), mean over restarts per model")
+    chart.SetYAxisTitle("z-score (normal range: -1 to 1)" if zmode else feature)
+    chart.EndModify(was)
+    nodes.feature = feature

@@ -8,6 +8,21 @@ blocking form (``waitForCompletion=True``), which drains on the calling thread u
 Threads: the worker thread (``runner.AnalysisRunner``) computes with torch and numpy only; every
 MRML update happens in :meth:`RunHandle.processEvents`, on the thread that calls it (Slicer's main
 thread). Imports torch only when a run starts.
+
+Faults and life cycle (docs/slicer-panel.md, "When things go wrong"):
+
+- One analysis at a time per Slicer process, whichever logic object started it: ``run()`` while
+  one is going raises :class:`RunInProgressError` and changes nothing.
+- Bad input (a label map or vector volume, a seed outside the image, a missing model, ...) raises a
+  :class:`~.errors.DeepDreamError` subclass before any output node is made; the last run's nodes
+  are only replaced once the new run has passed every check.
+- The scene closing (``slicer.mrmlScene.Clear()``, File > Close scene, loading a scene) cancels the
+  run: each :class:`RunHandle` observes the scene's ``StartCloseEvent``, stops its worker (it ends
+  within one iteration) and never touches the scene again, so nothing is recreated in the new scene.
+- The input volume or the seed node deleted mid-run: the run goes on (the worker has its own copy of
+  the image and the seed voxel; the outputs keep the input's geometry).
+- Nothing raises out of :meth:`RunHandle.processEvents` (the timer's drain): node updates and user
+  callbacks that fail are logged.
 """
 
 from __future__ import annotations
@@ -17,18 +32,46 @@ import importlib
 import importlib.util
 import logging
 import math
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .config import AnalysisConfig, DreamConfig, FeatureConfig, paper_features
-from .errors import DeepDreamError, FeatureError, SeedError
+from .errors import ConfigError, DeepDreamError, FeatureError, SeedError
 from .result import AnalysisResult, Progress
 from . import scene as scene_mod
 
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cuda", "cpu")
+
+
+class RunInProgressError(DeepDreamError):
+    """An analysis (or a comparison) is already running in this Slicer; one runs at a time."""
+
+
+# What is running now in this process (RunHandle or comparison jobs), whichever logic started it:
+# two runs at once would share the CPU/GPU and, with "replace the last run's nodes", remove each
+# other's nodes.
+_ACTIVE: list = []
+
+
+def active_run():
+    """The analysis or comparison running now in this process (it has ``describe()`` and
+    ``cancel()``), or None."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
+def _refuse_if_running() -> None:
+    job = active_run()
+    if job is not None and job.finishIfDone():  # ended, but nobody drained it yet: finish its nodes now
+        job = active_run()
+    if job is not None:
+        raise RunInProgressError(
+            f"An analysis is already running ({job.describe()}). One runs at a time: cancel it first "
+            "(Cancel in the panel, handle.cancel() or logic.cancel() in the console) or wait for it to end "
+            "(handle.wait()), then start the new one.")
 
 
 def radiomics_available() -> bool:
@@ -113,7 +156,28 @@ class RunHandle:
         self.finishedCallback = finishedCallback
         self.lastProgress: Progress | None = None
         self.finished = False
+        self.abandoned = False
+        self.abandonReason: str | None = None
         self.started = time.monotonic()
+        self._inputGoneSaid = False
+        self._closeTag = None
+        scene = updater.scene
+        if hasattr(scene, "StartCloseEvent"):
+            self._closeTag = scene.AddObserver(scene.StartCloseEvent, self._onSceneStartClose)
+        _ACTIVE.append(self)
+
+    def finishIfDone(self) -> bool:
+        """If the worker has ended, drain and finish now (on the calling, main thread); True then."""
+        if self.finished or not self.runner.done:
+            return self.finished
+        while self.processEvents():
+            pass
+        return True
+
+    def describe(self) -> str:
+        if self.lastProgress is None:
+            return "starting"
+        return f"iteration {self.lastProgress.step.iteration + 1}/{self.lastProgress.total_iterations}"
 
     # --- state -------------------------------------------------------------------------------
 
@@ -137,6 +201,8 @@ class RunHandle:
     def status(self) -> str:
         if not self.finished:
             return "cancelling" if self.runner.cancelled else "running"
+        if self.abandoned:
+            return "cancelled"
         return self.updater.status
 
     def statusText(self) -> str:
@@ -163,7 +229,10 @@ class RunHandle:
     def wait(self, timeout: float | None = None, interval: float = 0.1,
              idle: Callable[[], None] | None = None) -> AnalysisResult | None:
         """Drain until the end (or ``timeout`` seconds); ``idle`` runs between drains (Slicer:
-        ``slicer.app.processEvents``). Returns the result; raises the run's error."""
+        ``slicer.app.processEvents``). Returns the result; raises the run's error.
+
+        If the scene closed meanwhile, waits (up to ``timeout``, else 30 s) for the worker to stop
+        and returns its cancelled result (the nodes went with the scene)."""
         end = None if timeout is None else time.monotonic() + timeout
         while self.processEvents():
             if end is not None and time.monotonic() > end:
@@ -171,16 +240,52 @@ class RunHandle:
             self.runner.join(interval)
             if idle is not None:
                 idle()
+        if self.abandoned:
+            self.runner.join(30.0 if end is None else max(0.0, end - time.monotonic()))
+            self.runner.poll()
         if self.error is not None:
             raise self.error
         return self.result
 
-    def abandon(self, timeout: float = 10.0) -> None:
-        """Stop without touching the scene again (the scene is closing or the module reloads)."""
+    def abandon(self, timeout: float = 10.0, reason: str = "the module was reloaded or Slicer is quitting",
+                notify: bool = False) -> None:
+        """Cancel the run and never touch the scene again (the scene is closing, the module
+        reloads or Slicer quits). Waits up to ``timeout`` s for the worker; it stops within one
+        iteration either way. ``notify`` calls the log and finished callbacks."""
+        if self.finished:
+            return
         self.runner.cancel()
-        self.runner.join(timeout)
-        self.runner.poll()
         self.finished = True
+        self.abandoned = True
+        self.abandonReason = reason
+        self._release()
+        if timeout and timeout > 0:
+            self.runner.join(timeout)
+        self.runner.poll()  # drop what was queued; nothing of it goes into the scene
+        if notify:
+            self._log(f"Run cancelled: {reason}.")
+            self._call(self.finishedCallback, self)
+
+    def _onSceneStartClose(self, caller=None, event=None) -> None:
+        """The scene is closing: cancel, and forget the output nodes (they go with the scene; their
+        IDs will be reused by new nodes). Never waits for the worker here, not to hold up the close."""
+        if self.finished:
+            self._release()
+            return
+        self.updater.nodes.ids.clear()
+        self.updater.nodes.series_ids.clear()
+        self.abandon(timeout=0, reason="the scene was closed", notify=True)
+
+    def _release(self) -> None:
+        """No longer the running analysis; stop observing the scene."""
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+        if self._closeTag is not None:
+            try:
+                self.updater.scene.RemoveObserver(self._closeTag)
+            except Exception:  # noqa: BLE001 - the scene may be going away
+                pass
+            self._closeTag = None
 
     # --- internals ---------------------------------------------------------------------------
 
@@ -189,16 +294,35 @@ class RunHandle:
         if not progresses:
             return
         self.lastProgress = progresses[-1]
+        self._checkInput()
         try:
             self.updater.update(progresses)
         except Exception as exc:  # noqa: BLE001 - the run goes on; the user hears why nodes lag
             log.exception("Updating the output nodes failed")
             self._log(f"Could not update the output nodes: {exc}")
-        if self.progressCallback is not None:
-            self.progressCallback(self.lastProgress)
+        self._call(self.progressCallback, self.lastProgress)
+
+    def _checkInput(self) -> None:
+        """Say once that the input volume was deleted: the run goes on with its own copy."""
+        if self._inputGoneSaid or not self.updater.input_id:
+            return
+        if self.updater.scene.GetNodeByID(self.updater.input_id) is None:
+            self._inputGoneSaid = True
+            self._log(f"The input volume {self.updater.input_name!r} was removed from the scene; the run goes on "
+                      "with the copy it started from (the outputs keep its position).")
+
+    def _call(self, callback, *args) -> None:
+        """A user callback; its exception is logged, never raised into the drain (Slicer's timer)."""
+        if callback is None:
+            return
+        try:
+            callback(*args)
+        except Exception:  # noqa: BLE001
+            log.exception("A DeepDreamAnalysis callback (%s) raised", getattr(callback, "__name__", callback))
 
     def _finish(self) -> None:
         self.finished = True
+        self._release()
         error = self.runner.error
         result = self.runner.result
         try:
@@ -215,13 +339,11 @@ class RunHandle:
         except Exception as exc:  # noqa: BLE001
             log.exception("Finishing the output nodes failed")
             self._log(f"Could not finish the output nodes: {exc}")
-        if self.finishedCallback is not None:
-            self.finishedCallback(self)
+        self._call(self.finishedCallback, self)
 
     def _log(self, message: str) -> None:
         log.info("%s", message)
-        if self.logCallback is not None:
-            self.logCallback(message)
+        self._call(self.logCallback, message)
 
 
 class AnalysisLogicCore:
@@ -230,6 +352,8 @@ class AnalysisLogicCore:
     def __init__(self, scene=None):
         self._scene = scene
         self.handle: RunHandle | None = None
+        self._comparison: _ComparisonJob | None = None
+        self.comparisonNodes = None
         self._models: dict[tuple[str, bool], Any] = {}
 
     @property
@@ -238,7 +362,9 @@ class AnalysisLogicCore:
 
     @property
     def isRunning(self) -> bool:
-        return self.handle is not None and self.handle.is_running
+        """True while this logic's analysis (or comparison) runs."""
+        return (self.handle is not None and self.handle.is_running) or \
+            (self._comparison is not None and self._comparison in _ACTIVE)
 
     def resolveSeed(self, volumeNode, seed=None, seedRAS=None) -> tuple[int, int, int]:
         """The seed voxel (i, j, k): from a markups node (its last placed point, world
@@ -291,10 +417,9 @@ class AnalysisLogicCore:
         ``self.handle.nodes``); False returns the :class:`RunHandle` at once (call
         ``handle.processEvents()`` if no timer does). ``config`` overrides every loop setting.
         """
-        if self.isRunning:
-            raise DeepDreamError("An analysis is already running. Cancel it or wait for it to end.")
+        _refuse_if_running()
         if device not in DEVICES and not str(device).startswith("cuda:"):
-            raise DeepDreamError(f"device must be one of {', '.join(DEVICES)}; got {device!r}.")
+            raise ConfigError(f"device must be one of {', '.join(DEVICES)}; got {device!r}.")
         volume = scene_mod.volume_from_node(volumeNode)
         seed_ijk = self.resolveSeed(volumeNode, seed, seedRAS)
         loaded = model if model is not None else self.loadModel(modelPath, device, allowCodeTargets)
@@ -332,14 +457,114 @@ class AnalysisLogicCore:
             scene=self.scene,
             metadata={"model": str(getattr(loaded, "path", modelPath)), "seed_ijk": list(seed_ijk),
                       "device": device, "features": list(names)})
-        runner = AnalysisRunner(volume, seed_ijk, loaded, config, reference)
-        self.handle = RunHandle(runner, updater, progressCallback, logCallback, finishedCallback)
+        try:
+            runner = AnalysisRunner(volume, seed_ijk, loaded, config, reference)
+            handle = RunHandle(runner, updater, progressCallback, logCallback, finishedCallback)
+            try:
+                runner.start()
+            except BaseException:
+                handle._release()
+                raise
+        except BaseException:  # no half-made output nodes
+            scene_mod.remove_run_nodes(self.scene, updater.run_id)
+            raise
+        self.handle = handle
         _say(logCallback, f"Running {config.dream.iterations} iterations at seed (i,j,k)={seed_ijk} "
                           f"with {len(names)} features.")
-        runner.start()
         if not waitForCompletion:
             return self.handle
         return self.handle.wait(idle=idle)
+
+    def compareModels(self, volumeNode, models: dict, seed=None, *, seedRAS=None, restarts: int = 3,
+                      iterations: int = 300, step: float = 1.0, features: Sequence[str] | None = None,
+                      referencePath=None, device: str = "auto", config: AnalysisConfig | None = None,
+                      restartNoiseStd: float | None = None, allowCodeTargets: bool = False, show: bool = True,
+                      feature: str | None = None, progressCallback=None, logCallback=None,
+                      idle: Callable[[], None] | None = None, interval: float = 0.1):
+        """Compare several models (``compare.compare_models``) on ``volumeNode`` at one seed, with
+        ``restarts`` random restarts each, and show the mean curves as nodes.
+
+        ``models``: name -> model path (file or bundle folder; the card beside it) or a loaded
+        model. Seed, features, reference, device, iterations, step and ``config`` as in :meth:`run`;
+        ``restartNoiseStd`` (image units, HU) as in ``compare_models`` (None: its default).
+        Blocking: the comparison runs in a worker thread while this call waits, calling ``idle``
+        between waits (Slicer: ``slicer.app.processEvents``, so the GUI keeps painting) and
+        ``progressCallback(CompareProgress)``. :meth:`cancel` or closing the scene stops it within
+        one iteration; the comparison then holds the runs that finished (``metadata["status"]``
+        is ``cancelled``). With ``show`` (and the scene still open) the result becomes nodes
+        (``scene.show_comparison``: a mean table per model and one chart of ``feature``, default
+        the first); they are in ``self.comparisonNodes``. Returns the ``compare.Comparison``.
+        """
+        from .compare import DEFAULT_RESTART_NOISE_STD, compare_models
+
+        _refuse_if_running()
+        if device not in DEVICES and not str(device).startswith("cuda:"):
+            raise ConfigError(f"device must be one of {', '.join(DEVICES)}; got {device!r}.")
+        if not models:
+            raise ConfigError("Give at least one model to compare: {name: model path}.")
+        volume = scene_mod.volume_from_node(volumeNode)
+        seed_ijk = self.resolveSeed(volumeNode, seed, seedRAS)
+        loaded = {}
+        for name, m in models.items():
+            if hasattr(m, "card") and hasattr(m, "network"):
+                loaded[str(name)] = m
+            else:
+                from .models import load_model
+
+                if m is None or str(m).strip() in ("", "."):
+                    raise ConfigError(f"No model path given for {name!r}.")
+                loaded[str(name)] = load_model(m, device="cpu", allow_code_targets=allowCodeTargets)
+        dims = next(iter(loaded.values())).card.spatial_dims
+        if config is None:
+            config = AnalysisConfig(dream=DreamConfig(iterations=int(iterations), step=float(step), device=device),
+                                    features=FeatureConfig(names=None))
+        else:
+            config = copy.deepcopy(config)
+        names, dropped = choose_features(features if features is not None else config.features.names, dims)
+        if dropped:
+            _say(logCallback, f"pyradiomics is not installed (install the SlicerRadiomics extension for it): "
+                              f"comparing without {', '.join(dropped)}.")
+        if not names:
+            raise FeatureError("None of the selected features can be computed here. Select at least one "
+                               "feature, or install SlicerRadiomics for pyradiomics features.")
+        config.features.names = tuple(names)
+        config.validate()
+        reference = None
+        if referencePath is not None and str(referencePath).strip() not in ("", "."):
+            from .reference import ReferenceStats
+
+            reference = ReferenceStats.load(referencePath)
+        preload_engine()
+        noise = DEFAULT_RESTART_NOISE_STD if restartNoiseStd is None else restartNoiseStd
+        job = _ComparisonJob(self.scene, lambda on_progress, cancel: compare_models(
+            volume, seed_ijk, loaded, config, reference, restarts=restarts, on_progress=on_progress,
+            cancel=cancel, restart_noise_std=noise))
+        self._comparison = job
+        self.comparisonNodes = None
+        _say(logCallback, f"Comparing {', '.join(loaded)} ({restarts} restarts each, {config.dream.iterations} "
+                          f"iterations) at seed (i,j,k)={seed_ijk}.")
+        try:
+            job.start()
+            while not job.join(interval):
+                latest = job.take()
+                if latest is not None and progressCallback is not None:
+                    progressCallback(latest)
+                if idle is not None:
+                    idle()
+        finally:
+            job.cancel()  # only matters if the wait itself was interrupted
+            job.join(30.0)
+            job.release()
+        if job.error is not None:
+            raise job.error
+        comparison = job.result
+        if job.sceneClosed:
+            _say(logCallback, "The scene was closed: the comparison was cancelled and is not shown.")
+        elif show:
+            self.comparisonNodes = scene_mod.show_comparison(comparison, feature=feature, scene=self.scene)
+        _say(logCallback, f"Comparison {comparison.metadata.get('status')}: {len(comparison.models)} models x "
+                          f"{comparison.restarts} restarts.")
+        return comparison
 
     @staticmethod
     def cropFor(volume, seed_ijk, card, config: AnalysisConfig):
@@ -349,16 +574,95 @@ class AnalysisLogicCore:
         return plan_crop(volume, seed_ijk, card, config)
 
     def cancel(self) -> None:
+        """Cancel this logic's running analysis or comparison (it stops within one iteration)."""
         if self.handle is not None:
             self.handle.cancel()
+        if self._comparison is not None:
+            self._comparison.cancel()
 
-    def abandon(self) -> None:
-        """Stop any run without touching the scene (scene close, module reload, exit)."""
+    def abandon(self, timeout: float = 10.0) -> None:
+        """Stop this logic's run without touching the scene again (module reload, exit; the scene
+        closing does the same by itself). Waits up to ``timeout`` s for the worker to end."""
         if self.handle is not None:
-            self.handle.abandon()
+            self.handle.abandon(timeout)
+        if self._comparison is not None:
+            self._comparison.cancel()
+
+
+class _ComparisonJob:
+    """``compare_models`` in a worker thread (torch and numpy only), cancelled by the scene closing."""
+
+    def __init__(self, scene, work: Callable):
+        self.scene = scene
+        self.work = work
+        self.event = threading.Event()
+        self.result = None
+        self.error: BaseException | None = None
+        self.sceneClosed = False
+        self._latest = None
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closeTag = scene.AddObserver(scene.StartCloseEvent, self._onSceneStartClose) \
+            if hasattr(scene, "StartCloseEvent") else None
+        _ACTIVE.append(self)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="DeepDreamAnalysis compare", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.result = self.work(self._push, self.event)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            self.error = exc
+
+    def _push(self, progress) -> None:
+        with self._lock:
+            self._latest = progress
+
+    def take(self):
+        with self._lock:
+            latest, self._latest = self._latest, None
+        return latest
+
+    def join(self, timeout: float | None = None) -> bool:
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def cancel(self) -> None:
+        self.event.set()
+
+    def describe(self) -> str:
+        latest = self._latest
+        if latest is None:
+            return "a model comparison, starting"
+        return (f"a model comparison, run {latest.run_index + 1}/{latest.total_runs} (model {latest.model}, "
+                f"restart {latest.restart})")
+
+    def finishIfDone(self) -> bool:
+        return False  # the waiting compareModels call releases it
+
+    def _onSceneStartClose(self, caller=None, event=None) -> None:
+        self.sceneClosed = True
+        self.cancel()
+
+    def release(self) -> None:
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+        if self._closeTag is not None:
+            try:
+                self.scene.RemoveObserver(self._closeTag)
+            except Exception:  # noqa: BLE001
+                pass
+            self._closeTag = None
 
 
 def _say(callback, message: str) -> None:
     log.info("%s", message)
     if callback is not None:
-        callback(message)
+        try:
+            callback(message)
+        except Exception:  # noqa: BLE001 - a broken log callback must not break a run
+            log.exception("The DeepDreamAnalysis log callback raised")
