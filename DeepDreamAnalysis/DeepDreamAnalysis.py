@@ -144,10 +144,13 @@ class DeepDreamAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
 
     def onSceneStartClose(self, caller, event) -> None:
+        # The run handle observes the scene close too and cancels itself (console runs included);
+        # here the panel only stops its timer, without waiting for the worker.
         if self.logic is not None and self.logic.isRunning:
-            self.logic.abandon()
+            self.logic.abandon(timeout=0)
             self._timer.stop()
             self._updateRunState()
+            self.ui.statusLabel.text = _("Cancelled: the scene was closed.")
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -361,10 +364,18 @@ class DeepDreamAnalysisLogic(ScriptedLoadableModuleLogic, AnalysisLogicCore):
         if self.handle is None or not self.handle.processEvents():
             self._timer.stop()
 
-    def abandon(self) -> None:
+    def compareModels(self, volumeNode, models, seed=None, **kwargs):
+        """See AnalysisLogicCore.compareModels; keeps Slicer's GUI painting while it waits."""
+        kwargs.setdefault("idle", slicer.app.processEvents)
+        from DeepDreamAnalysisLib.slicer_deps import require_torch
+
+        require_torch()
+        return AnalysisLogicCore.compareModels(self, volumeNode, models, seed, **kwargs)
+
+    def abandon(self, timeout: float = 10.0) -> None:
         if self._timer is not None:
             self._timer.stop()
-        AnalysisLogicCore.abandon(self)
+        AnalysisLogicCore.abandon(self, timeout)
 
 
 #
@@ -382,8 +393,11 @@ class DeepDreamAnalysisTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_run_through_logic()
+        self.setUp()
+        self.test_scene_close_cancels_a_run()
 
-    def test_run_through_logic(self):
+    def _smallVolumeAndModel(self):
+        """A small CT-like volume node and a tiny TorchScript 3D model with its card."""
         import json
         import tempfile
 
@@ -391,7 +405,6 @@ class DeepDreamAnalysisTest(ScriptedLoadableModuleTest):
         from DeepDreamAnalysisLib.slicer_deps import require_torch
 
         torch = require_torch()
-        self.delayDisplay("Building a small volume and a tiny model")
         rng = np.random.default_rng(0)
         array = rng.normal(110.0, 15.0, (8, 32, 32)).astype(np.float32)
         volumeNode = slicer.util.addVolumeFromArray(array, name="DeepDreamTestVolume")
@@ -407,6 +420,35 @@ class DeepDreamAnalysisTest(ScriptedLoadableModuleTest):
                 "preprocessing": {"type": "window", "min": -100.0, "max": 250.0}, "roi_size": [8, 16, 16]}
         with open(os.path.join(folder, "tiny.pt.card.json"), "w") as f:
             json.dump(card, f)
+        return volumeNode, modelPath
+
+    def test_scene_close_cancels_a_run(self):
+        """Closing the scene mid-run cancels it; nothing is recreated in the new scene."""
+        import time
+
+        self.delayDisplay("Closing the scene while a run goes on")
+        volumeNode, modelPath = self._smallVolumeAndModel()
+        logic = DeepDreamAnalysisLogic()
+        handle = logic.run(volumeNode, modelPath, (16, 16, 4), iterations=100000, step=500.0, device="cpu",
+                           features=["firstorder_RootMeanSquared"], waitForCompletion=False)
+        end = time.monotonic() + 60
+        while handle.lastProgress is None and time.monotonic() < end:
+            slicer.app.processEvents()
+            time.sleep(0.05)
+        slicer.mrmlScene.Clear(0)
+        self.assertEqual(handle.status, "cancelled")
+        self.assertFalse(logic.isRunning)
+        for _ in range(10):  # the logic's timer ticks on: it must not bring nodes back
+            slicer.app.processEvents()
+            time.sleep(0.05)
+        handle.runner.join(10)
+        self.assertFalse(handle.runner.is_running)
+        self.assertIsNone(slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLPlotChartNode"))
+        self.delayDisplay("Test passed")
+
+    def test_run_through_logic(self):
+        self.delayDisplay("Building a small volume and a tiny model")
+        volumeNode, modelPath = self._smallVolumeAndModel()
 
         self.delayDisplay("Running 6 iterations on the CPU")
         logic = DeepDreamAnalysisLogic()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -343,3 +344,157 @@ def test_logic_seed_forms_agree_and_nonblocking_handle_cancels(mrml_scene, model
     handle.cancel()
     assert handle.wait(timeout=30) is not None
     assert handle.status == "cancelled" and not logic.isRunning
+
+
+# ----------------------------------------------------------------------------- several runs, several models
+
+def _reference_file(tmp_path):
+    path = tmp_path / "reference.json"
+    path.write_text(json.dumps({"features": {f: {"mean": REFERENCE.mean[f], "std": REFERENCE.std[f], "n": 30}
+                                             for f in FEATURES}}))
+    return path
+
+
+def _chart_series(chart):
+    return [chart.GetNthPlotSeriesNode(n) for n in range(chart.GetNumberOfPlotSeriesNodes())]
+
+
+def test_several_runs_in_one_chart(mrml_scene, model_file, tmp_path):
+    from DeepDreamAnalysisLib.errors import FeatureError
+
+    node = _input_node()
+    reference = _reference_file(tmp_path)
+    logic = AnalysisLogicCore()
+    handles, results = [], []
+    for seed, iterations in (((24, 20, 1), 4), ((20, 18, 1), 6), ((28, 22, 1), 5)):
+        results.append(logic.run(node, model_file, seed, iterations=iterations, step=400.0, features=list(FEATURES),
+                                 referencePath=reference, device="cpu", newNodes=True))
+        handles.append(logic.handle)
+    tables = [h.nodes.table for h in handles]
+    assert all(t is not None for t in tables) and len({t.GetID() for t in tables}) == 3  # earlier runs kept
+    count = mrml_scene.GetNumberOfNodes()
+
+    # runs given as a handle, a run ID and a table node
+    chart = scene.show_runs_in_chart([handles[0], handles[1].nodes.run_id, tables[2]], "firstorder_Entropy")
+    series = _chart_series(chart)
+    assert len(series) == 3 + 2  # one per run and the normal band
+    for s, table, result in zip(series, tables, results):
+        assert s.GetTableNodeID() == table.GetID() and s.GetYColumnName() == "firstorder_Entropy_z"
+        np.testing.assert_allclose(slicer.util.arrayFromTableColumn(table, "firstorder_Entropy_z"),
+                                   result.zscores("firstorder_Entropy"), equal_nan=True)
+    labels = [s.GetName() for s in series[:3]]
+    assert "seed (24, 20, 1)" in labels[0] and "seed (20, 18, 1)" in labels[1] and len(set(labels)) == 3
+    band = series[3].GetTableNode()
+    assert list(slicer.util.arrayFromTableColumn(band, "iteration")) == [0.0, 5.0]  # spans the longest run
+    assert {s.GetYColumnName() for s in series[3:]} == {"low", "high"}
+    assert "z-score" in chart.GetTitle() and "3 runs" in chart.GetTitle()
+
+    # reused for raw values of another feature, with own labels: the old curves go, no band
+    same = scene.show_runs_in_chart(handles[:2], "firstorder_RootMeanSquared", labels=["first", "second"],
+                                    kind="raw", chart=chart)
+    assert same is chart
+    series = _chart_series(chart)
+    assert [s.GetName() for s in series] == ["first", "second"]
+    assert {s.GetYColumnName() for s in series} == {"firstorder_RootMeanSquared"}
+    assert mrml_scene.GetNumberOfNodes() == count + 1 + 2  # the chart and its two curves; nothing left over
+
+    # a run without reference statistics: auto falls back to raw values for all; z is refused
+    results.append(logic.run(node, model_file, SEED, iterations=3, step=400.0, features=list(FEATURES),
+                             device="cpu", newNodes=True))
+    mixed = [*handles, logic.handle]
+    raw_chart = scene.show_runs_in_chart(mixed, "firstorder_Entropy")
+    assert {s.GetYColumnName() for s in _chart_series(raw_chart)} == {"firstorder_Entropy"}
+    with pytest.raises(FeatureError, match=r"No z-scores of 'firstorder_Entropy' in .*without reference statistics"):
+        scene.show_runs_in_chart(mixed, "firstorder_Entropy", kind="z")
+    with pytest.raises(FeatureError, match=r"No values of 'shape2D_Elongation'.*Features of these runs: "
+                                           r"firstorder_Entropy, firstorder_RootMeanSquared"):
+        scene.show_runs_in_chart(mixed, "shape2D_Elongation")
+    # removing a chart leaves the runs' tables
+    before = mrml_scene.GetNumberOfNodes()
+    assert scene.remove_chart(chart) == 3
+    assert mrml_scene.GetNumberOfNodes() == before - 3 and all(mrml_scene.IsNodePresent(t) for t in tables)
+
+
+def _two_model_comparison(restarts=2, iterations=4):
+    from DeepDreamAnalysisLib.compare import compare_models
+    from tiny_models import TinyModel
+
+    models = {"net A": tiny_model(2), "net B": TinyModel(tiny_net(2, seed=1), tiny_card(2))}
+    volume = Volume(liver_like(SHAPE), spacing=(0.8, 0.7, 2.5))
+    return compare_models(volume, SEED, models, _config(iterations=iterations), REFERENCE, restarts=restarts)
+
+
+def test_comparison_of_models_as_tables_and_one_chart(mrml_scene):
+    from DeepDreamAnalysisLib.errors import FeatureError
+
+    comp = _two_model_comparison()
+    nodes = scene.show_comparison(comp)
+    assert set(nodes.tables) == {"net A", "net B"}
+    for model, table in nodes.tables.items():
+        np.testing.assert_array_equal(slicer.util.arrayFromTableColumn(table, "iteration"), comp.iterations)
+        for curve in ("probability", *FEATURES):
+            for stat in ("mean", "std", "min", "max"):
+                np.testing.assert_allclose(slicer.util.arrayFromTableColumn(table, f"{curve}_{stat}"),
+                                           getattr(comp, stat)(model, curve), equal_nan=True)
+    # the z-score means differ between the two networks (it is their comparison)
+    a = slicer.util.arrayFromTableColumn(nodes.tables["net A"], "firstorder_RootMeanSquared_mean")
+    b = slicer.util.arrayFromTableColumn(nodes.tables["net B"], "firstorder_RootMeanSquared_mean")
+    assert not np.allclose(a, b, equal_nan=True)
+    chart = nodes.chart
+    series = _chart_series(chart)
+    assert len(series) == 2 * 3 + 2  # mean, min, max per model, and the band
+    assert nodes.series("net A").GetYColumnName() == f"{FEATURES[0]}_mean"
+    assert nodes.series("net B", "max").GetYColumnName() == f"{FEATURES[0]}_max"
+    assert nodes.series("net B").GetTableNodeID() == nodes.tables["net B"].GetID()
+    assert nodes.series("net A").GetColor() != nodes.series("net B").GetColor()
+    assert "z-score" in chart.GetTitle()
+    meta = json.loads(nodes.metadata.GetText())
+    assert meta["status"] == "completed" and meta["models_order"] == ["net A", "net B"] and meta["restarts"] == 2
+
+    scene.show_comparison_feature(nodes, "probability")  # raw probability: no band
+    assert {s.GetYColumnName() for s in _chart_series(chart)} == {"probability_mean", "probability_min",
+                                                                   "probability_max"}
+    assert chart.GetNumberOfPlotSeriesNodes() == 6 and "raw value" in chart.GetTitle()
+    scene.show_comparison_feature(nodes, FEATURES[1])
+    assert chart.GetNumberOfPlotSeriesNodes() == 8
+    with pytest.raises(FeatureError, match=r"no curve 'glcm_Contrast'; it has: probability, "):
+        scene.show_comparison_feature(nodes, "glcm_Contrast")
+    one = scene.show_comparison(comp, feature=FEATURES[1], spread=False, name="means only")
+    assert one.chart.GetNumberOfPlotSeriesNodes() == 2 + 2
+    assert scene.remove_chart(one.chart) == 1 + 2 + 2 + 1  # series, band curves and table, chart
+
+
+def test_logic_compares_models_from_files_and_shows_them(mrml_scene, tmp_path):
+    node = _input_node()
+    paths = {}
+    for name, seed in (("A", 0), ("B", 1)):
+        path = tmp_path / f"{name}.pt"
+        torch.jit.save(torch.jit.script(tiny_net(2, seed=seed)), str(path))
+        tiny_card(2).save(tmp_path / f"{name}.pt.card.json")
+        paths[name] = path
+    progress, idles, messages = [], [], []
+    logic = AnalysisLogicCore()
+    comp = logic.compareModels(node, paths, SEED, restarts=2, iterations=3, step=400.0, features=list(FEATURES),
+                               referencePath=_reference_file(tmp_path), device="cpu",
+                               progressCallback=progress.append, idle=lambda: idles.append(1),
+                               logCallback=messages.append, interval=0.01)
+    assert comp.models == ["A", "B"] and comp.restarts == 2 and comp.metadata["status"] == "completed"
+    assert comp.normalised and len(comp.iterations) == 3
+    assert idles and progress and {p.model for p in progress} <= {"A", "B"}
+    nodes = logic.comparisonNodes
+    assert set(nodes.tables) == {"A", "B"} and nodes.chart.GetNumberOfPlotSeriesNodes() == 2 * 3 + 2
+    assert any("Comparison completed" in m for m in messages), messages
+    assert not logic.isRunning
+
+    # the scene closed while it runs: cancelled, nothing shown in the new scene
+    def close_on_second_idle():
+        idles.append(2)
+        if idles.count(2) == 2:
+            slicer.mrmlScene.Clear(0)
+
+    threads = threading.active_count()
+    comp = logic.compareModels(node, paths, SEED, restarts=3, iterations=100000, step=400.0,
+                               features=list(FEATURES), device="cpu", idle=close_on_second_idle, interval=0.01)
+    assert comp is None and logic.comparisonNodes is None  # cancelled before any model had finished a run
+    assert mrml_scene.GetFirstNodeByClass("vtkMRMLPlotChartNode") is None and not logic.isRunning
+    assert threading.active_count() == threads  # the comparison's worker has ended

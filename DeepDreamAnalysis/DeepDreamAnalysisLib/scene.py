@@ -958,8 +958,10 @@ def show_runs_in_chart(runs, feature: str, labels: list[str] | None = None, kind
     missing = [t.GetName() for t in tables if not _has_column(t, column)]
     if missing:
         known = sorted({f for t in tables for f in _feature_columns(t)})
-        why = "z-scores (that run had no reference statistics for it)" if kind == "z" else "values"
-        raise FeatureError(f"No {why} of {feature!r} in {', '.join(repr(m) for m in missing)}. "
+        what = "z-scores" if kind == "z" else "values"
+        hint = (" (run without reference statistics for it: run it with referencePath=..., or chart kind='raw')"
+                if kind == "z" else "")
+        raise FeatureError(f"No {what} of {feature!r} in {', '.join(repr(m) for m in missing)}{hint}. "
                            f"Features of these runs: {', '.join(known) or 'none'}.")
     if chart is None:
         chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode",

@@ -269,11 +269,11 @@ class RunHandle:
     def _onSceneStartClose(self, caller=None, event=None) -> None:
         """The scene is closing: cancel, and forget the output nodes (they go with the scene; their
         IDs will be reused by new nodes). Never waits for the worker here, not to hold up the close."""
-        if self.finished:
-            self._release()
-            return
         self.updater.nodes.ids.clear()
         self.updater.nodes.series_ids.clear()
+        if self.finished:  # ended before, or the panel abandoned it first
+            self._release()
+            return
         self.abandon(timeout=0, reason="the scene was closed", notify=True)
 
     def _release(self) -> None:
@@ -491,7 +491,8 @@ class AnalysisLogicCore:
         between waits (Slicer: ``slicer.app.processEvents``, so the GUI keeps painting) and
         ``progressCallback(CompareProgress)``. :meth:`cancel` or closing the scene stops it within
         one iteration; the comparison then holds the runs that finished (``metadata["status"]``
-        is ``cancelled``). With ``show`` (and the scene still open) the result becomes nodes
+        is ``cancelled``); if no run of every model had finished, :meth:`cancel` raises
+        ``compare_models``' DeepDreamError and the scene closing returns None. With ``show`` (and the scene still open) the result becomes nodes
         (``scene.show_comparison``: a mean table per model and one chart of ``feature``, default
         the first); they are in ``self.comparisonNodes``. Returns the ``compare.Comparison``.
         """
@@ -555,12 +556,14 @@ class AnalysisLogicCore:
             job.cancel()  # only matters if the wait itself was interrupted
             job.join(30.0)
             job.release()
+        if job.sceneClosed:
+            _say(logCallback, "The scene was closed: the comparison was cancelled and is not shown.")
+            if job.error is not None and isinstance(job.error, DeepDreamError):
+                return None  # cancelled before one run of every model had ended: nothing to return
         if job.error is not None:
             raise job.error
         comparison = job.result
-        if job.sceneClosed:
-            _say(logCallback, "The scene was closed: the comparison was cancelled and is not shown.")
-        elif show:
+        if show and not job.sceneClosed:
             self.comparisonNodes = scene_mod.show_comparison(comparison, feature=feature, scene=self.scene)
         _say(logCallback, f"Comparison {comparison.metadata.get('status')}: {len(comparison.models)} models x "
                           f"{comparison.restarts} restarts.")
