@@ -6,17 +6,20 @@ discretisation anchored at ``floor(min / binWidth) * binWidth``, symmetric GLCM 
 13 directions (4 in-plane with force2D) averaged over directions, GLDM with alpha 0, marching-cubes
 mesh as pyradiomics' C code builds it). Formulas: the ``FORMULAS`` tables of each module and
 ``docs/native-features.md``. Everything runs in torch ops (no loop over voxels), so it releases the
-GIL and runs on the GPU when the tensors are there.
+GIL and runs on the GPU when the tensors are there; small regions on the CPU (the usual lesion of a
+dream) go through the same formulas in numpy (``native_small``), whose per-operation cost is a
+fraction of torch's.
 """
 
 from __future__ import annotations
 
-import math
+import functools
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from . import native_firstorder, native_shape, native_texture
+from . import native_firstorder, native_shape, native_small, native_texture
 from .native_common import Levels, discretize
 
 NATIVE_FEATURES_3D: frozenset[str] = (native_firstorder.NAMES | native_shape.NAMES_3D
@@ -29,6 +32,45 @@ TEXTURE_CLASSES = {"glcm_": native_texture.glcm, "gldm_": native_texture.gldm}
 TEXTURE_PREFIXES = tuple(TEXTURE_CLASSES)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What one call computes, by group: full names for the torch path, short names (without the
+    class prefix) for the numpy path; ``levels``: the grey levels are needed."""
+
+    names: tuple[str, ...]
+    firstorder_full: frozenset
+    shape3d_full: frozenset
+    shape2d_full: frozenset
+    texture_full: frozenset
+    firstorder: frozenset
+    shape3d: frozenset
+    shape2d: frozenset
+    glcm: frozenset
+    gldm: frozenset
+    levels: bool
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(names: tuple[str, ...], force2d: bool) -> _Plan:
+    unknown = sorted(set(names) - (NATIVE_FEATURES_2D if force2d else NATIVE_FEATURES_3D))
+    if unknown:
+        kind = "2D (force2d=True)" if force2d else "3D"
+        raise ValueError(f"No native {kind} implementation of {', '.join(unknown)}; "
+                         f"use the pyradiomics backend for these, or choose from NATIVE_FEATURES.")
+
+    def group(prefix):
+        full = frozenset(n for n in names if n.startswith(prefix))
+        return full, frozenset(n[len(prefix):] for n in full)
+
+    fo_full, fo = group("firstorder_")
+    sh3_full, sh3 = group("shape_")
+    sh2_full, sh2 = group("shape2D_")
+    glcm_full, glcm = group("glcm_")
+    gldm_full, gldm = group("gldm_")
+    levels = bool(glcm or gldm or fo & {"Entropy", "Uniformity"})
+    return _Plan(names, fo_full, sh3_full, sh2_full, glcm_full | gldm_full, fo, sh3, sh2, glcm, gldm, levels)
+
+
 def _as_tensor(a, dtype=None) -> torch.Tensor:
     if isinstance(a, torch.Tensor):
         return a.detach() if dtype is None else a.detach().to(dtype)
@@ -36,7 +78,40 @@ def _as_tensor(a, dtype=None) -> torch.Tensor:
     return t if dtype is None else t.to(dtype)
 
 
-def compute_native(image, mask, spacing, names, bin_width: float = 25.0, force2d: bool = False) -> dict[str, float]:
+def _on_cpu(a) -> bool:
+    return not isinstance(a, torch.Tensor) or a.device.type == "cpu"
+
+
+def _as_numpy_image(a) -> np.ndarray:
+    """float32/float64 numpy view or copy of a CPU image (other dtypes as float32, which is what
+    the torch path's binning uses for them)."""
+    if isinstance(a, torch.Tensor):
+        a = a.detach()
+        if a.dtype not in (torch.float32, torch.float64):
+            a = a.to(torch.float32)
+        return a.cpu().numpy()
+    a = np.asarray(a)
+    return a if a.dtype in (np.float32, np.float64) else a.astype(np.float32)
+
+
+def _as_numpy_mask(a) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu().numpy()
+    a = np.asarray(a)
+    return a if a.dtype == np.bool_ else a.astype(bool)
+
+
+def _bbox(m: np.ndarray) -> tuple[slice, ...]:
+    """Slices of the bounding box of the non-empty bool mask [k, j, i]."""
+    out = []
+    for axis in range(3):
+        hit = np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != axis)))
+        out.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(out)
+
+
+def compute_native(image, mask, spacing, names, bin_width: float = 25.0, force2d: bool = False,
+                   impl: str = "auto") -> dict[str, float]:
     """Features of ``image`` inside ``mask``, named and valued as pyradiomics does.
 
     image: float [k, j, i] (torch tensor on any device, or numpy), image units (HU for CT); float32
@@ -47,16 +122,37 @@ def compute_native(image, mask, spacing, names, bin_width: float = 25.0, force2d
     bin_width: pyradiomics' binWidth (image units) for entropy, uniformity and textures.
     force2d: the arrays are [1, j, i]; shape features are shape2D and texture matrices in-plane only
       (pyradiomics' force2D with force2Ddimension 0).
+    impl: ``auto`` (numpy for CPU arrays whose mask's bounding box holds at most
+      ``native_small.SMALL_BOX_VOXELS`` voxels, where it is several times faster; torch otherwise),
+      ``torch`` or ``numpy`` to force one (the values agree to rounding).
 
     Returns ``{name: float}``; every value is NaN when the mask has fewer than 2 voxels (pyradiomics
     refuses single-voxel masks). The arrays are cropped to the mask's bounding box first.
     """
-    names = list(names)
-    unknown = sorted(set(names) - (NATIVE_FEATURES_2D if force2d else NATIVE_FEATURES_3D))
-    if unknown:
-        kind = "2D (force2d=True)" if force2d else "3D"
-        raise ValueError(f"No native {kind} implementation of {', '.join(unknown)}; "
-                         f"use the pyradiomics backend for these, or choose from NATIVE_FEATURES.")
+    if impl not in ("auto", "torch", "numpy"):
+        raise ValueError(f"impl must be 'auto', 'torch' or 'numpy', got {impl!r}.")
+    plan = _plan(tuple(names), bool(force2d))
+    if impl == "numpy" or (impl == "auto" and _on_cpu(image) and _on_cpu(mask)):
+        img = _as_numpy_image(image)
+        msk = _as_numpy_mask(mask)
+        if img.shape != msk.shape or img.ndim != 3:
+            raise ValueError(f"image and mask must be [k, j, i] arrays of the same shape, got {tuple(img.shape)} and {tuple(msk.shape)}.")
+        if force2d and img.shape[0] != 1:
+            raise ValueError(f"force2d needs arrays of shape [1, j, i], got {tuple(img.shape)}.")
+        if not plan.names or np.count_nonzero(msk) < 2:
+            return {n: float("nan") for n in plan.names}
+        box = _bbox(msk)
+        img, msk = img[box], msk[box]
+        if impl == "numpy" or msk.size <= native_small.SMALL_BOX_VOXELS:
+            out = native_small.compute(img, msk, spacing, plan, bin_width, bool(force2d))
+            return {n: float(out[n]) for n in plan.names}
+        image, mask = torch.from_numpy(np.ascontiguousarray(img)), torch.from_numpy(np.ascontiguousarray(msk))
+    return _compute_torch(image, mask, spacing, plan, bin_width, force2d)
+
+
+def _compute_torch(image, mask, spacing, plan: _Plan, bin_width: float, force2d: bool) -> dict[str, float]:
+    """The torch implementation of :func:`compute_native` (any device)."""
+    names = list(plan.names)
     result = {n: float("nan") for n in names}
     img = _as_tensor(image)
     if not img.is_floating_point():
@@ -75,23 +171,20 @@ def compute_native(image, mask, spacing, names, bin_width: float = 25.0, force2d
     sl = tuple(slice(a, b) for a, b in zip(lo, hi))
     img, msk = img[sl], msk[sl]
     sx, sy, sz = (float(s) for s in spacing)
-    wanted = set(names)
     values = img[msk]
     out: dict[str, torch.Tensor] = {}
-    tex = {n for n in wanted if n.startswith(TEXTURE_PREFIXES)}
-    fo = {n for n in wanted if n.startswith("firstorder_")}
+    tex = set(plan.texture_full)
+    fo = set(plan.firstorder_full)
     hist = None
-    if tex or fo & {"firstorder_Entropy", "firstorder_Uniformity"}:
+    if plan.levels:
         level = discretize(values, bin_width)  # computed once, shared by entropy and the textures
         hist = torch.bincount(level)
     if fo:
         out.update(native_firstorder.compute(values, fo, bin_width, sx * sy * sz, hist))
-    sh3 = {n for n in wanted if n.startswith("shape_")}
-    if sh3:
-        out.update(native_shape.compute_3d(msk, (sz, sy, sx), sh3))
-    sh2 = {n for n in wanted if n.startswith("shape2D_")}
-    if sh2:
-        out.update(native_shape.compute_2d(msk[0], (sy, sx), sh2))
+    if plan.shape3d_full:
+        out.update(native_shape.compute_3d(msk, (sz, sy, sx), set(plan.shape3d_full)))
+    if plan.shape2d_full:
+        out.update(native_shape.compute_2d(msk[0], (sy, sx), set(plan.shape2d_full)))
     if tex:
         lv = Levels.build(msk, level, hist)
         for prefix, fn in TEXTURE_CLASSES.items():
@@ -101,6 +194,5 @@ def compute_native(image, mask, spacing, names, bin_width: float = 25.0, force2d
     for n in names:
         v = out.get(n)
         if v is not None:
-            v = float(v)
-            result[n] = v if math.isfinite(v) or math.isnan(v) else v
+            result[n] = float(v)
     return result
