@@ -1,6 +1,6 @@
 """Reproduce the paper's experiments (Couteaux et al. 2019, sections 3.1 and 3.2) on real CT.
 
-    python scripts/reproduce.py --out results/reproduce          # what `make reproduce` runs
+    python scripts/reproduce.py --out results/reproduce          # what `make reproduce` runs (about 25 min)
     python scripts/reproduce.py --out /tmp/smoke --quick         # a smoke run (minutes; numbers meaningless)
 
 Data: axial slices of LiTS volume 117 (128^3, CC BY-NC-SA 4.0; `make data` fetches it), tumours
@@ -8,33 +8,49 @@ inpainted away for the "healthy" slices (DeepDreamAnalysisLib.lits). Assumed spa
 in-plane, 3.0 mm between slices (not recorded in the files). Slices 38-50 are held out for
 validation (35-37 and 51-53 unused), training uses the others (scripts/training.py).
 
+Dreams and statistics. Every dream starts on held-out healthy slice 44, at each of
+``--seed-points`` (4) seed points in its liver, chosen deterministically (:func:`seed_points`: the
+demo seed, the liver voxel deepest inside the liver, then farthest-point sampling among the liver
+voxels at least MIN_DEPTH voxels inside the liver and 16 from the image border), with
+``--restarts`` (2) random restarts each (DeepDreamAnalysisLib.compare.compare_models, one call per
+seed point; restart noise 10 HU on the healthy slice, a fresh white noise per restart and seed
+point for the noise start). Every network of a comparison sees the same start images. The unit of
+the statistics is the seed point (its restarts are averaged): per network and feature, the mean
+over the seed points and its 95 % Student-t confidence interval. A claim "A above B" is judged on
+the paired differences A - B over the seed points: **holds** when the difference's 95 % interval
+lies entirely on the claimed side, **does not hold** when it lies entirely on the other side,
+**inconclusive (difference within spread)** otherwise.
+
 Section 3.1, the controlled experiment (the paper used COCO cats and dogs; here liver CT):
 networks G_p, p in {0, 0.2, 0.5, 0.9, 1.0}, learn to segment synthetic low-contrast hypointense
 lesions in healthy slices; each training lesion is marked with probability p by a texture of
 135-degree line segments with random positions and intensities (synthetic.MarkedLesions). Dice is
 measured on the held-out slices with *unmarked* lesions (and, for information, with every lesion
-marked). Each network dreams at one seed in the liver of held-out slice 44, from the same white
-noise and from the healthy slice. The characteristic feature is measured on the dream in a 31 x 31
-voxel window around the seed: ``line135_response`` (the paper's maximum response of a 135-degree
-line filter) and ``line135_selectivity`` (its contrast-normalised variant, (E135 - E45)/(E135 + E45),
-see features/custom.py); the same two features inside the dreamed mask's bounding box come from the
-analysis itself. Claim: the networks that rely on the marking (unmarked Dice below half of G_0's)
-show the characteristic feature rising in their dreams, the networks robust to it (Dice within 0.1
-of G_0's) do not; checked twice: with the contrast-normalised selectivity (a gain >= 0.15 over the
-dream) and with the paper's raw maximum response (every relying network ends above every robust one). The white noise is liver-like (100 +- 20 HU).
+marked). Each network dreams from liver-like white noise (100 +- 20 HU) and from the healthy slice.
+The characteristic feature is measured on the dream in a 31 x 31 voxel window around the seed:
+``line135_response`` (the paper's maximum response of a 135-degree line filter) and
+``line135_selectivity`` (its contrast-normalised variant, (E135 - E45)/(E135 + E45), see
+features/custom.py). Networks are grouped by unmarked Dice: relying on the marking (below half of
+G_0's), robust (within 0.1 of G_0's), intermediate (neither; not part of the claim). Claim: every
+relying network ends its dream with a higher characteristic feature than every robust network
+(paired over seed points, per start and per feature). Two markings, each with its own five
+networks: ``thin`` (the original one-voxel rasterised segments) and ``antialiased`` (the same
+random draws drawn as anti-aliased segments 2 voxels wide, synthetic.LineMarking(width=2)); the
+second is the one fix tried for the selectivity failure of the first run (G_1 dreamed an
+unoriented checkerboard), chosen before any run with it and not tuned afterwards.
 
 Section 3.2: a network trained on the real tumours against one trained on synthetic round
 hypointense lesions; a network trained on synthetic elongated lesions against the round one.
-All three dream from the healthy slice at the same seed with random restarts
-(DeepDreamAnalysisLib.compare; restart noise 10 HU), features normalised against the real tumours
-of the held-out slices. Claims: the real-tumour network is more sensitive to low intensity (its
-dreams' RMS intensity falls further); the elongated-lesion network is more sensitive to elongation
-(its dreams are more elongated, i.e. lower pyradiomics Elongation).
+All three dream from the healthy slice, features z-scored against the real tumours of the held-out
+slices. Claims: the real-tumour network is more sensitive to low intensity (its dreams' final RMS
+intensity is lower; secondary: its RMS sensitivity score is higher); the elongated-lesion network
+is more sensitive to elongation (its dreams' final pyradiomics Elongation is lower, i.e. more
+elongated; secondary: its Elongation sensitivity score is higher).
 
 Smaller than the paper: 2D MONAI UNets with 8/16/32 channels, 40 epochs; 600 dream iterations of
-the paper's plain update X <- X + 300 * dlogit/dX (HU). Everything is written into --out: tables (CSV and markdown), figures (PNG),
-``results.md`` (tables, claims), ``results.json``, the trained networks (``models/``). Runs in about
-10 minutes on 2 CPU cores (``--epochs`` and ``--iterations`` trade time for quality).
+the paper's plain update X <- X + 300 * dlogit/dX (HU). Everything is written into --out: tables
+(CSV and markdown, per-run CSVs), figures (PNG), ``results.md`` (tables, verdicts),
+``results.json``, the trained networks (``models/``).
 """
 
 from __future__ import annotations
@@ -54,13 +70,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import training  # noqa: E402
 from DeepDreamAnalysisLib import lits  # noqa: E402
-from DeepDreamAnalysisLib.synthetic import HypointenseLesions, MarkedLesions  # noqa: E402
+from DeepDreamAnalysisLib.synthetic import HypointenseLesions, LineMarking, MarkedLesions, distance_to_outside  # noqa: E402
 
 PS = (0.0, 0.2, 0.5, 0.9, 1.0)
 WINDOW = 31
 """Side (voxels) of the square window around the seed where the characteristic feature is measured."""
 CONTRAST_31 = (15.0, 35.0)
 """Lesion contrast (HU) of section 3.1: subtle next to the marking (lines of +40..+120 HU)."""
+MARKINGS = {"thin": None, "antialiased": 2.0}
+"""Section 3.1 marking variants: name -> synthetic.LineMarking width (None: one-voxel rasterised)."""
 FEATURES_31 = ("firstorder_RootMeanSquared", "shape2D_MaximumDiameter", "line135_response", "line135_selectivity")
 FEATURES_32 = ("firstorder_RootMeanSquared", "shape2D_MaximumDiameter", "shape2D_Elongation",
                "firstorder_Entropy", "shape2D_Sphericity", "glcm_Contrast")
@@ -74,8 +92,15 @@ NOISE_MEAN, NOISE_STD = 100.0, 20.0
 """The white-noise start (HU): the healthy liver's mean and about its texture, so that the start has no
 foreground (the method's premise); the engine's default (the window's centre and a sixth of its
 width, 75 +- 58 HU) already looks like a marked lesion to G_1 (p(seed) 0.995 at the start)."""
-RISE = 0.15
-"""The characteristic feature 'rises' when the window selectivity gains at least this much over the dream."""
+RESTART_NOISE = 10.0
+"""Restart noise (HU) added to the healthy slice for restarts 1, 2, ... (compare.py's default)."""
+MIN_DEPTH = 15
+"""Seed points lie at least this many voxels (24 mm at the assumed 1.6 mm) inside the liver, so that the
+31 x 31 window around them is (nearly) all liver."""
+T975 = (math.nan, 12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086)
+"""Two-sided 95 % Student-t quantiles by degrees of freedom (index); 1.96 beyond."""
+HOLDS, NOT_HOLDS, INCONCLUSIVE = "holds", "does not hold", "inconclusive (difference within spread)"
 
 
 @dataclasses.dataclass
@@ -83,18 +108,119 @@ class Settings:
     epochs: int = 40
     iterations: int = 600
     step: float = 300.0
-    restarts: int = 3
+    restarts: int = 2
+    seed_points: int = 4
     threads: int = 1
     seed: int = 0
     snapshot_every: int = 10
     feature_every: int = 2
+    markings: tuple = ("thin", "antialiased")
 
 
 def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-# ----------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------- statistics
+
+
+def mean_ci(values) -> dict:
+    """Mean, sample standard deviation and 95 % Student-t confidence interval of the finite values.
+
+    ``{"mean", "sd", "lo", "hi", "n"}``; the interval is NaN with fewer than 2 values, the mean NaN
+    with none."""
+    a = np.asarray([v for v in values if v is not None], dtype=float)
+    a = a[np.isfinite(a)]
+    n = int(a.size)
+    if n == 0:
+        return {"mean": math.nan, "sd": math.nan, "lo": math.nan, "hi": math.nan, "n": 0}
+    m = float(a.mean())
+    if n < 2:
+        return {"mean": m, "sd": math.nan, "lo": math.nan, "hi": math.nan, "n": 1}
+    sd = float(a.std(ddof=1))
+    t = T975[n - 1] if n - 1 < len(T975) else 1.96
+    half = t * sd / math.sqrt(n)
+    return {"mean": m, "sd": sd, "lo": m - half, "hi": m + half, "n": n}
+
+
+def unit_means(runs, key: str, **match) -> dict:
+    """``{seed_point: mean of runs[key] over its restarts}`` for the runs whose fields equal ``match``
+    (NaN values skipped; a seed point with none is left out)."""
+    acc: dict = {}
+    for r in runs:
+        if all(r.get(k) == v for k, v in match.items()):
+            v = r.get(key)
+            if v is not None and math.isfinite(v):
+                acc.setdefault(r["seed_point"], []).append(float(v))
+    return {u: float(np.mean(v)) for u, v in sorted(acc.items())}
+
+
+def paired_verdict(a: dict, b: dict, expected: str) -> dict:
+    """Is ``a`` above (``expected=">"``) or below (``"<"``) ``b``? Paired over the units both have.
+
+    Returns the difference a - b (mean and 95 % interval over the units) and the verdict: ``holds``
+    when the interval lies entirely on the expected side of 0, ``does not hold`` when entirely on the
+    other side, ``inconclusive (difference within spread)`` otherwise, ``not testable`` with fewer
+    than 2 common units."""
+    if expected not in (">", "<"):
+        raise ValueError("expected must be '>' or '<'")
+    units = sorted(set(a) & set(b))
+    diffs = [a[u] - b[u] for u in units]
+    ci = mean_ci(diffs)
+    if ci["n"] < 2:
+        verdict = f"not testable ({ci['n']} seed point(s) where both dreamed a value)"
+    else:
+        sign = 1.0 if expected == ">" else -1.0
+        lo, hi = sorted((sign * ci["lo"], sign * ci["hi"]))
+        verdict = HOLDS if lo > 0 else NOT_HOLDS if hi < 0 else INCONCLUSIVE
+    return {"expected": expected, "diff_mean": ci["mean"], "diff_lo": ci["lo"], "diff_hi": ci["hi"], "n": ci["n"],
+            "verdict": verdict}
+
+
+def combine_verdicts(verdicts) -> str:
+    """One verdict for a claim made of several comparisons that must all hold."""
+    verdicts = list(verdicts)
+    if not verdicts:
+        return "not testable (no comparison)"
+    if all(v == HOLDS for v in verdicts):
+        return HOLDS
+    if any(v == NOT_HOLDS for v in verdicts):
+        return NOT_HOLDS
+    if any(v.startswith("not testable") for v in verdicts) and not any(v == INCONCLUSIVE for v in verdicts):
+        return "not testable"
+    return INCONCLUSIVE
+
+
+def _ci_text(c: dict, fmt: str = ".3f") -> str:
+    if not math.isfinite(c["mean"]):
+        return "n/a"
+    if not math.isfinite(c["lo"]):
+        return format(c["mean"], fmt)
+    return f"{format(c['mean'], fmt)} [{format(c['lo'], fmt)}, {format(c['hi'], fmt)}]"
+
+
+# ----------------------------------------------------------------------------- seed points and training
+
+
+def seed_points(liver: np.ndarray, n: int, min_depth: float = MIN_DEPTH, border: int = 16) -> list[tuple[int, int]]:
+    """``n`` seed points ``(i, j)`` in ``liver`` (bool ``[j, i]``), deterministic.
+
+    The first is :func:`lits.choose_seed` (the demo seed: the liver voxel deepest inside the liver);
+    each next one is the candidate farthest (Euclidean, voxels) from the points chosen so far, ties to
+    the smallest (j, i); candidates are the liver voxels at least ``min_depth`` voxels from the liver
+    boundary and ``border`` voxels from the image edge. Fewer than ``n`` when candidates run out."""
+    first = lits.choose_seed(liver, border=border)
+    ok = distance_to_outside(liver) >= min_depth
+    ok[:border, :] = ok[-border:, :] = False
+    ok[:, :border] = ok[:, -border:] = False
+    jj, ii = np.nonzero(ok)
+    pts = [first]
+    dmin = np.hypot(ii - first[0], jj - first[1])
+    while len(pts) < n and dmin.size and dmin.max() > 0:
+        k = int(np.argmax(dmin))
+        pts.append((int(ii[k]), int(jj[k])))
+        dmin = np.minimum(dmin, np.hypot(ii - ii[k], jj - jj[k]))
+    return pts
 
 
 def train_or_load(name: str, out: Path, settings: Settings, train, val, lesion_fn, val_lesion_fn="same",
@@ -119,6 +245,34 @@ def dice_on(model, val, lesion_fn, seed: int) -> float:
     return float(training.evaluate(model.network, imgs, labs)["dice"])
 
 
+def _last_finite(a) -> float:
+    a = np.asarray(a, float)
+    a = a[np.isfinite(a)]
+    return float(a[-1]) if a.size else math.nan
+
+
+def _first_finite(a) -> float:
+    a = np.asarray(a, float)
+    a = a[np.isfinite(a)]
+    return float(a[0]) if a.size else math.nan
+
+
+def _f(v, fmt="+.3f") -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
+
+
+def _dream_config(settings: Settings, features, start: str, random_seed: int):
+    from DeepDreamAnalysisLib.config import AnalysisConfig, DreamConfig, FeatureConfig
+
+    noise = start == "noise"
+    return AnalysisConfig(
+        dream=DreamConfig(iterations=settings.iterations, step=settings.step, start="noise" if noise else "image",
+                          noise_mean=NOISE_MEAN if noise else None, noise_std=NOISE_STD if noise else None,
+                          random_seed=random_seed, device="cpu"),
+        features=FeatureConfig(names=features, every=settings.feature_every),
+        snapshot_every=settings.snapshot_every)
+
+
 # ----------------------------------------------------------------------------- section 3.1
 
 
@@ -135,165 +289,199 @@ def window_features(image_crop: np.ndarray, seed_in_crop: tuple[int, int]) -> tu
     return line135_response(img, mask[None]), line135_selectivity(img, mask[None])
 
 
-def section_31(out: Path, settings: Settings, volume, train, val, demo_volume, seed, reuse: bool) -> dict:
-    from DeepDreamAnalysisLib.analysis import run_analysis
-    from DeepDreamAnalysisLib.config import AnalysisConfig, DreamConfig, FeatureConfig
+WINDOW_KEYS = ("window_response", "window_selectivity")
+STARTS = ("noise", "healthy")
 
-    d = out / "section3.1"
+
+def section_31(out: Path, settings: Settings, train_h, val_h, demo_volume, points, reuse: bool,
+               variant: str = "thin") -> dict:
+    """Section 3.1 with the marking ``variant`` (a key of MARKINGS): train G_p, measure Dice, dream
+    every network at every seed point from both starts; write tables, per-run CSV and the figure."""
+    from DeepDreamAnalysisLib.compare import compare_models
+
+    width = MARKINGS[variant]
+    suffix = "" if variant == "thin" else "_aa"
+    d = out / ("section3.1" if variant == "thin" else f"section3.1_{variant}")
     d.mkdir(parents=True, exist_ok=True)
     base = HypointenseLesions(contrast_hu=CONTRAST_31)
-    rows, curves = [], {}
-    dreams = {}
+    marking = LineMarking(width=width)
+    models, dice_rows = {}, []
     for p in PS:
-        name = f"G_{p:g}"
-        model, tlog = train_or_load(name, out, settings, train, val, MarkedLesions(base=base, p=p), val_lesion_fn=base,
-                                    description=f"section 3.1: lesions marked by 135-degree lines with probability {p:g}",
-                                    reuse=reuse)
-        dice_unmarked = float(tlog["val_dice"])
-        dice_marked = dice_on(model, val, MarkedLesions(base=base, p=1.0), settings.seed)
-        row = {"p": p, "network": name, "dice_unmarked": dice_unmarked, "dice_marked": dice_marked}
-        for start in ("noise", "healthy"):
-            cfg = AnalysisConfig(
-                dream=DreamConfig(iterations=settings.iterations, step=settings.step,
-                                  start="noise" if start == "noise" else "image", noise_mean=NOISE_MEAN,
-                                  noise_std=NOISE_STD, random_seed=0, device="cpu"),
-                features=FeatureConfig(names=FEATURES_31, every=settings.feature_every),
-                snapshot_every=settings.snapshot_every)
-            t0 = time.perf_counter()
-            res = run_analysis(demo_volume, seed, model, cfg)
-            crop_seed = (seed[1] - res.crop.start[1], seed[0] - res.crop.start[2])
-            snaps = [(s.iteration, *window_features(s.image[0], crop_seed)) for s in res.snapshots]
-            its = np.array([s[0] for s in snaps])
-            resp = np.array([s[1] for s in snaps])
-            sel = np.array([s[2] for s in snaps])
-            curves[(name, start)] = (its, resp, sel, res)
-            dreams[(name, start)] = (res.snapshots[0].image[0], res.snapshots[-1].image[0], res.snapshots[-1].mask[0], crop_seed)
-            mask_resp = _last_finite(res.column("line135_response"))
-            mask_sel = _last_finite(res.column("line135_selectivity"))
-            row.update({
-                f"{start}_p_final": res.steps[-1].probability,
-                f"{start}_first_above_0.5": res.first_iteration_above(0.5),
-                f"{start}_mask_final": res.steps[-1].mask_voxels,
-                f"{start}_window_response_start": float(resp[0]),
-                f"{start}_window_response_final": float(resp[-1]),
-                f"{start}_window_selectivity_start": float(sel[0]),
-                f"{start}_window_selectivity_final": float(sel[-1]),
-                f"{start}_mask_response_final": mask_resp,
-                f"{start}_mask_selectivity_final": mask_sel,
-            })
-            log(f"  {name} dream from {start}: p(seed) {res.steps[0].probability:.3f} -> {res.steps[-1].probability:.3f}, "
-                f"window selectivity {sel[0]:+.3f} -> {sel[-1]:+.3f}, response {resp[0]:.1f} -> {resp[-1]:.1f} HU "
-                f"({time.perf_counter() - t0:.0f} s)")
-        rows.append(row)
-    _write_table(rows, d / "table_3_1.csv")
-    _plot_31(d / "fig4_characteristic_feature.png", rows, curves, dreams)
-    claim = _claim_31(rows)
-    (d / "table_3_1.md").write_text(_table_31_md(rows) + "\n")
-    return {"rows": rows, "claim": claim}
+        name = f"G_{p:g}{suffix}"
+        model, tlog = train_or_load(
+            name, out, settings, train_h, val_h, MarkedLesions(base=base, p=p, marking=marking), val_lesion_fn=base,
+            description=f"section 3.1: lesions marked by 135-degree lines ({variant}) with probability {p:g}",
+            reuse=reuse)
+        models[name] = model
+        dice_rows.append({"p": p, "network": name, "dice_unmarked": float(tlog["val_dice"]),
+                          "dice_marked": dice_on(model, val_h, MarkedLesions(base=base, p=1.0, marking=marking),
+                                                 settings.seed)})
+    runs, curves, example = [], {}, {}
+    t0 = time.perf_counter()
+    for start in STARTS:
+        for s, (i, j) in enumerate(points):
+            seed = (i, j, 0)
+            cfg = _dream_config(settings, FEATURES_31, start, random_seed=1000 * s)
+            comp = compare_models(demo_volume, seed, models, cfg, None, restarts=settings.restarts,
+                                  restart_noise_std=RESTART_NOISE)
+            for name, results in comp.results.items():
+                for r, res in enumerate(results):
+                    crop_seed = (seed[1] - res.crop.start[1], seed[0] - res.crop.start[2])
+                    snaps = [(sn.iteration, *window_features(sn.image[0], crop_seed)) for sn in res.snapshots]
+                    its = np.array([x[0] for x in snaps])
+                    resp = np.array([x[1] for x in snaps])
+                    sel = np.array([x[2] for x in snaps])
+                    curves.setdefault((name, start), []).append((its, resp, sel))
+                    if s == 0 and r == 0:
+                        example[(name, start)] = (res.snapshots[-1].image[0], res.snapshots[-1].mask[0], crop_seed)
+                    runs.append({
+                        "network": name, "start": start, "seed_point": s, "seed_i": i, "seed_j": j, "restart": r,
+                        "random_seed": comp.metadata["random_seeds"][r], "status": res.status,
+                        "p_start": res.steps[0].probability, "p_final": res.steps[-1].probability,
+                        "first_above_0.5": res.first_iteration_above(0.5),
+                        "mask_final": res.steps[-1].mask_voxels,
+                        "window_response_start": float(resp[0]), "window_response_final": float(resp[-1]),
+                        "window_selectivity_start": float(sel[0]), "window_selectivity_final": float(sel[-1]),
+                        "window_response_gain": float(resp[-1] - resp[0]),
+                        "window_selectivity_gain": float(sel[-1] - sel[0]),
+                        "mask_response_final": _last_finite(res.column("line135_response")),
+                        "mask_selectivity_final": _last_finite(res.column("line135_selectivity")),
+                    })
+            log(f"  {variant}, {start} start, seed point {s} (i, j) = ({i}, {j}): {len(models)} networks x "
+                f"{comp.restarts} restarts ({time.perf_counter() - t0:.0f} s so far)")
+    claim = claim_31(dice_rows, runs)
+    summary = summarise_31(dice_rows, runs)
+    _write_table(runs, d / "runs_3_1.csv")
+    _write_table(summary, d / "table_3_1.csv")
+    (d / "table_3_1.md").write_text(_table_31_md(summary) + "\n")
+    _plot_31(d / "fig4_characteristic_feature.png", variant, summary, curves, example, models)
+    return {"variant": variant, "marking_width": width, "dice": dice_rows, "summary": summary, "claim": claim,
+            "runs": len(runs), "dream_seconds": round(time.perf_counter() - t0, 1)}
 
 
-def _last_finite(a) -> float:
-    a = np.asarray(a, float)
-    a = a[np.isfinite(a)]
-    return float(a[-1]) if a.size else math.nan
-
-
-def _claim_31(rows) -> dict:
-    g0 = next(r for r in rows if r["p"] == 0.0)["dice_unmarked"]
-    out = {"baseline_dice": g0, "relying": [], "not_relying": [], "intermediate": [], "by_start": {}}
-    for r in rows:
+def dice_groups(dice_rows) -> dict:
+    """Networks grouped by unmarked Dice against G_0's: relying, not_relying (robust), intermediate."""
+    g0 = next(r for r in dice_rows if r["p"] == 0.0)["dice_unmarked"]
+    out = {"baseline_dice": g0, "relying": [], "not_relying": [], "intermediate": []}
+    for r in dice_rows:
         if r["dice_unmarked"] >= g0 - NEAR_BASELINE:
             out["not_relying"].append(r["network"])
         elif r["dice_unmarked"] < RELIES * g0:
             out["relying"].append(r["network"])
         else:
             out["intermediate"].append(r["network"])
-    for start in ("noise", "healthy"):
-        rises = {r["network"]: r[f"{start}_window_selectivity_final"] - r[f"{start}_window_selectivity_start"] for r in rows}
-        rising = [n for n, v in rises.items() if v >= RISE]
-        judged = set(out["relying"]) | set(out["not_relying"])
-        holds = bool(out["relying"]) and set(rising) & judged == set(out["relying"])
-        dice = np.array([r["dice_unmarked"] for r in rows])
-        sel = np.array([r[f"{start}_window_selectivity_final"] for r in rows])
-        resp = {r["network"]: r[f"{start}_window_response_final"] for r in rows}
-        robust_max = max((resp[n] for n in out["not_relying"]), default=math.nan)
-        resp_holds = bool(out["relying"]) and all(resp[n] > robust_max for n in out["relying"])
-        out["by_start"][start] = {
-            "selectivity_gain": rises, "rising": rising, "holds": holds,
-            "spearman_dice_vs_final_selectivity": _spearman(dice, sel),
-            "final_response": resp, "response_holds": resp_holds,
-            "spearman_dice_vs_final_response": _spearman(dice, np.array([resp[r["network"]] for r in rows])),
-        }
     return out
 
 
-def _spearman(a, b) -> float:
-    ok = np.isfinite(a) & np.isfinite(b)
-    if ok.sum() < 3:
-        return math.nan
-    ra, rb = np.argsort(np.argsort(a[ok])), np.argsort(np.argsort(b[ok]))
-    if ra.std() == 0 or rb.std() == 0:
-        return math.nan
-    return float(np.corrcoef(ra, rb)[0, 1])
+def claim_31(dice_rows, runs) -> dict:
+    """The section 3.1 verdicts: per start and per window feature (final response, final selectivity),
+    every relying network above every robust one, paired over seed points (:func:`paired_verdict`)."""
+    out = dice_groups(dice_rows)
+    out["by_start"] = {}
+    for start in STARTS:
+        b = {}
+        for key in WINDOW_KEYS:
+            units = {r["network"]: unit_means(runs, f"{key}_final", network=r["network"], start=start)
+                     for r in dice_rows}
+            pairs = [{"relying": a, "robust": n, **paired_verdict(units[a], units[n], ">")}
+                     for a in out["relying"] for n in out["not_relying"]]
+            if not out["relying"] or not out["not_relying"]:
+                verdict = "not testable (no relying or no robust network)"
+            else:
+                verdict = combine_verdicts(p["verdict"] for p in pairs)
+            b[key] = {"verdict": verdict, "pairs": pairs}
+        out["by_start"][start] = b
+    return out
 
 
-def _table_31_md(rows) -> str:
-    lines = ["| p | Dice unmarked | Dice marked | noise start: selectivity start -> final | response final (HU) | "
-             "healthy start: selectivity start -> final | response final (HU) | mask selectivity final (noise / healthy) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
+def summarise_31(dice_rows, runs) -> list[dict]:
+    """One row per network and start: Dice, and mean [95 % CI] over seed points of the window features."""
+    rows = []
+    for dr in dice_rows:
+        for start in STARTS:
+            row = {"network": dr["network"], "p": dr["p"], "start": start, "dice_unmarked": dr["dice_unmarked"],
+                   "dice_marked": dr["dice_marked"]}
+            for key in ("window_response_final", "window_selectivity_final", "window_response_gain",
+                        "window_selectivity_gain", "mask_response_final", "mask_selectivity_final", "p_final"):
+                c = mean_ci(unit_means(runs, key, network=dr["network"], start=start).values())
+                row.update({f"{key}_mean": c["mean"], f"{key}_lo": c["lo"], f"{key}_hi": c["hi"]})
+            mine = [r for r in runs if r["network"] == dr["network"] and r["start"] == start]
+            row["window_response_start_mean"] = float(np.mean([r["window_response_start"] for r in mine]))
+            row["window_selectivity_start_mean"] = float(np.mean([r["window_selectivity_start"] for r in mine]))
+            row["runs"] = len(mine)
+            row["runs_reaching_0.5"] = sum(r["first_above_0.5"] is not None for r in mine)
+            rows.append(row)
+    return rows
+
+
+def _ci_cols(row, key, fmt) -> str:
+    return _ci_text({"mean": row[f"{key}_mean"], "lo": row[f"{key}_lo"], "hi": row[f"{key}_hi"]}, fmt)
+
+
+def _table_31_md(summary) -> str:
+    lines = ["| network | start | Dice unmarked | Dice marked | window response final (HU) | window selectivity "
+             "start -> final | selectivity gain | runs with p(seed) > 0.5 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in summary:
         lines.append(
-            f"| {r['p']:g} | {r['dice_unmarked']:.3f} | {r['dice_marked']:.3f} | "
-            f"{r['noise_window_selectivity_start']:+.3f} -> {r['noise_window_selectivity_final']:+.3f} | "
-            f"{r['noise_window_response_final']:.1f} | "
-            f"{r['healthy_window_selectivity_start']:+.3f} -> {r['healthy_window_selectivity_final']:+.3f} | "
-            f"{r['healthy_window_response_final']:.1f} | "
-            f"{_f(r['noise_mask_selectivity_final'])} / {_f(r['healthy_mask_selectivity_final'])} |")
+            f"| {r['network']} | {r['start']} | {r['dice_unmarked']:.3f} | {r['dice_marked']:.3f} | "
+            f"{_ci_cols(r, 'window_response_final', '.1f')} | {r['window_selectivity_start_mean']:+.3f} -> "
+            f"{_ci_cols(r, 'window_selectivity_final', '+.3f')} | {_ci_cols(r, 'window_selectivity_gain', '+.3f')} | "
+            f"{r['runs_reaching_0.5']}/{r['runs']} |")
     return "\n".join(lines)
 
 
-def _f(v, fmt="+.3f") -> str:
-    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
-
-
-def _plot_31(path: Path, rows, curves, dreams) -> None:
+def _plot_31(path: Path, variant: str, summary, curves, example, models) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(2, 4, figsize=(15, 7))
-    colours = plt.cm.viridis(np.linspace(0, 0.9, len(PS)))
-    for col, start in enumerate(("noise", "healthy")):
-        x0, xT, mT, (sj, si) = dreams[(f"G_{PS[-1]:g}", start)]
-        a = ax[col, 0]
+    names = list(models)
+    fig, ax = plt.subplots(2, 5, figsize=(18, 7))
+    colours = plt.cm.viridis(np.linspace(0, 0.9, len(names)))
+    for row, start in enumerate(STARTS):
+        xT, mT, (sj, si) = example[(names[-1], start)]
+        a = ax[row, 0]
         a.imshow(xT, cmap="gray", vmin=-100, vmax=250)
         a.contour(mT, levels=[0.5], colors="r", linewidths=0.8)
         a.plot(si, sj, "r+")
-        a.set_title(f"(a) dream of G_1 from {start} (final)", fontsize=9)
+        a.set_title(f"(a) {names[-1]} from {start}, seed point 0 (final)", fontsize=9)
         a.axis("off")
-        for n, p in enumerate(PS):
-            its, resp, sel, _ = curves[(f"G_{p:g}", start)]
-            ax[col, 1].plot(its, sel, color=colours[n], label=f"p={p:g}")
-            ax[col, 2].plot(its, resp, color=colours[n], label=f"p={p:g}")
-        ax[col, 1].set_title(f"(b) 135-degree selectivity ({start} start)", fontsize=9)
-        ax[col, 2].set_title(f"(b') max 135-degree response, HU ({start} start)", fontsize=9)
-        ax[col, 1].set_xlabel("iteration")
-        ax[col, 2].set_xlabel("iteration")
-        ax[col, 1].legend(fontsize=7)
-        a = ax[col, 3]
-        ps = [r["p"] for r in rows]
-        a.plot(ps, [r["dice_unmarked"] for r in rows], "o-", color="k", label="Dice (unmarked)")
-        a.set_ylim(0, 1)
-        a.set_xlabel("p")
-        b = a.twinx()
-        b.plot(ps, [r[f"{start}_window_selectivity_final"] for r in rows], "s--", color="tab:red", label="final selectivity")
-        b.set_ylabel("final selectivity", color="tab:red")
-        a.set_title(f"(c) Dice and final characteristic feature ({start})", fontsize=9)
-        a.legend(loc="lower left", fontsize=7)
-    fig.suptitle("Section 3.1 on LiTS 117: networks G_p trained with a 135-degree line marking of probability p", fontsize=10)
+        for n, name in enumerate(names):
+            cs = curves[(name, start)]
+            its = cs[0][0]
+            for col, k in ((1, 2), (2, 1)):
+                v = np.array([c[k] for c in cs if len(c[k]) == len(its)])
+                m, sd = v.mean(0), v.std(0)
+                ax[row, col].plot(its, m, color=colours[n], label=name)
+                ax[row, col].fill_between(its, m - sd, m + sd, color=colours[n], alpha=0.15, lw=0)
+        ax[row, 1].set_title(f"(b) 135-deg selectivity, mean +- sd of runs ({start})", fontsize=9)
+        ax[row, 2].set_title(f"(b') max 135-deg response (HU), mean +- sd ({start})", fontsize=9)
+        ax[row, 1].legend(fontsize=7)
+        for col in (1, 2):
+            ax[row, col].set_xlabel("iteration")
+        rows = [r for r in summary if r["start"] == start]
+        ps = np.array([r["p"] for r in rows])
+        for col, key, label in ((3, "window_response_final", "final response (HU)"),
+                                (4, "window_selectivity_final", "final selectivity")):
+            a = ax[row, col]
+            m = np.array([r[f"{key}_mean"] for r in rows])
+            lo = np.array([r[f"{key}_lo"] for r in rows])
+            hi = np.array([r[f"{key}_hi"] for r in rows])
+            a.errorbar(ps, m, yerr=[np.nan_to_num(m - lo), np.nan_to_num(hi - m)], fmt="s--", color="tab:red",
+                       capsize=3, label=f"{label}, mean, 95% CI")
+            a.set_xlabel("p")
+            a.set_ylabel(label, color="tab:red")
+            b = a.twinx()
+            b.plot(ps, [r["dice_unmarked"] for r in rows], "o-", color="k", label="Dice (unmarked)")
+            b.set_ylim(0, 1)
+            b.set_ylabel("Dice unmarked")
+            a.set_title(f"(c) Dice (black) and {label} ({start})", fontsize=9)
+    fig.suptitle(f"Section 3.1 on LiTS 117, marking '{variant}': networks G_p trained with a 135-degree line marking "
+                 f"of probability p; statistics over seed points x restarts", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=70)
+    fig.savefig(path, dpi=60)
     plt.close(fig)
 
 
@@ -322,16 +510,24 @@ def real_reference(volume, val_k):
     return compute_reference(pairs, fs), len(pairs)
 
 
-def section_32(out: Path, settings: Settings, volume, train_h, val_h, train_r, val_r, val_k, demo_volume, seed,
+CLAIMS_32 = {
+    # key: (feature, quantity, network expected ..., relation, other network)
+    "intensity": ("firstorder_RootMeanSquared", "final", "real", "<", "synthetic_round"),
+    "intensity_score": ("firstorder_RootMeanSquared", "score", "real", ">", "synthetic_round"),
+    "elongation": ("shape2D_Elongation", "final", "synthetic_elongated", "<", "synthetic_round"),
+    "elongation_score": ("shape2D_Elongation", "score", "synthetic_elongated", ">", "synthetic_round"),
+}
+"""The section 3.2 claims: final raw value (primary) and sensitivity score against the real tumours (secondary)."""
+
+
+def section_32(out: Path, settings: Settings, volume, train_h, val_h, train_r, val_r, val_k, demo_volume, points,
                reuse: bool) -> dict:
-    from DeepDreamAnalysisLib.compare import compare_models, plot_comparison, write_comparison
-    from DeepDreamAnalysisLib.config import AnalysisConfig, DreamConfig, FeatureConfig
+    from DeepDreamAnalysisLib.compare import _assemble, compare_models, plot_comparison, write_comparison
 
     d = out / "section3.2"
     d.mkdir(parents=True, exist_ok=True)
     round_l, elong_l = HypointenseLesions(shape="round"), HypointenseLesions(shape="elongated")
-    nets = {}
-    dice = {}
+    nets, dice = {}, {}
     m, t = train_or_load("real", out, settings, train_r, val_r, None, description="section 3.2: real LiTS tumours", reuse=reuse)
     nets["real"], dice["real"] = m, {"own": t["val_dice"]}
     m, t = train_or_load("synthetic_round", out, settings, train_h, val_h, round_l,
@@ -348,98 +544,77 @@ def section_32(out: Path, settings: Settings, volume, train_h, val_h, train_r, v
         dice[name]["synthetic_elongated"] = dice_on(model, val_h, elong_l, settings.seed)
     reference, n_lesions = real_reference(volume, val_k)
     log(f"  reference: {n_lesions} real tumour cross-sections in the held-out slices")
-    cfg = AnalysisConfig(dream=DreamConfig(iterations=settings.iterations, step=settings.step, device="cpu"),
-                         features=FeatureConfig(names=FEATURES_32, every=settings.feature_every),
-                         snapshot_every=settings.snapshot_every)
     t0 = time.perf_counter()
-    comp = compare_models(demo_volume, seed, nets, cfg, reference, restarts=settings.restarts)
-    log(f"  dreams: {len(nets)} networks x {comp.restarts} restarts in {time.perf_counter() - t0:.0f} s")
-    paths = write_comparison(comp, d)
-    plot_comparison(comp, d / "fig5_raw.png", features=FIG5, kind="raw",
-                    title="Section 3.2 (like Fig. 5): RMS intensity (HU), maximum diameter (mm), elongation; raw values")
-    plot_comparison(comp, d / "fig5_z.png", features=FIG5, kind="z",
-                    title="Section 3.2: the same curves as z-scores against the real tumours (normal range shaded)")
-    summary = {}
-    for name in nets:
-        summary[name] = {}
-        for f in FIG5:
-            finals = [_last_finite(comp.values(name, f, "raw")[r]) for r in range(comp.restarts)]
-            zf = [_last_finite(comp.values(name, f, "z")[r]) for r in range(comp.restarts)]
-            starts = [_first_finite(comp.values(name, f, "raw")[r]) for r in range(comp.restarts)]
-            summary[name][f] = {"final_mean": _nanmean(finals), "final_min": _nanmin(finals), "final_max": _nanmax(finals),
-                                "start_mean": _nanmean(starts), "final_z_mean": _nanmean(zf)}
-        runs = comp.metadata["runs"][name]
-        summary[name]["first_iteration_above_0.5"] = [r["first_iteration_above_0.5"] for r in runs]
-    rank = [dataclasses.asdict(r) for r in comp.ranking()]
-    claims = {
-        "intensity": _compare_claim(summary, "firstorder_RootMeanSquared", lower="real", higher="synthetic_round"),
-        "elongation": _compare_claim(summary, "shape2D_Elongation", lower="synthetic_elongated", higher="synthetic_round"),
-    }
-    rows = []
+    runs, pooled = [], {n: [] for n in nets}
+    for s, (i, j) in enumerate(points):
+        cfg = _dream_config(settings, FEATURES_32, "healthy", random_seed=1000 * s)
+        comp = compare_models(demo_volume, (i, j, 0), nets, cfg, reference, restarts=settings.restarts,
+                              restart_noise_std=RESTART_NOISE)
+        sens = comp.sensitivities()
+        for name in nets:
+            pooled[name].extend(comp.results[name])
+            for r in range(comp.restarts):
+                row = {"network": name, "seed_point": s, "seed_i": i, "seed_j": j, "restart": r,
+                       "p_final": comp.results[name][r].steps[-1].probability,
+                       "first_above_0.5": comp.results[name][r].first_iteration_above(0.5)}
+                for n, f in enumerate(comp.features):
+                    row[f"{f}_start"] = _first_finite(comp.values(name, f, "raw")[r])
+                    row[f"{f}_final"] = _last_finite(comp.values(name, f, "raw")[r])
+                    row[f"{f}_final_z"] = _last_finite(comp.values(name, f, "z")[r])
+                    row[f"{f}_score"] = float(sens[name][r][n].score)
+                runs.append(row)
+        log(f"  seed point {s} (i, j) = ({i}, {j}): {len(nets)} networks x {comp.restarts} restarts "
+            f"({time.perf_counter() - t0:.0f} s so far)")
+    allc = _assemble(list(nets), pooled, reference)
+    allc.metadata.update({"status": "completed", "seed_points": [list(p) for p in points],
+                          "restarts_per_seed_point": settings.restarts, "restart_noise_std": RESTART_NOISE,
+                          "note": "runs pooled over seed points: 'restart' n = seed point n // restarts, "
+                                  "restart n % restarts"})
+    paths = write_comparison(allc, d, title="Section 3.2: all runs (seed points x restarts)")
+    nruns = allc.restarts
+    plot_comparison(allc, d / "fig5_raw.png", features=FIG5, kind="raw",
+                    title=f"Section 3.2 (like Fig. 5): RMS (HU), max diameter (mm), elongation; mean and min-max "
+                          f"of {nruns} runs")
+    plot_comparison(allc, d / "fig5_z.png", features=FIG5, kind="z",
+                    title="Section 3.2: the same as z-scores against the real tumours (normal range shaded)")
+    claims = {}
+    for key, (f, q, a, rel, b) in CLAIMS_32.items():
+        ua = unit_means(runs, f"{f}_{q}", network=a)
+        ub = unit_means(runs, f"{f}_{q}", network=b)
+        claims[key] = {"feature": f, "quantity": q, "network": a, "relation": rel, "other": b,
+                       "mean": mean_ci(ua.values())["mean"], "other_mean": mean_ci(ub.values())["mean"],
+                       **paired_verdict(ua, ub, rel)}
+    summary = []
     for name in nets:
         row = {"network": name, **{f"dice_{k}": v for k, v in dice[name].items()}}
-        for f in FIG5:
-            s = summary[name][f]
-            row.update({f"{f}_start": s["start_mean"], f"{f}_final": s["final_mean"], f"{f}_final_min": s["final_min"],
-                        f"{f}_final_max": s["final_max"], f"{f}_final_z": s["final_z_mean"]})
-        rows.append(row)
-    _write_table(rows, d / "table_3_2.csv")
-    (d / "table_3_2.md").write_text(_table_32_md(rows) + "\n")
-    return {"rows": rows, "claims": claims, "ranking": rank, "files": {k: str(v) for k, v in paths.items()},
-            "reference_lesions": n_lesions}
+        for f in FEATURES_32:
+            for q in ("start", "final", "final_z", "score"):
+                c = mean_ci(unit_means(runs, f"{f}_{q}", network=name).values())
+                row.update({f"{f}_{q}_mean": c["mean"], f"{f}_{q}_lo": c["lo"], f"{f}_{q}_hi": c["hi"]})
+        mine = [r for r in runs if r["network"] == name]
+        row["runs"] = len(mine)
+        row["runs_reaching_0.5"] = sum(r["first_above_0.5"] is not None for r in mine)
+        summary.append(row)
+    _write_table(runs, d / "runs_3_2.csv")
+    _write_table(summary, d / "table_3_2.csv")
+    (d / "table_3_2.md").write_text(_table_32_md(summary) + "\n")
+    return {"summary": summary, "claims": claims, "ranking": [dataclasses.asdict(r) for r in allc.ranking()],
+            "files": {k: str(v) for k, v in paths.items()}, "reference_lesions": n_lesions,
+            "dream_seconds": round(time.perf_counter() - t0, 1)}
 
 
-def _first_finite(a) -> float:
-    a = np.asarray(a, float)
-    a = a[np.isfinite(a)]
-    return float(a[0]) if a.size else math.nan
-
-
-def _nanmean(v):
-    a = np.asarray(v, float)
-    a = a[np.isfinite(a)]
-    return float(a.mean()) if a.size else math.nan
-
-
-def _nanmin(v):
-    a = np.asarray(v, float)
-    a = a[np.isfinite(a)]
-    return float(a.min()) if a.size else math.nan
-
-
-def _nanmax(v):
-    a = np.asarray(v, float)
-    a = a[np.isfinite(a)]
-    return float(a.max()) if a.size else math.nan
-
-
-def _compare_claim(summary, feature, lower, higher) -> dict:
-    lo, hi = summary[lower][feature], summary[higher][feature]
-    if not (math.isfinite(lo["final_mean"]) and math.isfinite(hi["final_mean"])):
-        verdict = "not testable (a network dreamed no lesion)"
-    elif lo["final_max"] < hi["final_min"]:
-        verdict = "holds (every restart)"
-    elif lo["final_mean"] < hi["final_mean"]:
-        verdict = "holds on average (the restarts' ranges overlap)"
-    else:
-        verdict = "does not hold"
-    return {"feature": feature, "expected_lower": lower, "expected_higher": higher,
-            "lower_final_mean": lo["final_mean"], "higher_final_mean": hi["final_mean"], "verdict": verdict}
-
-
-def _table_32_md(rows) -> str:
+def _table_32_md(summary) -> str:
     lines = ["| network | Dice own val | Dice real tumours | RMS start -> final (HU) | max diameter final (mm) | "
-             "elongation final [min, max] | final z (RMS / diam. / elong.) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
+             "elongation final | score RMS | score elongation | runs with p(seed) > 0.5 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in summary:
         lines.append(
             f"| {r['network']} | {r['dice_own']:.3f} | {r['dice_real_tumours']:.3f} | "
-            f"{_f(r['firstorder_RootMeanSquared_start'], '.1f')} -> {_f(r['firstorder_RootMeanSquared_final'], '.1f')} | "
-            f"{_f(r['shape2D_MaximumDiameter_final'], '.1f')} | "
-            f"{_f(r['shape2D_Elongation_final'], '.3f')} [{_f(r['shape2D_Elongation_final_min'], '.3f')}, "
-            f"{_f(r['shape2D_Elongation_final_max'], '.3f')}] | "
-            f"{_f(r['firstorder_RootMeanSquared_final_z'], '+.2f')} / {_f(r['shape2D_MaximumDiameter_final_z'], '+.2f')} / "
-            f"{_f(r['shape2D_Elongation_final_z'], '+.2f')} |")
+            f"{_f(r['firstorder_RootMeanSquared_start_mean'], '.1f')} -> "
+            f"{_ci_cols(r, 'firstorder_RootMeanSquared_final', '.1f')} | "
+            f"{_ci_cols(r, 'shape2D_MaximumDiameter_final', '.1f')} | {_ci_cols(r, 'shape2D_Elongation_final', '.3f')} | "
+            f"{_ci_cols(r, 'firstorder_RootMeanSquared_score', '+.2f')} | "
+            f"{_ci_cols(r, 'shape2D_Elongation_score', '+.2f')} | {r['runs_reaching_0.5']}/{r['runs']} |")
     return "\n".join(lines)
 
 
@@ -470,46 +645,78 @@ def _json_default(o):
     return str(o)
 
 
+def _git_commit() -> str:
+    import subprocess
+
+    try:
+        root = Path(__file__).resolve().parents[1]
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "scripts",
+                                "DeepDreamAnalysis/DeepDreamAnalysisLib"], capture_output=True, text=True,
+                               timeout=10).stdout
+        changed = [line[3:] for line in dirty.splitlines() if line.strip()]
+        return head + (f" (uncommitted changes in {', '.join(changed)})" if changed else "") if head else "unknown"
+    except Exception:  # noqa: BLE001 - no git: the run goes on
+        return "unknown"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results/reproduce")
-    ap.add_argument("--quick", action="store_true", help="a smoke run: 2 epochs, 20 iterations, 2 restarts")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run: 2 epochs, 20 iterations, 2 seed points x 2 restarts (numbers meaningless)")
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--iterations", type=int, default=None)
     ap.add_argument("--step", type=float, default=None)
-    ap.add_argument("--restarts", type=int, default=None)
+    ap.add_argument("--restarts", type=int, default=None, help="random restarts per seed point (default 2)")
+    ap.add_argument("--seed-points", type=int, default=None, help="seed points in the liver (default 4)")
+    ap.add_argument("--markings", default=None,
+                    help=f"section 3.1 marking variants, comma-separated (default {','.join(MARKINGS)})")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)")
     ap.add_argument("--reuse", action="store_true", help="reuse networks already trained in --out/models")
     ap.add_argument("--only", choices=("3.1", "3.2"), default=None)
     args = ap.parse_args(argv)
     s = Settings(threads=args.threads)
     if args.quick:
-        s = dataclasses.replace(s, epochs=2, iterations=20, restarts=2, snapshot_every=5, feature_every=1)
-    for k in ("epochs", "iterations", "step", "restarts"):
+        s = dataclasses.replace(s, epochs=2, iterations=20, restarts=2, seed_points=2, snapshot_every=5, feature_every=1)
+    for k in ("epochs", "iterations", "step", "restarts", "seed_points"):
         if getattr(args, k) is not None:
             setattr(s, k, getattr(args, k))
+    if args.markings is not None:
+        s.markings = tuple(m.strip() for m in args.markings.split(",") if m.strip())
+        unknown = [m for m in s.markings if m not in MARKINGS]
+        if unknown or not s.markings:
+            ap.error(f"--markings: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(MARKINGS)}")
     torch.set_num_threads(s.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    log(f"Reproduction on LiTS 117 (assumed spacing 1.6 x 1.6 x 3.0 mm); settings {dataclasses.asdict(s)}")
+    commit = _git_commit()
+    log(f"Reproduction on LiTS 117 (assumed spacing 1.6 x 1.6 x 3.0 mm) at commit {commit}; "
+        f"settings {dataclasses.asdict(s)}")
     volume = lits.load_lits117()
     train_k, val_k = training.split_indices(volume[0].shape[0])
     train_h = training.lits_slices(train_k, "healthy", volume=volume)
     val_h = training.lits_slices(val_k, "healthy", volume=volume)
-    demo_volume, seed = lits.demo_case()
-    log(f"Dream start: healthy slice {lits.DEMO_SLICE} (held out), seed (i, j, k) = {seed}")
-    results = {"settings": dataclasses.asdict(s), "seed_ijk": list(seed), "slice": lits.DEMO_SLICE,
-               "torch": torch.__version__}
+    demo_volume, _ = lits.demo_case()
+    liver = lits.healthy_slice(volume[0], volume[1], lits.DEMO_SLICE).liver
+    points = seed_points(liver, s.seed_points)
+    log(f"Dream start: healthy slice {lits.DEMO_SLICE} (held out), seed points (i, j) = {points}, "
+        f"{s.restarts} restarts each")
+    results = {"settings": dataclasses.asdict(s), "commit": commit, "seed_points_ij": [list(p) for p in points],
+               "slice": lits.DEMO_SLICE, "torch": torch.__version__}
     if args.only in (None, "3.1"):
-        log("Section 3.1: networks G_p with the 135-degree marking")
-        results["section_3_1"] = section_31(out, s, volume, train_h, val_h, demo_volume, seed, args.reuse)
+        results["section_3_1"] = {}
+        for variant in s.markings:
+            log(f"Section 3.1, marking '{variant}': networks G_p")
+            results["section_3_1"][variant] = section_31(out, s, train_h, val_h, demo_volume, points, args.reuse, variant)
         results["time_3_1_s"] = round(time.perf_counter() - t0, 1)
     if args.only in (None, "3.2"):
         log("Section 3.2: real vs synthetic, elongated vs round")
         train_r = training.lits_slices(train_k, "real", volume=volume)
         val_r = training.lits_slices(val_k, "real", volume=volume)
-        results["section_3_2"] = section_32(out, s, volume, train_h, val_h, train_r, val_r, val_k, demo_volume, seed,
+        results["section_3_2"] = section_32(out, s, volume, train_h, val_h, train_r, val_r, val_k, demo_volume, points,
                                             args.reuse)
     results["total_s"] = round(time.perf_counter() - t0, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
@@ -520,37 +727,49 @@ def main(argv=None) -> int:
     return 0
 
 
+def _pair_text(p) -> str:
+    return (f"{p['relying']} - {p['robust']} {_f(p['diff_mean'], '+.3g')} "
+            f"[{_f(p['diff_lo'], '+.3g')}, {_f(p['diff_hi'], '+.3g')}]")
+
+
 def _claims_text(results) -> str:
     lines = []
-    if "section_3_1" in results:
-        c = results["section_3_1"]["claim"]
-        lines.append(f"3.1: G_0 Dice {c['baseline_dice']:.3f}; relying on the marking (Dice < {RELIES:g} x G_0's): "
-                     f"{', '.join(c['relying']) or 'none'}; robust (Dice within {NEAR_BASELINE:g} of G_0's): "
+    n = len(results["seed_points_ij"])
+    lines.append(f"(verdicts: paired over {n} seed points, restarts averaged; 95% t-interval of the difference)")
+    for variant, sec in results.get("section_3_1", {}).items():
+        c = sec["claim"]
+        lines.append(f"3.1 [{variant}]: G_0 Dice {c['baseline_dice']:.3f}; relying on the marking (Dice < {RELIES:g} x "
+                     f"G_0's): {', '.join(c['relying']) or 'none'}; robust (Dice within {NEAR_BASELINE:g} of G_0's): "
                      f"{', '.join(c['not_relying']) or 'none'}; intermediate: {', '.join(c['intermediate']) or 'none'}.")
         for start, b in c["by_start"].items():
-            lines.append(f"3.1 ({start} start): selectivity rose by >= {RISE:g} in {', '.join(b['rising']) or 'none'} -> "
-                         f"claim {'HOLDS' if b['holds'] else 'DOES NOT HOLD'} "
-                         f"(Spearman Dice vs final selectivity {_f(b['spearman_dice_vs_final_selectivity'], '+.2f')}).")
-            lines.append(f"3.1 ({start} start, the paper's raw feature): final max 135-degree response of every relying "
-                         f"network above every robust one -> claim {'HOLDS' if b['response_holds'] else 'DOES NOT HOLD'} "
-                         f"(Spearman Dice vs final response {_f(b['spearman_dice_vs_final_response'], '+.2f')}).")
+            for key, label in (("window_response", "raw max 135-degree response (the paper's)"),
+                               ("window_selectivity", "contrast-normalised selectivity")):
+                v = b[key]
+                lines.append(f"3.1 [{variant}] ({start} start, {label}): every relying network above every robust one "
+                             f"-> {v['verdict'].upper()}; differences: "
+                             + "; ".join(_pair_text(p) for p in v["pairs"]))
     if "section_3_2" in results:
         for key, c in results["section_3_2"]["claims"].items():
-            lines.append(f"3.2 {key}: final {c['feature']} {c['expected_lower']} {_f(c['lower_final_mean'], '.3f')} vs "
-                         f"{c['expected_higher']} {_f(c['higher_final_mean'], '.3f')} (expected lower) -> {c['verdict'].upper()}.")
+            lines.append(f"3.2 {key}: {c['quantity']} {c['feature']} {c['network']} {_f(c['mean'], '.3f')} "
+                         f"{c['relation']} {c['other']} {_f(c['other_mean'], '.3f')}? difference "
+                         f"{_f(c['diff_mean'], '+.3f')} [{_f(c['diff_lo'], '+.3f')}, {_f(c['diff_hi'], '+.3f')}] "
+                         f"-> {c['verdict'].upper()}.")
     return "\n".join(lines)
 
 
 def _results_md(results) -> str:
-    out = ["# Reproduction results", "", f"Settings: `{json.dumps(results['settings'])}`; dream start: healthy "
-           f"slice {results['slice']}, seed (i, j, k) = {tuple(results['seed_ijk'])}; total {results['total_s'] / 60:.1f} min.", ""]
-    if "section_3_1" in results:
-        out += ["## Section 3.1", "", _table_31_md(results["section_3_1"]["rows"]), "",
-                "![fig4](section3.1/fig4_characteristic_feature.png)", ""]
+    out = ["# Reproduction results", "",
+           f"Commit {results['commit']}; settings `{json.dumps(results['settings'])}`; dream start: healthy slice "
+           f"{results['slice']}, seed points (i, j) = {results['seed_points_ij']}; total "
+           f"{results['total_s'] / 60:.1f} min. Values: mean [95 % CI] over seed points (restarts averaged).", ""]
+    for variant, sec in results.get("section_3_1", {}).items():
+        folder = "section3.1" if variant == "thin" else f"section3.1_{variant}"
+        out += [f"## Section 3.1, marking '{variant}'", "", _table_31_md(sec["summary"]), "",
+                f"![fig4]({folder}/fig4_characteristic_feature.png)", ""]
     if "section_3_2" in results:
-        out += ["## Section 3.2", "", _table_32_md(results["section_3_2"]["rows"]), "",
+        out += ["## Section 3.2", "", _table_32_md(results["section_3_2"]["summary"]), "",
                 "![fig5](section3.2/fig5_raw.png)", "", "![fig5z](section3.2/fig5_z.png)", ""]
-    out += ["## Claims", "", "```", _claims_text(results), "```"]
+    out += ["## Verdicts", "", "```", _claims_text(results), "```"]
     return "\n".join(out)
 
 
