@@ -22,7 +22,7 @@ from DeepDreamAnalysisLib.errors import SeedError
 from DeepDreamAnalysisLib.reference import ReferenceStats
 from DeepDreamAnalysisLib.result import Progress
 from DeepDreamAnalysisLib.runner import AnalysisRunner
-from DeepDreamAnalysisLib.slicer_logic import AnalysisLogicCore, RunHandle
+from DeepDreamAnalysisLib.slicer_logic import AnalysisLogicCore, RunHandle, RunInProgressError
 from DeepDreamAnalysisLib.volume import Volume
 
 FEATURES = ("firstorder_RootMeanSquared", "firstorder_Entropy")
@@ -336,7 +336,7 @@ def test_logic_seed_forms_agree_and_nonblocking_handle_cancels(mrml_scene, model
     handle = logic.run(node, model_file, markups, iterations=100000, step=400.0, features=list(FEATURES),
                        device="cpu", waitForCompletion=False)
     assert isinstance(handle, RunHandle) and logic.isRunning
-    with pytest.raises(Exception, match="already running"):
+    with pytest.raises(RunInProgressError, match="already running"):
         logic.run(node, model_file, SEED, iterations=3)
     while handle.lastProgress is None:
         handle.processEvents()
