@@ -264,37 +264,95 @@ def _reproduce_module():
     return importlib.import_module("reproduce")
 
 
-def _row(p, dice, sel_gain, resp):
-    r = {"p": p, "network": f"G_{p:g}", "dice_unmarked": dice}
-    for start in ("noise", "healthy"):
-        r[f"{start}_window_selectivity_start"] = 0.1
-        r[f"{start}_window_selectivity_final"] = 0.1 + sel_gain
-        r[f"{start}_window_response_final"] = resp
-    return r
-
-
-def test_section_31_verdict_groups_networks_by_dice_and_checks_both_features():
+def test_mean_ci_is_the_student_t_interval_of_the_finite_values():
     R = _reproduce_module()
-    rows = [_row(0.0, 0.60, 0.02, 50), _row(0.2, 0.55, 0.03, 45), _row(0.5, 0.40, 0.30, 55),
-            _row(0.9, 0.05, 0.40, 190), _row(1.0, 0.00, 0.05, 120)]
-    c = R._claim_31(rows)
+    c = R.mean_ci([1.0, 1.1, 0.9, 1.0, math.nan, None])
+    sd = float(np.std([1.0, 1.1, 0.9, 1.0], ddof=1))
+    assert c["n"] == 4 and c["mean"] == pytest.approx(1.0) and c["sd"] == pytest.approx(sd)
+    assert c["hi"] - c["mean"] == pytest.approx(3.182 * sd / 2.0)  # t(0.975, 3 df) = 3.182
+    one = R.mean_ci([2.0])
+    assert one["mean"] == 2.0 and math.isnan(one["lo"]) and R.mean_ci([])["n"] == 0
+
+
+def test_unit_means_average_the_restarts_of_each_seed_point_and_skip_nan():
+    R = _reproduce_module()
+    runs = [{"network": "a", "seed_point": 0, "x": 1.0}, {"network": "a", "seed_point": 0, "x": 3.0},
+            {"network": "a", "seed_point": 1, "x": math.nan}, {"network": "a", "seed_point": 2, "x": 5.0},
+            {"network": "b", "seed_point": 0, "x": 100.0}]
+    assert R.unit_means(runs, "x", network="a") == {0: 2.0, 2: 5.0}
+
+
+def test_paired_verdict_holds_does_not_hold_or_is_inconclusive():
+    R = _reproduce_module()
+    b = {0: 10.0, 1: 20.0, 2: 30.0, 3: 40.0}
+    a = {0: 11.0, 1: 21.1, 2: 30.9, 3: 41.0}  # one above b at every seed point, by about the same amount
+    v = R.paired_verdict(a, b, ">")
+    assert v["verdict"] == "holds" and v["diff_mean"] == pytest.approx(1.0) and v["diff_lo"] > 0 and v["n"] == 4
+    assert R.paired_verdict(a, b, "<")["verdict"] == "does not hold"
+    assert R.paired_verdict(b, a, "<")["verdict"] == "holds"
+    mixed = {0: 11.0, 1: 19.0, 2: 31.0, 3: 39.0}  # +1, -1, +1, -1: the spread covers 0
+    assert R.paired_verdict(mixed, b, ">")["verdict"] == "inconclusive (difference within spread)"
+    assert R.paired_verdict({0: 5.0}, b, ">")["verdict"].startswith("not testable")
+    # the differences are paired: a large spread between seed points does not hide a consistent difference
+    assert R.paired_verdict({0: 101.0, 1: 2.0, 2: 51.0}, {0: 100.0, 1: 1.0, 2: 50.0}, ">")["verdict"] == "holds"
+
+
+def _runs(values, start="noise", key="window_response_final"):
+    """Per-run records: values[network] = list over seed points of the two restarts' values."""
+    runs = []
+    for net, per_point in values.items():
+        for s, pair in enumerate(per_point):
+            for r, v in enumerate(pair):
+                runs.append({"network": net, "start": start, "seed_point": s, "restart": r, key: v})
+    return runs
+
+
+def test_section_31_verdict_groups_networks_by_dice_and_compares_relying_with_robust():
+    R = _reproduce_module()
+    dice = [{"p": p, "network": f"G_{p:g}", "dice_unmarked": d}
+            for p, d in ((0.0, 0.60), (0.2, 0.55), (0.5, 0.40), (0.9, 0.05), (1.0, 0.0))]
+    robust = [(50, 52), (40, 44), (55, 53), (45, 47)]
+    high = [(150, 160), (120, 110), (170, 175), (140, 130)]
+    values = {"G_0": robust, "G_0.2": robust, "G_0.5": high, "G_0.9": high, "G_1": high}
+    runs = _runs(values) + _runs(values, "healthy")
+    c = R.claim_31(dice, runs)
     assert c["not_relying"] == ["G_0", "G_0.2"] and c["intermediate"] == ["G_0.5"] and c["relying"] == ["G_0.9", "G_1"]
-    b = c["by_start"]["noise"]
-    assert b["rising"] == ["G_0.5", "G_0.9"]
-    assert not b["holds"]  # G_1 relies on the marking but its selectivity did not rise
-    assert b["response_holds"]  # 190 and 120 HU above every robust network's 50 HU
-    rows[4] = _row(1.0, 0.00, 0.25, 40)
-    b = R._claim_31(rows)["by_start"]["healthy"]
-    assert b["holds"] and not b["response_holds"]  # intermediate G_0.5 rising does not count against it
+    v = c["by_start"]["noise"]["window_response"]
+    assert v["verdict"] == "holds" and len(v["pairs"]) == 4  # 2 relying x 2 robust
+    # no selectivity values at all: nothing to compare
+    assert c["by_start"]["noise"]["window_selectivity"]["verdict"] == "not testable"
+    # G_1 below the robust networks at every seed point: the claim fails
+    values["G_1"] = [(20, 22), (10, 12), (30, 31), (25, 20)]
+    assert R.claim_31(dice, _runs(values))["by_start"]["noise"]["window_response"]["verdict"] == "does not hold"
+    # G_1 above at two seed points, below at two: within the spread
+    values["G_1"] = [(150, 160), (10, 12), (170, 175), (25, 20)]
+    v = R.claim_31(dice, _runs(values))["by_start"]["noise"]["window_response"]
+    assert v["verdict"] == "inconclusive (difference within spread)"
+    # an intermediate network's values do not enter the verdict
+    values["G_1"], values["G_0.5"] = high, [(0, 0)] * 4
+    assert R.claim_31(dice, _runs(values))["by_start"]["noise"]["window_response"]["verdict"] == "holds"
 
 
-def test_section_32_verdicts():
+def test_combined_verdict_needs_every_comparison_to_hold():
     R = _reproduce_module()
-    s = {"a": {"f": {"final_mean": 1.0, "final_min": 0.9, "final_max": 1.1}},
-         "b": {"f": {"final_mean": 2.0, "final_min": 1.5, "final_max": 2.5}},
-         "c": {"f": {"final_mean": 1.8, "final_min": 1.0, "final_max": 2.6}},
-         "none": {"f": {"final_mean": math.nan, "final_min": math.nan, "final_max": math.nan}}}
-    assert R._compare_claim(s, "f", lower="a", higher="b")["verdict"] == "holds (every restart)"
-    assert R._compare_claim(s, "f", lower="c", higher="b")["verdict"].startswith("holds on average")
-    assert R._compare_claim(s, "f", lower="b", higher="a")["verdict"] == "does not hold"
-    assert R._compare_claim(s, "f", lower="none", higher="a")["verdict"].startswith("not testable")
+    H, N, I = "holds", "does not hold", "inconclusive (difference within spread)"
+    assert R.combine_verdicts([H, H]) == H
+    assert R.combine_verdicts([H, I]) == I
+    assert R.combine_verdicts([H, I, N]) == N
+    assert R.combine_verdicts([]).startswith("not testable")
+
+
+def test_seed_points_are_deterministic_deep_in_the_liver_and_spread_out():
+    from DeepDreamAnalysisLib import lits
+    from DeepDreamAnalysisLib.synthetic import distance_to_outside
+
+    R = _reproduce_module()
+    jj, ii = np.mgrid[0:128, 0:128]
+    liver = ((ii - 60) / 45.0) ** 2 + ((jj - 64) / 35.0) ** 2 <= 1.0
+    pts = R.seed_points(liver, 4)
+    assert pts == R.seed_points(liver, 4) and len(pts) == 4
+    assert pts[0] == lits.choose_seed(liver)
+    depth = distance_to_outside(liver)
+    assert all(depth[j, i] >= R.MIN_DEPTH for i, j in pts)
+    gaps = [math.hypot(a[0] - b[0], a[1] - b[1]) for n, a in enumerate(pts) for b in pts[:n]]
+    assert min(gaps) > 20  # far apart, not clustered at the deepest voxel
