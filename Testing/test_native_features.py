@@ -237,3 +237,110 @@ def test_in_plane_maximum_distance_search_equals_all_pairs():
                        for g in np.unique(groups))
         got = float(native_shape._grouped_max_dist_sq(torch.from_numpy(pts), torch.from_numpy(groups)))
         assert got == pytest.approx(expected, rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# numpy fast path (native_small) for small CPU regions, against the torch path and pyradiomics
+
+def both_paths(img, msk, spacing, names, bin_width=25.0, force2d=False):
+    a = compute_native(img, msk, spacing, names, bin_width, force2d, impl="numpy")
+    b = compute_native(img, msk, spacing, names, bin_width, force2d, impl="torch")
+    return a, b
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_numpy_path_equals_torch_path_on_every_feature(seed):
+    rng = np.random.default_rng(500 + seed)
+    force2d = seed % 2 == 0
+    shape_ = (1, 30, 26) if force2d else (12, 18, 17)
+    msk = blob(rng, shape_, force2d)
+    if seed % 4 < 2:
+        msk &= rng.random(shape_) > 0.5  # ragged, with holes and islands
+    dtype = np.float64 if seed % 3 == 0 else np.float32
+    img = rng.normal(40, 60, shape_).astype(dtype)
+    names = sorted(NATIVE_FEATURES_2D if force2d else NATIVE_FEATURES_3D)
+    a, b = both_paths(img, msk, tuple(rng.uniform(0.5, 3, 3)), names, 25.0, force2d)
+    bad = {n: (a[n], b[n]) for n in names if not np.isclose(a[n], b[n], rtol=1e-9, atol=1e-12, equal_nan=True)}
+    assert not bad, f"numpy path != torch path: {bad}"
+
+
+def test_numpy_path_equals_torch_path_on_degenerate_regions():
+    """Lines (zero minor axis), two far-apart pixels (no co-occurrence: GLCM NaN), a flat image, a
+    2-pixel region and a 3D region one slice thick: both paths give the same values and NaNs."""
+    rng = np.random.default_rng(7)
+    img = rng.normal(0, 50, (1, 20, 20)).astype(np.float32)
+    cases = []
+    m = np.zeros((1, 20, 20), bool)
+    m[0, 5, 2:15] = True
+    cases.append((img, m))
+    m = np.zeros((1, 20, 20), bool)
+    m[0, np.arange(3, 13), np.arange(3, 13)] = True
+    cases.append((img, m))
+    m = np.zeros((1, 20, 20), bool)
+    m[0, 2, 2] = m[0, 15, 17] = True
+    cases.append((img, m))
+    m = np.zeros((1, 20, 20), bool)
+    m[0, 4:9, 4:12] = True
+    cases.append((np.full_like(img, 40.0), m))
+    m = np.zeros((1, 20, 20), bool)
+    m[0, 6, 6:8] = True
+    cases.append((img, m))
+    names2 = sorted(NATIVE_FEATURES_2D)
+    for im, mk in cases:
+        a, b = both_paths(im, mk, (0.7, 0.9, 2.0), names2, force2d=True)
+        bad = {n: (a[n], b[n]) for n in names2 if not np.isclose(a[n], b[n], rtol=1e-9, atol=1e-9, equal_nan=True)}
+        assert not bad, bad
+    assert math.isnan(a["glcm_Contrast"]) is False and a["shape2D_PixelSurface"] == pytest.approx(2 * 0.7 * 0.9)
+    flat3d = np.zeros((5, 12, 12), bool)
+    flat3d[2, 3:9, 2:10] = True
+    img3 = rng.normal(0, 50, flat3d.shape)
+    names3 = sorted(NATIVE_FEATURES_3D)
+    a, b = both_paths(img3, flat3d, (1.0, 1.0, 2.5), names3)
+    bad = {n: (a[n], b[n]) for n in names3 if not np.isclose(a[n], b[n], rtol=1e-9, atol=1e-6, equal_nan=True)}
+    assert not bad, bad
+    assert a["shape_LeastAxisLength"] == 0.0
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_torch_path_on_small_regions_matches_pyradiomics(seed):
+    """Small CPU regions now go through numpy by default; the torch path (GPU tensors, large
+    regions) is still checked against pyradiomics on them."""
+    rng = np.random.default_rng(seed)
+    force2d = seed == 1
+    shape_ = (1, 30, 26) if force2d else (12, 18, 17)
+    msk = blob(rng, shape_, force2d)
+    img = rng.normal(40, 60, shape_).astype(np.float32)
+    spacing = tuple(rng.uniform(0.5, 3, 3))
+    ref = pyradiomics_features(img, msk, spacing, 25.0, force2d)
+    names = sorted((NATIVE_FEATURES_2D if force2d else NATIVE_FEATURES_3D) & set(ref))
+    nat = compute_native(torch.from_numpy(img), torch.from_numpy(msk), spacing, names, 25.0, force2d, impl="torch")
+    bad = {n: (nat[n], ref[n]) for n in names if not np.isclose(nat[n], ref[n], rtol=RTOL, atol=ATOL, equal_nan=True)}
+    assert not bad, bad
+
+
+def test_large_region_takes_the_torch_path_with_the_same_values():
+    """Above native_small.SMALL_BOX_VOXELS the default goes to torch: values equal the forced paths."""
+    from DeepDreamAnalysisLib.features import native_small
+
+    rng = np.random.default_rng(3)
+    n = int(round(native_small.SMALL_BOX_VOXELS ** (1 / 3))) + 4
+    z, y, x = np.indices((n, n, n)) - n / 2
+    msk = z ** 2 + y ** 2 + x ** 2 <= (n / 2 - 0.5) ** 2
+    img = rng.normal(40, 60, msk.shape).astype(np.float32)
+    names = list(paper_features_3d())
+    auto = compute_native(img, msk, (1.0, 1.0, 1.5), names)
+    a, b = both_paths(img, msk, (1.0, 1.0, 1.5), names)
+    for k in names:
+        assert auto[k] == b[k] and auto[k] == pytest.approx(a[k], rel=1e-9)
+
+
+def paper_features_3d():
+    from DeepDreamAnalysisLib.config import paper_features
+
+    return paper_features(3)
+
+
+def test_unknown_implementation_is_refused():
+    img = np.zeros((1, 3, 3), np.float32)
+    with pytest.raises(ValueError, match="impl must be 'auto', 'torch' or 'numpy'"):
+        compute_native(img, img > -1, (1, 1, 1), ["firstorder_Mean"], impl="cuda")

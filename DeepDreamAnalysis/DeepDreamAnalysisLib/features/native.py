@@ -103,10 +103,11 @@ def _as_numpy_mask(a) -> np.ndarray:
 
 def _bbox(m: np.ndarray) -> tuple[slice, ...]:
     """Slices of the bounding box of the non-empty bool mask [k, j, i]."""
+    kj = m.any(2)
     out = []
-    for axis in range(3):
-        hit = np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != axis)))
-        out.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    for hit in (kj.any(1), kj.any(0), m.any(1).any(0)):
+        idx = np.flatnonzero(hit)
+        out.append(slice(int(idx[0]), int(idx[-1]) + 1))
     return tuple(out)
 
 

@@ -96,7 +96,7 @@ def firstorder(x: np.ndarray, need: set[str], voxel_volume: float, hist: np.ndar
                     "InterquartileRange": _percentile(s, 75) - _percentile(s, 25)})
         if "RobustMeanAbsoluteDeviation" in need:
             r = x[(x >= p10) & (x <= p90)]
-            out["RobustMeanAbsoluteDeviation"] = np.abs(r - r.mean()).mean()
+            out["RobustMeanAbsoluteDeviation"] = np.abs(r - r.mean()).mean() if r.size else math.nan
     return out
 
 
@@ -180,7 +180,8 @@ def _prune_offsets(dims: int, axes: tuple[int, ...]):
 def _not_midpoints(grid: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     """Points of the bool ``grid`` that are not the midpoint of two grid points along a lattice
     direction (steps in {-1, 0, 1}) moving only along ``axes`` (``native_shape._extreme_dirs``)."""
-    p = np.pad(grid, 1)
+    p = np.zeros(tuple(n + 2 for n in grid.shape), bool)
+    p[(slice(1, -1),) * grid.ndim] = grid
     keep = grid.copy()
     shape = grid.shape
     for o in _prune_offsets(grid.ndim, axes):
@@ -190,21 +191,27 @@ def _not_midpoints(grid: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     return keep
 
 
-def vertices(m: np.ndarray, prune_axes: tuple[int, ...]) -> np.ndarray:
-    """Mesh vertices that can end a longest chord, voxel index units [n, dims] float64
-    (``native_shape._vertices``)."""
-    pts = []
+def vertices(m: np.ndarray, prune_axes: tuple[int, ...], prune: bool | None = None) -> np.ndarray:
+    """Mesh vertices (midpoints between a mask voxel and a face-neighbour outside it), voxel index
+    units [n, dims] float64. ``prune``: keep only those that can end a longest chord within a plane
+    perpendicular to the axes not in ``prune_axes`` (``native_shape._vertices``); by default only
+    when there are more than a few hundred (the all-pairs search is cheaper below: the largest
+    distance is the same either way, since a midpoint of two vertices is never farther from a
+    point than both of them)."""
     dims = m.ndim
+    p = np.zeros(tuple(n + 2 for n in m.shape), bool)
+    p[(slice(1, -1),) * dims] = m
+    faces = []
     for d in range(dims):
-        pad = [(0, 0)] * dims
-        pad[d] = (1, 1)
-        p = np.pad(m, pad)
-        n = p.shape[d]
-        lo = [slice(None)] * dims
-        hi = [slice(None)] * dims
-        lo[d], hi[d] = slice(0, n - 1), slice(1, n)
-        faces = p[tuple(lo)] ^ p[tuple(hi)]
-        idx = np.argwhere(faces & _not_midpoints(faces, prune_axes)).astype(np.float64)
+        lo = [slice(1, -1)] * dims
+        hi = [slice(1, -1)] * dims
+        lo[d], hi[d] = slice(0, -1), slice(1, None)
+        faces.append(p[tuple(lo)] ^ p[tuple(hi)])  # index k along d: between voxel k-1 and k
+    if prune is None:
+        prune = sum(int(np.count_nonzero(f)) for f in faces) > _PAIRS_ALL
+    pts = []
+    for d, f in enumerate(faces):
+        idx = np.argwhere(f & _not_midpoints(f, prune_axes) if prune else f).astype(np.float64)
         idx[:, d] -= 0.5
         pts.append(idx)
     return np.concatenate(pts)
@@ -282,7 +289,12 @@ def _eigen(m: np.ndarray, spacing) -> np.ndarray:
     c = np.argwhere(m).astype(np.float64) * np.asarray(spacing, dtype=np.float64)
     c -= c.mean(0)
     cov = (c.T @ c) / c.shape[0]
-    ev = np.linalg.eigvalsh(cov)
+    if cov.shape == (2, 2):  # closed form (a tenth of LAPACK's call overhead)
+        a, b, d = float(cov[0, 0]), float(cov[0, 1]), float(cov[1, 1])
+        mid, r = 0.5 * (a + d), math.hypot(0.5 * (a - d), b)
+        ev = np.array([mid - r, mid + r])
+    else:
+        ev = np.linalg.eigvalsh(cov)
     ev[(ev < 0) & (ev > -1e-10)] = 0.0
     return np.sort(ev)
 

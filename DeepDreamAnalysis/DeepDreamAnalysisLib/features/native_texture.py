@@ -199,6 +199,8 @@ def glcm(lv: Levels, force2d: bool, wanted: set[str]) -> dict[str, torch.Tensor]
     if A > 1:
         keep = s > 0
         P, s = P[keep], s[keep]
+    if P.shape[0] == 0:  # no two mask voxels are neighbours: every GLCM feature is undefined
+        return {w: torch.tensor(float("nan"), dtype=torch.float64) for w in wanted}
     s = torch.where(s == 0, torch.full_like(s, float("nan")), s)
     terms = _GlcmTerms(P / s[:, None, None], lv.present)
     out = {}
