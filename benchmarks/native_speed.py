@@ -7,6 +7,10 @@ feature group and of the paper's features, natively and with pyradiomics' featur
 same bounding-box crop. Times are the minimum over repeats (time.perf_counter), in milliseconds.
 
     python benchmarks/native_speed.py [--repeats 5] [--radii 20,40] [--no-pyradiomics] [--cpu-time]
+                                      [--impl auto|torch|numpy]
+
+``--impl`` picks compute_native's implementation (default ``auto``: numpy for bounding boxes of at
+most ``native_small.SMALL_BOX_VOXELS`` voxels, torch above; here the 2D case and 3D radii up to ~11).
 
 ``--cpu-time`` measures this thread's CPU time (time.thread_time) with torch limited to one thread
 in this process: the intrinsic cost, free of the scheduling noise of a shared machine (where torch's
@@ -104,6 +108,8 @@ def main(argv=None) -> int:
     ap.add_argument("--radii", default="20,40", help="3D radii (voxels); the 2D case always uses 20")
     ap.add_argument("--no-pyradiomics", action="store_true")
     ap.add_argument("--cpu-time", action="store_true", help="one torch thread, thread CPU time")
+    ap.add_argument("--impl", choices=("auto", "torch", "numpy"), default="auto",
+                    help="compute_native's implementation (default auto)")
     args = ap.parse_args(argv)
     if args.cpu_time:
         global CLOCK
@@ -111,14 +117,16 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)  # this diagnostic process only
     cases = [(2, 20)] + [(3, int(r)) for r in args.radii.split(",") if r]
     clock = "thread CPU time" if args.cpu_time else "wall time"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {clock}, best of {args.repeats}, ms per call")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {clock}, best of {args.repeats}, "
+          f"ms per call; native impl {args.impl}")
     for dims, radius in cases:
         image, mask = lesion(radius, dims)
         force2d = dims == 2
         print(f"\n{dims}D lesion, radius {radius} ({int(mask.sum())} voxels)")
         print(f"  {'group':34s} {'native':>10s} {'pyradiomics':>12s} {'speed-up':>9s}")
         for label, names in groups(dims).items():
-            t_nat = _best(lambda: compute_native(image, mask, (1.0, 1.0, 1.0), names, 25.0, force2d), args.repeats)
+            t_nat = _best(lambda: compute_native(image, mask, (1.0, 1.0, 1.0), names, 25.0, force2d,
+                                                      impl=args.impl), args.repeats)
             if args.no_pyradiomics:
                 print(f"  {label:34s} {t_nat:10.2f}")
                 continue
