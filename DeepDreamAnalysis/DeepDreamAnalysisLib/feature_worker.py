@@ -1,12 +1,9 @@
 """Feature computation beside the dream loop.
 
-Native (torch) and custom features run on one helper thread of the loop's process, overlapping
-the next iterations (torch releases the GIL, so on a machine with a free core they cost the loop
-almost nothing); at most ``MAX_IN_FLIGHT`` steps wait for them, so results stay timely and memory
-bounded. pyradiomics features run in a worker process, because pyradiomics is slow and holds the
-GIL in its C code: the loop never waits for them. Either way the values are filled into the steps
-as they arrive (reported through ``Progress.late_steps``); the input tensors are never modified
-after they are handed over (the loop builds a new image tensor at every update).
+Native (torch) and custom features run inline on the loop's thread: they are fast and torch
+releases the GIL. pyradiomics features run in a worker process, because pyradiomics is slow and
+holds the GIL in its C code: the loop never waits for them, and their values are filled into the
+steps as they arrive (reported through ``Progress.late_steps``).
 """
 
 from __future__ import annotations
@@ -65,9 +62,7 @@ class FeatureComputer:
     ``spacing`` is (i, j, k) in mm. Images are ``[k, j, i]`` tensors or arrays in image units.
     """
 
-    MAX_IN_FLIGHT = 8
-
-    def __init__(self, feature_set, config: FeatureConfig, spatial_dims: int, spacing, overlap: bool = True):
+    def __init__(self, feature_set, config: FeatureConfig, spatial_dims: int, spacing):
         self.names = tuple(feature_set.names)
         self.spacing = tuple(spacing)
         self.min_voxels = max(int(config.min_mask_voxels), 1)
@@ -81,8 +76,6 @@ class FeatureComputer:
             self.local_set = build_feature_set(dataclasses.replace(config, names=local), spatial_dims)
         else:
             self.local_set = None if not local else feature_set
-        self.thread = cf.ThreadPoolExecutor(1, thread_name_prefix="DeepDreamFeatures") \
-            if (overlap and self.local_set is not None) else None
         self.pool = None
         if remote:
             remote_config = dataclasses.replace(
@@ -98,17 +91,10 @@ class FeatureComputer:
         """Compute the features of ``step``: local ones now, pyradiomics ones in the worker."""
         enough = int(mask.sum()) >= self.min_voxels
         if self.local_set is not None:
-            if not enough:
-                step.features.update({n: math.nan for n in self.local_set.names})
-            elif self.thread is None:
+            if enough:
                 step.features.update(self.local_set.compute(image, mask, self.spacing))
             else:
-                local = [(s, f) for s, f in self.pending if f.names is self.local_set.names]
-                if len(local) >= self.MAX_IN_FLIGHT:
-                    local[0][1].result()
-                fut = self.thread.submit(self.local_set.compute, image, mask, self.spacing)
-                fut.names = self.local_set.names
-                self.pending.append((step, fut))
+                step.features.update({n: math.nan for n in self.local_set.names})
         if self.pool is not None:
             if not enough:
                 step.features.update({n: math.nan for n in self.remote_names})
@@ -117,7 +103,6 @@ class FeatureComputer:
             img = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
             fut = self.pool.submit(_compute_in_worker, np.ascontiguousarray(img[box]),
                                    np.ascontiguousarray(mask[box]), self.spacing)
-            fut.names = self.remote_names
             self.pending.append((step, fut))
 
     def collect(self) -> list[Step]:
@@ -136,26 +121,21 @@ class FeatureComputer:
     def finish(self, wait: bool = True) -> None:
         """Wait for outstanding results (or, when not ``wait``, drop them as NaN) and stop the worker."""
         for step, fut in self.pending:
-            local = self.local_set is not None and fut.names is self.local_set.names
-            if wait or local:  # local features take milliseconds: always keep them
+            if wait:
                 self._fill(step, fut)
             else:
                 fut.cancel()
                 if fut.done() and not fut.cancelled():
                     self._fill(step, fut)
                 else:
-                    step.features.update({n: math.nan for n in fut.names})
+                    step.features.update({n: math.nan for n in self.remote_names})
         self.pending = []
-        if self.thread is not None:
-            self.thread.shutdown(wait=True)
-            self.thread = None
         if self.pool is not None:
             self.pool.shutdown(wait=wait, cancel_futures=not wait)
             self.pool = None
 
-    @staticmethod
-    def _fill(step: Step, fut: cf.Future) -> None:
+    def _fill(self, step: Step, fut: cf.Future) -> None:
         try:
             step.features.update(fut.result())
         except Exception:  # noqa: BLE001 - a failed feature is NaN, never a failed run
-            step.features.update({n: math.nan for n in fut.names})
+            step.features.update({n: math.nan for n in self.remote_names})
