@@ -179,7 +179,7 @@ def bench_feature_cost(device: str, iterations: int) -> dict:
     backends = sorted(set(r.metadata.get("feature_backends", {}).values())) if isinstance(
         r.metadata.get("feature_backends"), dict) else None
     masked = int(sum(s.mask_voxels >= 2 for s in r.steps))
-    t_with, t_without = _best_of(with_features, without, device, repeats=1)
+    t_with, t_without = _best_of(with_features, without, device, repeats=3)
     return {"ratio": t_with / t_without, "with_features_s": t_with, "without_s": t_without,
             "iterations": iterations, "features": list(names), "iterations_with_a_mask": masked,
             "backends": backends}
