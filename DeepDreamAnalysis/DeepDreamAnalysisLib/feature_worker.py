@@ -1,10 +1,11 @@
 """Feature computation beside the dream loop.
 
-Native and custom features run inline on the loop's thread: on the small regions a dream makes they
-take a fraction of a millisecond (the numpy path of features/native_small.py), and a helper thread
-measured no faster, since their Python overhead holds the GIL either way. pyradiomics features run in a worker process, because pyradiomics is slow and
-holds the GIL in its C code: the loop never waits for them, and their values are filled into the
-steps as they arrive (reported through ``Progress.late_steps``).
+Native and custom features run inline on the loop's thread: on the small regions a dream makes
+they take a fraction of a millisecond (the numpy path of features/native_small.py), and a helper
+thread measured no faster, since their Python overhead holds the GIL either way. pyradiomics
+features run in a worker process, because pyradiomics is slow and holds the GIL in its C code: the
+loop never waits for them, and their values are filled into the steps as they arrive (reported
+through ``Progress.late_steps``).
 """
 
 from __future__ import annotations
