@@ -185,3 +185,39 @@ def test_an_empty_feature_selection_dreams_without_features(volume):
     assert len(result.steps) == 5
     timings = result.metadata["timings_s"]
     assert timings["setup"] <= timings["total"] and timings["per_iteration"] > 0
+
+
+def _stats(dims, bin_width=25.0):
+    from DeepDreamAnalysisLib.reference import ReferenceStats
+
+    return ReferenceStats({n: 100.0 for n in FEATURES}, {n: 10.0 for n in FEATURES}, {n: 20 for n in FEATURES},
+                          settings={"spatial_dims": dims, "bin_width": bin_width})
+
+
+def test_reference_of_another_dimensionality_or_bin_width_is_refused(volume):
+    from DeepDreamAnalysisLib.errors import ReferenceStatsError
+
+    with pytest.raises(ReferenceStatsError, match="--dims 2"):
+        run_analysis(volume, (24, 20, 1), tiny_model(2), _config(), reference=_stats(3))
+    with pytest.raises(ReferenceStatsError, match="bin width of 10"):
+        run_analysis(volume, (24, 20, 1), tiny_model(2), _config(), reference=_stats(2, bin_width=10.0))
+    assert run_analysis(volume, (24, 20, 1), tiny_model(2), _config(iterations=2), reference=_stats(2)).normalised
+
+
+def test_spacing_far_from_the_cards_and_non_axial_slices_are_warned(volume):
+    model = tiny_model(2, spacing=[1.6, 1.6, 3.0])
+    result = run_analysis(volume, (24, 20, 1), model, _config(iterations=2))
+    assert any("Resample" in w for w in result.metadata["warnings"])
+    sagittal = Volume(volume.array, spacing=(0.8, 0.8, 2.5), direction=[[0, 0, 1], [1, 0, 0], [0, 1, 0]])
+    result = run_analysis(sagittal, (24, 20, 1), tiny_model(2), _config(iterations=2))
+    assert any("not axial" in w for w in result.metadata["warnings"])
+
+
+def test_probability_stop_keeps_the_last_state(volume):
+    cfg = _config(iterations=500)
+    cfg.dream.stop_probability, cfg.dream.stop_patience = 0.5, 3
+    cfg.snapshot_every = 100
+    result = run_analysis(volume, (24, 20, 1), tiny_model(2), cfg)
+    assert result.status == "stopped" and len(result.steps) < 500
+    assert result.snapshots[-1].iteration == result.steps[-1].iteration
+    assert not math.isnan(result.steps[-1].features["firstorder_Entropy"])

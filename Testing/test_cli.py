@@ -159,3 +159,33 @@ def test_ctrl_c_keeps_the_partial_result(case, tmp_path):
     rows = list(csv.DictReader((out / "curves.csv").open()))
     assert 0 < len(rows) < 100000
     assert "cancelled" in stdout
+
+
+def test_infinite_seed_is_an_argument_error(case, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        _run(case, tmp_path / "o", seed="inf,1,0")
+    assert stop.value.code == 2
+    assert "--seed must be three integers" in capsys.readouterr().err
+
+
+def test_card_dream_settings_are_the_defaults_and_a_dead_dream_gets_a_hint(case, tmp_path, capsys):
+    card = json.loads(case["card"].read_text())
+    card["dream"] = {"step": 0.001, "iterations": 4}
+    card["target_class"] = 0  # p(seed) about 0.32 on this image: stays below 0.5 at such a step
+    (tmp_path / "c.json").write_text(json.dumps(card))
+    out = tmp_path / "o"
+    code = main(["run", "--image", str(case["image"]), "--model", str(case["model"]), "--seed", "24,20,1",
+                 "--card", str(tmp_path / "c.json"), "--out", str(out), "--features", "firstorder_Mean"])
+    assert code == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["configuration"]["dream"]["step"] == 0.001 and run["iterations_run"] == 4
+    assert run["first_iteration_above_0.5"] is None
+    assert "try a larger --step (now 0.001" in capsys.readouterr().err
+
+
+def test_bad_card_dream_settings_are_refused(case, tmp_path, capsys):
+    card = json.loads(case["card"].read_text())
+    card["dream"] = {"step": -5}
+    (tmp_path / "c.json").write_text(json.dumps(card))
+    code = _run(case, tmp_path / "o", "--card", str(tmp_path / "c.json"))
+    _expect_error(capsys, code, "dream.step must be a positive number")

@@ -250,7 +250,7 @@ def test_demo_model_loads_safely_and_sees_no_lesion_at_the_demo_seed():
     # and the card's demo step raises it above 0.5 by plain gradient ascent on the target logit
     import train_demo
 
-    demo = raw["demo"]
+    demo = raw["dream"]
     for p in net.parameters():
         p.requires_grad_(False)
     probs = train_demo.dream_trajectory(net, raw, vol.array[0], (i, j), demo["step"], iterations=demo["iterations"])

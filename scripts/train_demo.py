@@ -138,7 +138,7 @@ def main(argv=None) -> int:
         if cross is not None and cross <= CROSS_BY:
             chosen, trajectory = step, probs
             break
-    card["demo"] = {"iterations": DEMO_ITERATIONS, "step": chosen if chosen is not None else STEP_CANDIDATES[-1], "snapshot_every": 10}
+    card["dream"] = {"iterations": DEMO_ITERATIONS, "step": chosen if chosen is not None else STEP_CANDIDATES[-1], "snapshot_every": 10}
     log["demo_check"] = {
         "slice_k": demo_volume.origin[2] / lits.ASSUMED_SPACING[2],
         "seed_ijk": list(seed),

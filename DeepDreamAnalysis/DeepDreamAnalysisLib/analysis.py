@@ -21,7 +21,7 @@ import numpy as np
 from . import __version__
 from .config import AnalysisConfig
 from .dream import DreamLoop, crop_around_seed, default_roi, deterministic, select_device
-from .errors import DeepDreamError, ImageError, ModelError, RunFault
+from .errors import DeepDreamError, ImageError, ModelError, ReferenceStatsError, RunFault
 from .feature_worker import FeatureComputer
 from .mask import seed_component
 from .result import AnalysisResult, Progress, Snapshot, Step
@@ -47,7 +47,8 @@ def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None 
     card = model.card
     seed = volume.check_seed(seed_ijk)
     volume.check_finite()
-    _check_fits(volume, card, config.dream.start)
+    warnings: list[str] = []
+    _check_fits(volume, card, config.dream.start, warnings)
     seed_kji = (seed[2], seed[1], seed[0])
 
     from .features import build_feature_set
@@ -56,14 +57,16 @@ def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None 
     names = tuple(feature_set.names)
     if reference is not None:
         reference.require([n for n in names])
+        _check_reference_settings(reference, card.spatial_dims, config.features.bin_width, names)
 
     crop = plan_crop(volume, seed, card, config)
     seed_in_crop = tuple(s - c for s, c in zip(seed_kji, crop.start))
     device = select_device(config.dream.device)
-    network = model.network.to(device) if hasattr(model.network, "to") else model.network
+    network = _network_on(model, device)
     start = volume.array[crop.slices]
 
     metadata = _metadata(volume, seed, model, config, crop, device, reference, names)
+    metadata["warnings"] = warnings
     steps: list[Step] = []
     snapshots: list[Snapshot] = []
     status = "completed"
@@ -103,6 +106,12 @@ def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None 
                     break
         if status == "completed" and loop.stopped_early:
             status = "stopped"
+            last = steps[-1]
+            if snapshots[-1].iteration != last.iteration:
+                _snapshot(state, prob_np, mask, snapshots, config.max_snapshots)
+            if all(math.isnan(last.features.get(n, math.nan)) for n in names) and last.mask_voxels:
+                last.features.clear()
+                computer.submit(last, state.image, mask)
     except RunFault as fault:
         status = "fault"
         metadata["fault"] = str(fault)
@@ -117,6 +126,7 @@ def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None 
     failures = dict(getattr(feature_set, "failures", {}) or {})
     if computer.local_set is not None and computer.local_set is not feature_set:
         failures.update(getattr(computer.local_set, "failures", {}) or {})
+    failures.update(getattr(computer, "failures", {}) or {})
     metadata.update({
         "feature_backends": dict(getattr(feature_set, "backend_of", {}) or {}),
         "feature_failures": failures,
@@ -142,7 +152,47 @@ def plan_crop(volume: Volume, seed_ijk, card, config: AnalysisConfig):
                             card.size_divisible)
 
 
-def _check_fits(volume: Volume, card, start: str = "image") -> None:
+def _warn(warnings: list[str], message: str) -> None:
+    log.warning("%s", message)
+    warnings.append(message)
+
+
+def _network_on(model, device):
+    """The model's network on ``device`` (through ``LoadedModel.to`` when there is one; the model
+    stays there after the run). Out of GPU memory here is a :class:`RunFault`-style message."""
+    import torch
+
+    try:
+        if hasattr(model, "to") and callable(model.to) and hasattr(model, "card"):
+            moved = model.to(device)
+            return getattr(moved, "network", model.network)
+        return model.network.to(device) if hasattr(model.network, "to") else model.network
+    except torch.cuda.OutOfMemoryError:
+        raise ModelError(f"The model does not fit in the GPU's memory ({device}). Run on the CPU (--device cpu) "
+                         "or free GPU memory.") from None
+
+
+def _check_reference_settings(reference, spatial_dims: int, bin_width: float, names) -> None:
+    """Refuse reference statistics computed another way than this run's features (z-scores would lie)."""
+    settings = getattr(reference, "settings", None) or {}
+    where = getattr(reference, "source", None) or "the reference statistics"
+    ref_dims = settings.get("spatial_dims")
+    if ref_dims is not None and int(ref_dims) != spatial_dims:
+        raise ReferenceStatsError(
+            f"{where} were computed per {'slice (2D)' if int(ref_dims) == 2 else 'volume (3D)'} but the model is "
+            f"{spatial_dims}D: the z-scores would compare different things. Recompute them with "
+            f"`deepdream-analysis reference ... --dims {spatial_dims}`.")
+    ref_bw = settings.get("bin_width")
+    binned = [n for n in names if not n.startswith(("shape", "line135"))]
+    if ref_bw is not None and binned and abs(float(ref_bw) - float(bin_width)) > 1e-9:
+        raise ReferenceStatsError(
+            f"{where} used a bin width of {ref_bw:g} but this run uses {bin_width:g}; texture and entropy features "
+            f"({', '.join(binned[:3])}...) depend on it. Use --bin-width {ref_bw:g}, or recompute the statistics "
+            f"with --bin-width {bin_width:g}.")
+
+
+def _check_fits(volume: Volume, card, start: str = "image", warnings: list[str] | None = None) -> None:
+    warnings = [] if warnings is None else warnings
     if card.in_channels != 1:
         raise ModelError(
             f"The model card says the network takes {card.in_channels} input channels, but the image has one "
@@ -154,16 +204,29 @@ def _check_fits(volume: Volume, card, start: str = "image") -> None:
             f"The model is 3D but the image is a single slice (shape [k, j, i] = {volume.array.shape}). "
             "Give a 3D volume, or use a 2D model (spatial_dims 2 in its card)."
         )
+    if card.spacing is not None:
+        n = 2 if card.spatial_dims == 2 else min(3, len(card.spacing))
+        ours, theirs = np.asarray(volume.spacing[:n]), np.asarray(card.spacing[:n])
+        if np.any(np.abs(ours / theirs - 1.0) > 0.2):
+            _warn(warnings, f"The image's voxel spacing {tuple(round(v, 3) for v in volume.spacing[:n])} mm differs by "
+                            f"more than 20% from the spacing the model was trained at {tuple(card.spacing[:n])} mm: "
+                            "the network sees objects at another scale. Resample the image to the model's spacing.")
+    if card.spatial_dims == 2 and volume.array.shape[0] > 1:
+        k_axis = np.asarray(volume.direction)[:, 2]
+        if abs(k_axis[2]) < 0.9:
+            _warn(warnings, "The model is 2D and works on slices along the image's k axis, but that axis is not "
+                            "head-feet (the volume is stored sagittally or coronally, or oblique): the slices are "
+                            "not axial. Reorient the image to axial if the model was trained on axial slices.")
     if start == "noise":
         return  # the image's voxels are not used
     lo, hi = float(volume.array.min()), float(volume.array.max())
     if lo == hi:
-        log.warning("The image is constant (%s everywhere): the dream starts from a blank image. If that is not "
-                    "what you meant, check that the right volume was loaded.", volume.array.flat[0])
+        _warn(warnings, f"The image is constant ({volume.array.flat[0]} everywhere): the dream starts from a blank "
+                        "image. If that is not what you meant, check that the right volume was loaded.")
     elif looks_like_label_map(volume.array):
-        log.warning("The image holds only the values %s: it looks like a label map (segmentation), not an intensity "
-                    "image. It is analysed as a scalar image; choose the intensity volume (the CT or MR) if this "
-                    "was a mistake.", ", ".join(f"{v:g}" for v in np.unique(volume.array)))
+        _warn(warnings, "The image holds only the values " + ", ".join(f"{v:g}" for v in np.unique(volume.array))
+              + ": it looks like a label map (segmentation), not an intensity image. It is analysed as a scalar "
+              "image; choose the intensity volume (the CT or MR) if this was a mistake.")
 
 
 LABEL_MAP_MAX_VALUES = 8

@@ -103,6 +103,9 @@ class ModelCard:
     intensity_range: tuple[float, float] = (-1024.0, 3071.0)
     size_divisible: int = 1
     network: dict[str, Any] | None = None
+    dream: dict[str, Any] | None = None
+    """Recommended dream settings for this network, used when the user gives none:
+    ``{"step": 500.0, "iterations": 300}`` (step in image units per unit gradient, see DreamConfig)."""
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -145,6 +148,14 @@ class ModelCard:
         if len(rng) != 2 or not rng[1] > rng[0]:
             raise ModelCardError(f"intensity_range {list(rng)} must be [low, high] with low < high.")
         self.intensity_range = (rng[0], rng[1])
+        if self.dream is not None:
+            if not isinstance(self.dream, dict):
+                raise ModelCardError("dream must be an object such as {\"step\": 500.0, \"iterations\": 300}.")
+            for key in ("step", "iterations"):
+                v = self.dream.get(key)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
+                                      or not math.isfinite(v)):
+                    raise ModelCardError(f"dream.{key} must be a positive number, got {v!r}.")
         if self.network is not None and (not isinstance(self.network, dict) or "name" not in self.network):
             raise ModelCardError(
                 "network must be an object like {\"name\": \"monai.networks.nets.UNet\", \"args\": {...}}."

@@ -35,7 +35,7 @@ def resources_dir() -> Path:
 def _parse_seed(text: str) -> tuple[int, int, int]:
     try:
         parts = [int(round(float(v))) for v in text.replace(" ", "").split(",")]
-    except ValueError:
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(f"--seed must be three integers i,j,k (voxel indices), got {text!r}") from None
     if len(parts) != 3:
         raise argparse.ArgumentTypeError(f"--seed must be three integers i,j,k (voxel indices), got {text!r}")
@@ -51,9 +51,11 @@ def _parse_roi(text: str) -> tuple[int, ...]:
 
 def _add_dream_options(p: argparse.ArgumentParser, iterations: int | None = None, step: float | None = None) -> None:
     g = p.add_argument_group("dream")
-    g.add_argument("--iterations", type=int, default=iterations, help="gradient-ascent iterations (default 300)")
+    g.add_argument("--iterations", type=int, default=iterations,
+                   help="gradient-ascent iterations (default: the model card's dream.iterations, else 300)")
     g.add_argument("--step", type=float, default=step,
-                   help="step size alpha in X <- X + alpha*grad (image units per unit gradient; default 1.0)")
+                   help="step size alpha in X <- X + alpha*grad (image units per unit gradient; default: the model "
+                        "card's dream.step, else 1.0)")
     g.add_argument("--normalize-gradient", action="store_true", help="use alpha*g/max|g|: step is then the largest change per voxel")
     g.add_argument("--objective", choices=("logit", "log_odds"), default="logit")
     g.add_argument("--start", choices=("image", "noise"), default="image", help="start from the image or white noise")
@@ -147,15 +149,23 @@ def _feature_config(args, names_default=None):
                          bin_width=args.bin_width, custom=custom)
 
 
-def _analysis_config(args, spatial_dims: int):
+def dream_defaults(card) -> dict:
+    """Iterations and step when the user gives none: the card's recommendation, else 300 and 1.0."""
+    rec = (getattr(card, "dream", None) or {}) if card is not None else {}
+    return {"iterations": int(rec.get("iterations", 300)), "step": float(rec.get("step", 1.0)),
+            "snapshot_every": int(rec.get("snapshot_every", 10))}
+
+
+def _analysis_config(args, spatial_dims: int, card=None):
     from .config import AnalysisConfig, DreamConfig, paper_features
 
     fc = _feature_config(args)
     if fc.custom and fc.names is None:
         fc.names = tuple(paper_features(spatial_dims)) + tuple(fc.custom)
+    defaults = dream_defaults(card)
     dream = DreamConfig(
-        iterations=args.iterations if args.iterations is not None else 300,
-        step=args.step if args.step is not None else 1.0,
+        iterations=args.iterations if args.iterations is not None else defaults["iterations"],
+        step=args.step if args.step is not None else defaults["step"],
         normalize_gradient=args.normalize_gradient, objective=args.objective, start=args.start,
         update_radius=args.update_radius, stop_probability=args.stop_probability,
         stop_patience=args.stop_patience, roi_size=args.roi, threshold=args.threshold,
@@ -165,15 +175,9 @@ def _analysis_config(args, spatial_dims: int):
 
 def check_output_dir(path: str | Path) -> Path:
     """Create ``path`` if needed and check it is writable, before any work is done."""
-    out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise OutputError(f"Cannot write into the output folder {out} ({exc.strerror}). Choose a writable folder.") from None
-    return out
+    from .report import check_writable
+
+    return check_writable(path)
 
 
 class _CtrlC:
@@ -230,6 +234,11 @@ def _print_summary(result, paths, out: Path) -> None:
         print(f"fault: {result.metadata['fault']}", file=sys.stderr)
     if not result.normalised:
         print("note: no reference statistics given; curves are raw feature values, not z-scores.")
+    for warning in result.metadata.get("warnings", []) or []:
+        print(f"warning: {warning}", file=sys.stderr)
+    hint = step_hint(result)
+    if hint:
+        print(f"hint: {hint}", file=sys.stderr)
     print(f"Results in {out}/:")
     snapshots = [p for p in paths.values() if Path(p).parent.name == "snapshots"]
     for key, path in paths.items():
@@ -237,6 +246,21 @@ def _print_summary(result, paths, out: Path) -> None:
             print(f"  {key:8s} {path}")
     if snapshots:
         print(f"  {'snapshots':8s} {Path(snapshots[0]).parent}/ ({len(snapshots)} NIfTI files)")
+
+
+def step_hint(result) -> str | None:
+    """Advice when the dream did not take off: the probability at the seed never passed 0.5."""
+    steps = result.steps
+    if result.status not in ("completed", "stopped") or not steps or result.first_iteration_above(0.5) is not None:
+        return None
+    dream = result.metadata.get("configuration", {}).get("dream", {})
+    step, n = dream.get("step"), len(steps)
+    moved = steps[-1].objective - steps[0].objective
+    return (f"the probability at the seed never passed 0.5 in {n} iterations (objective {steps[0].objective:+.3f} -> "
+            f"{steps[-1].objective:+.3f}). " + ("The step is too small for this network: " if abs(moved) < 1.0 else "")
+            + f"try a larger --step (now {step:g}; the gradient is per image unit, so a windowed input needs "
+            "hundreds), more --iterations, or --normalize-gradient with --step in image units per iteration "
+            "(e.g. 5). A card's dream.step sets the default (docs/model-card.md).")
 
 
 def cmd_run(args) -> int:
@@ -254,7 +278,7 @@ def cmd_run(args) -> int:
         if model.executes_code:
             print(f"note: {model.format} models run their author's code when loaded; use models you trust.",
                   file=sys.stderr)
-        config = _analysis_config(args, model.card.spatial_dims)
+        config = _analysis_config(args, model.card.spatial_dims, model.card)
         reference = ReferenceStats.load(args.reference) if args.reference else None
         return _run_and_write(volume, args.seed, model, config, reference, out)
     except DeepDreamError:
@@ -301,9 +325,6 @@ def cmd_reference(args) -> int:
     return EXIT_OK
 
 
-DEMO_DEFAULTS = {"iterations": 300, "step": 2000.0}
-
-
 def cmd_demo(args) -> int:
     from .config import AnalysisConfig, DreamConfig, FeatureConfig
     from .lits import demo_case
@@ -316,8 +337,7 @@ def cmd_demo(args) -> int:
         raise DeepDreamError(f"The demo model is missing ({model_path}). Run from a source checkout, or `make train-demo`.")
     out = check_output_dir(args.out)
     model = load_model(model_path)
-    settings = dict(DEMO_DEFAULTS)
-    settings.update(model.card.extra.get("demo", {}))
+    settings = dream_defaults(model.card)
     volume, seed = demo_case()
     ref_path = res / "demo_reference.json"
     reference = ReferenceStats.load(ref_path) if ref_path.is_file() else None

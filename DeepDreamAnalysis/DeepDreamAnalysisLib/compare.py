@@ -31,6 +31,7 @@ import dataclasses
 import json
 import logging
 import math
+import sys
 import threading
 import time
 import warnings
@@ -511,7 +512,13 @@ def cmd_compare(args) -> int:
     models = {name: load_model(path, card=card_of.get(name), device="cpu", allow_code_targets=args.allow_code_targets)
               for name, path in named}
     dims = {m.card.spatial_dims for m in models.values()}
-    config = _analysis_config(args, dims.pop() if len(dims) == 1 else 3)
+    # the cards' recommended dream settings apply when every model recommends the same ones
+    recommended = {json.dumps(m.card.dream or {}, sort_keys=True) for m in models.values()}
+    shared_card = next(iter(models.values())).card if len(recommended) == 1 else None
+    if shared_card is None and (args.step is None or args.iterations is None):
+        print("note: the models' cards recommend different dream settings; give --step and --iterations to "
+              "choose one for all (using 1.0 and 300 otherwise).", file=sys.stderr)
+    config = _analysis_config(args, dims.pop() if len(dims) == 1 else 3, shared_card)
     reference = None
     if args.reference:
         from .reference import ReferenceStats
