@@ -67,7 +67,7 @@ def _add_dream_options(p: argparse.ArgumentParser, iterations: int | None = None
     g.add_argument("--random-seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     f = p.add_argument_group("features")
-    f.add_argument("--features", default=None, help="comma-separated pyradiomics names (default: the paper's six; 'none': track no features)")
+    f.add_argument("--features", default=None, help="comma-separated pyradiomics names (default: the paper's seven features; 'none': track no features)")
     f.add_argument("--feature-backend", choices=("auto", "native", "pyradiomics"), default="auto")
     f.add_argument("--feature-every", type=int, default=1, help="compute features every N-th iteration")
     f.add_argument("--bin-width", type=float, default=25.0, help="grey-level bin width (image units)")
@@ -144,7 +144,7 @@ def _feature_config(args, names_default=None):
     if custom:
         names = tuple(names or ()) + tuple(n for n in custom if n not in (names or ()))
         if not args.features and not names_default:
-            names = None  # paper's six plus the custom ones: resolved below
+            names = None  # the paper's features plus the custom ones: resolved below
     return FeatureConfig(names=names, backend=args.feature_backend, every=getattr(args, "feature_every", 1),
                          bin_width=args.bin_width, custom=custom)
 

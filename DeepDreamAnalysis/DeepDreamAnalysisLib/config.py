@@ -114,7 +114,7 @@ class FeatureConfig:
     """Which features to track and how."""
 
     names: tuple[str, ...] | None = None
-    """pyradiomics names (``firstorder_Entropy``) or registered custom names; None: the paper's six."""
+    """pyradiomics names (``firstorder_Entropy``) or registered custom names; None: the paper's seven features."""
     backend: str = "auto"
     """``auto`` (native when all requested features exist natively), ``native`` or ``pyradiomics``."""
     every: int = 1

@@ -2,9 +2,9 @@
 
 The worker thread runs :func:`~.analysis.run_analysis` (torch and numpy only; it never touches Qt,
 VTK or MRML). Progress goes into a bounded buffer that the caller drains with :meth:`poll` from its
-own thread (the Slicer panel's timer, the command line's progress bar): every step is kept (they
-are small), but only the newest ``queue_size`` snapshots are, so a slow drain never piles up
-images. :meth:`cancel` stops the loop within one iteration.
+own thread (the Slicer panel's timer, the command line's progress bar): steps are kept (they are
+small; beyond ``MAX_PENDING_STEPS`` undrained ones the oldest are dropped — the result always holds
+them all), but only the newest ``queue_size`` snapshots are, so a slow drain never piles up images. :meth:`cancel` stops the loop within one iteration.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import threading
 from collections import deque
 
 from .config import AnalysisConfig
+from .errors import ConfigError
 from .result import AnalysisResult, Progress
 
 
@@ -23,8 +24,8 @@ class AnalysisRunner:
 
     def __init__(self, volume, seed_ijk, model, config: AnalysisConfig | None = None, reference=None,
                  queue_size: int = 4):
-        if queue_size < 1:
-            raise ValueError("queue_size must be at least 1")
+        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
+            raise ConfigError(f"queue_size must be a positive integer, got {queue_size!r}.")
         self.volume = volume
         self.seed_ijk = seed_ijk
         self.model = model
