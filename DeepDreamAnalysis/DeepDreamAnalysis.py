@@ -27,7 +27,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from DeepDreamAnalysisLib.config import PAPER_FEATURES_2D, PAPER_FEATURES_3D
-from DeepDreamAnalysisLib.slicer_logic import AnalysisLogicCore, status_text
+from DeepDreamAnalysisLib.slicer_logic import AnalysisLogicCore, features_for_dims, model_card_hints, status_text
 
 TIMER_INTERVAL_MS = 150
 
@@ -66,7 +66,7 @@ class DeepDreamAnalysis(ScriptedLoadableModule):
 class DeepDreamAnalysisParameterNode:
     """The panel's settings, saved with the scene.
 
-    features: comma-separated pyradiomics names (the checkable list; empty means the paper's six).
+    features: comma-separated pyradiomics names (the checkable list; empty means the paper's features).
     """
 
     inputVolume: slicer.vtkMRMLScalarVolumeNode
@@ -95,6 +95,8 @@ class DeepDreamAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._timer = None
+        self._modelDims = None  # the chosen model's spatial_dims (2, 3) from its card; None: not known
+        self._hintedModelPath = None  # the model path whose card settings were last applied
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -174,6 +176,8 @@ class DeepDreamAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
+            # a path restored with the scene keeps the scene's iterations and step (no card override)
+            self._hintedModelPath = str(self._parameterNode.modelPath)
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
             self.ui.seedPlaceWidget.setCurrentNode(self._parameterNode.seed)
@@ -183,7 +187,9 @@ class DeepDreamAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     # --- GUI ----------------------------------------------------------------------------------
 
     def _fillFeatureTree(self) -> None:
-        """The checkable feature list, grouped by pyradiomics class; the paper's features ticked."""
+        """The checkable feature list, grouped by pyradiomics class; the paper's features ticked.
+        One shape group shows: the model's (``shape`` for 3D, ``shape2D`` for 2D) once its card is
+        known, both before that (the logic then translates to the model's dimensionality)."""
         from DeepDreamAnalysisLib.slicer_deps import feature_catalog
 
         tree = self.ui.featureTree
@@ -191,6 +197,7 @@ class DeepDreamAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         tree.setHeaderLabels([_("Feature")])
         for group, names in feature_catalog().items():
             parent = qt.QTreeWidgetItem(tree, [group])
+            parent.setData(0, qt.Qt.UserRole, names[0].split("_", 1)[0] if names else group)
             parent.setFlags(parent.flags() | qt.Qt.ItemIsAutoTristate | qt.Qt.ItemIsUserCheckable)
             for name in names:
                 item = qt.QTreeWidgetItem(parent, [name])
@@ -199,17 +206,31 @@ class DeepDreamAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                 item.setCheckState(0, qt.Qt.Unchecked)
         self._checkFeatureItems("")
 
-    def _featureItems(self):
+    def _featureItems(self, visibleOnly: bool = False):
         tree = self.ui.featureTree
         for g in range(tree.topLevelItemCount):
             group = tree.topLevelItem(g)
+            if visibleOnly and group.isHidden():
+                continue
             for c in range(group.childCount()):
                 yield group.child(c)
 
+    def _showShapeGroups(self) -> None:
+        """Hide the shape group of the other dimensionality once the model's is known."""
+        hidden = {3: "shape2D", 2: "shape"}.get(self._modelDims)
+        tree = self.ui.featureTree
+        for g in range(tree.topLevelItemCount):
+            group = tree.topLevelItem(g)
+            group.setHidden(group.data(0, qt.Qt.UserRole) == hidden)
+
     def _checkFeatureItems(self, features: str) -> None:
-        names = {f.strip() for f in (features or "").split(",") if f.strip()}
+        """Tick ``features`` (comma-separated; empty: the paper's), in the model's dimensionality."""
+        names = [f.strip() for f in (features or "").split(",") if f.strip()]
         if not names:
-            names = set(PAPER_FEATURES_2D) | set(PAPER_FEATURES_3D)
+            names = list(PAPER_FEATURES_2D) + list(PAPER_FEATURES_3D)
+        if self._modelDims in (2, 3):
+            names = list(features_for_dims(names, self._modelDims)[0])
+        names = set(names)
         wasBlocked = self.ui.featureTree.blockSignals(True)
         for item in self._featureItems():
             item.setCheckState(0, qt.Qt.Checked if item.data(0, qt.Qt.UserRole) in names else qt.Qt.Unchecked)
@@ -218,7 +239,12 @@ class DeepDreamAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def onFeatureItemChanged(self, item, column) -> None:
         if self._parameterNode is None:
             return
-        checked = [i.data(0, qt.Qt.UserRole) for i in self._featureItems() if i.checkState(0) == qt.Qt.Checked]
+        self._saveFeatures()
+
+    def _saveFeatures(self) -> None:
+        """The ticked names of the groups shown (a hidden shape group's ticks are not the user's)."""
+        checked = [i.data(0, qt.Qt.UserRole) for i in self._featureItems(visibleOnly=True)
+                   if i.checkState(0) == qt.Qt.Checked]
         self._parameterNode.features = ",".join(checked)
 
     def onSeedNodeChanged(self, node) -> None:
@@ -232,6 +258,29 @@ class DeepDreamAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         note = model_format_note(path)
         self.ui.modelFormatNoteLabel.text = note
         self.ui.modelFormatNoteLabel.visible = bool(note)
+        # The card (read without loading the model): its dimensionality picks the shape group shown,
+        # and its recommended dream settings fill in iterations and step when a model is chosen.
+        dims, recommended = model_card_hints(path)
+        if dims != self._modelDims:
+            self._modelDims = dims
+            self._showShapeGroups()
+            if self._parameterNode is not None:
+                self._checkFeatureItems(self._parameterNode.features)
+                if self._parameterNode.features:
+                    self._saveFeatures()
+        p = self._parameterNode
+        if p is None or str(path) == self._hintedModelPath:
+            return
+        self._hintedModelPath = str(path)
+        said = []
+        if recommended.get("iterations") is not None:
+            p.iterations = min(100000, max(1, int(recommended["iterations"])))
+            said.append(_("{n} iterations").format(n=p.iterations))
+        if recommended.get("step") is not None:
+            p.step = min(100000.0, max(0.0001, float(recommended["step"])))
+            said.append(_("step {s:g}").format(s=p.step))
+        if said:
+            self.ui.statusLabel.text = _("Dream settings from the model card: {s}.").format(s=", ".join(said))
 
     def _checkCanApply(self, caller=None, event=None) -> None:
         if self.logic is not None and self.logic.isRunning:

@@ -22,8 +22,11 @@ from slicer_fixtures import mrml_scene, slicer  # noqa: F401 - fixture
 from tiny_models import TinyModel, liver_like, tiny_card, tiny_model, tiny_net
 
 from DeepDreamAnalysisLib import scene
-from DeepDreamAnalysisLib.errors import DeepDreamError, ImageError, ModelError, SeedError
-from DeepDreamAnalysisLib.slicer_logic import AnalysisLogicCore, RunInProgressError, active_run
+from DeepDreamAnalysisLib.config import PAPER_FEATURES_2D, PAPER_FEATURES_3D
+from DeepDreamAnalysisLib.errors import DeepDreamError, FeatureError, ImageError, ModelError, ReferenceStatsError, SeedError
+from DeepDreamAnalysisLib.reference import ReferenceStats
+from DeepDreamAnalysisLib.slicer_logic import (AnalysisLogicCore, RunInProgressError, active_run, dream_settings,
+                                               features_for_dims, model_card_hints)
 
 FEATURES = ["firstorder_RootMeanSquared", "firstorder_Entropy"]
 SHAPE = (3, 40, 48)  # k, j, i
@@ -334,3 +337,111 @@ def test_compare_models_refuses_a_label_map_before_running_anything(mrml_scene, 
     with pytest.raises(ImageError, match="label map"):
         AnalysisLogicCore().compareModels(labelmap, {"a": model_file}, SEED, iterations=2, device="cpu")
     assert _ids(mrml_scene) == ids and active_run() is None
+
+
+# ----------------------------------------------------------------------------- features and model dimensionality
+
+def test_features_for_dims_translates_the_papers_shape_features_and_drops_other_shapes():
+    both = list(PAPER_FEATURES_2D) + list(PAPER_FEATURES_3D)  # what the panel sent with both groups ticked
+    assert features_for_dims(both, 3)[0] == PAPER_FEATURES_3D
+    assert features_for_dims(both, 2)[0] == PAPER_FEATURES_2D
+    names, notes = features_for_dims(["shape2D_MaximumDiameter", "shape2D_Perimeter", "glcm_Contrast"], 3)
+    assert names == ("shape_Maximum3DDiameter", "glcm_Contrast")
+    assert any("shape2D_MaximumDiameter -> shape_Maximum3DDiameter" in n for n in notes), notes
+    assert any("left out shape2D_Perimeter" in n for n in notes), notes
+    names, notes = features_for_dims(["shape_Sphericity", "shape_VoxelVolume", "firstorder_Mean"], 2)
+    assert names == ("shape2D_Sphericity", "firstorder_Mean") and any("shape_VoxelVolume" in n for n in notes)
+    assert features_for_dims(None, 3) == (None, ())
+    assert features_for_dims(["shape_Elongation", "firstorder_Mean"], 3) == (("shape_Elongation", "firstorder_Mean"), ())
+
+
+def test_a_run_given_both_shape_groups_uses_the_models_and_says_so(mrml_scene):
+    """The panel's default ticks (the paper's features in 2D and 3D form) must run, not fail."""
+    messages = []
+    for dims, shape in ((3, (8, 24, 24)), (2, SHAPE)):
+        node = slicer.util.addVolumeFromArray(liver_like(shape), name=f"ct{dims}")
+        seed = (shape[2] // 2, shape[1] // 2, shape[0] // 2)
+        model = tiny_model(dims, roi=[8, 12, 12] if dims == 3 else None)
+        result = AnalysisLogicCore().run(node, seed=seed, model=model, iterations=2, step=400.0, device="cpu",
+                                         features=list(PAPER_FEATURES_2D) + list(PAPER_FEATURES_3D),
+                                         logCallback=messages.append)
+        assert result.status == "completed"
+        assert tuple(result.feature_names) == (PAPER_FEATURES_3D if dims == 3 else PAPER_FEATURES_2D)
+    assert any("The model is 3D: using shape2D_MaximumDiameter -> shape_Maximum3DDiameter" in m for m in messages)
+    assert any("The model is 2D: using shape_Maximum3DDiameter -> shape2D_MaximumDiameter" in m for m in messages)
+
+
+# ----------------------------------------------------------------------------- a refused run keeps the last run's nodes
+
+def _run_nodes_state(mrml_scene):
+    nodes = scene.find_run_nodes(mrml_scene)
+    return {n.GetID(): (_state(n), n.GetAttribute(scene.ATTR_STATUS), n.GetMTime()) for n in nodes}
+
+
+def test_a_run_refused_for_its_features_or_reference_leaves_the_last_runs_nodes_unchanged(mrml_scene, model_file,
+                                                                                           tmp_path):
+    node = _input_node()
+    logic = AnalysisLogicCore()
+    first = logic.run(node, model_file, SEED, iterations=2, step=400.0, features=FEATURES, device="cpu")
+    assert first.status == "completed"
+    before = _run_nodes_state(mrml_scene)
+    before_ids = _ids(mrml_scene)
+    assert len(before) >= 5
+    partial = tmp_path / "reference.json"
+    ReferenceStats(mean={FEATURES[0]: 100.0}, std={FEATURES[0]: 10.0}, n={FEATURES[0]: 5}).save(partial)
+    cases = [
+        (dict(features=["firstorder_Entropy", "glcm_NoSuchFeature"]), FeatureError, r"Unknown feature 'glcm_NoSuchFeature'"),
+        (dict(referencePath=partial), ReferenceStatsError, rf"has no statistics for {FEATURES[1]}"),
+        (dict(referencePath=tmp_path / "missing.json"), ReferenceStatsError, r"not found"),
+    ]
+    for change, error, message in cases:
+        for newNodes in (False, True):
+            kwargs = dict(volumeNode=node, modelPath=model_file, seed=SEED, iterations=2, step=400.0,
+                          features=FEATURES, device="cpu", newNodes=newNodes, waitForCompletion=False)
+            kwargs.update(change)
+            with pytest.raises(error, match=message):
+                logic.run(**kwargs)
+            assert _ids(mrml_scene) == before_ids, f"{change}: nodes were made or removed"
+            after = _run_nodes_state(mrml_scene)
+            assert after.keys() == before.keys()
+            for key, (state, status, mtime) in before.items():
+                assert _same_state(state, after[key][0]) and after[key][1] == status
+                assert after[key][2] == mtime, f"{change}: node {key} was modified"
+            assert not logic.isRunning and active_run() is None
+    assert logic.handle.result is first and logic.handle.nodes.table.GetNumberOfRows() == 2
+
+
+# ----------------------------------------------------------------------------- the card's recommended dream settings
+
+def _model_with_card(folder, **over):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "tiny.pt"
+    torch.jit.save(torch.jit.script(tiny_net(2)), str(path))
+    (folder / "tiny.pt.card.json").write_text(json.dumps(tiny_card(2, **over).to_dict()))
+    return path
+
+
+def test_the_cards_dream_settings_are_used_when_none_are_given(mrml_scene, tmp_path):
+    path = _model_with_card(tmp_path / "a", dream={"step": 400.0, "iterations": 3})
+    assert model_card_hints(path) == (2, {"step": 400.0, "iterations": 3})
+    node = _input_node()
+    messages = []
+    logic = AnalysisLogicCore()
+    result = logic.run(node, path, SEED, features=FEATURES, device="cpu", logCallback=messages.append)
+    assert len(result.steps) == 3 and result.metadata["configuration"]["dream"]["step"] == 400.0
+    assert any("iterations 3 from the model card, step 400 from the model card" in m for m in messages), messages
+    result = logic.run(node, path, SEED, iterations=2, features=FEATURES, device="cpu", logCallback=messages.append)
+    assert len(result.steps) == 2 and result.metadata["configuration"]["dream"]["step"] == 400.0
+    assert any("iterations 2 as given, step 400 from the model card" in m for m in messages), messages
+    result = logic.run(node, path, SEED, iterations=2, step=50.0, features=FEATURES, device="cpu")
+    assert result.metadata["configuration"]["dream"]["step"] == 50.0
+
+
+def test_without_a_recommendation_the_defaults_apply(tmp_path):
+    assert dream_settings(tiny_card(2), None, None) == (300, 1.0, "iterations 300 from the default, step 1 from the default")
+    assert dream_settings(None, 5, 2.0)[:2] == (5, 2.0)
+    assert dream_settings(tiny_card(2, dream={"step": 250.0}), None, None)[:2] == (300, 250.0)
+    path = _model_with_card(tmp_path / "b")
+    assert model_card_hints(path) == (2, {})
+    assert model_card_hints(tmp_path / "nothing.pt") == (None, {})
+    assert model_card_hints("") == (None, {})

@@ -88,6 +88,106 @@ def native_feature_names() -> frozenset[str]:
     return frozenset(NATIVE_FEATURES)
 
 
+SHAPE_3D_TO_2D = {
+    "shape_Maximum3DDiameter": "shape2D_MaximumDiameter",
+    "shape_Elongation": "shape2D_Elongation",
+    "shape_Sphericity": "shape2D_Sphericity",
+}
+"""The paper's shape features in their 3D (``shape``) and 2D (``shape2D``) forms."""
+SHAPE_2D_TO_3D = {v: k for k, v in SHAPE_3D_TO_2D.items()}
+
+
+def features_for_dims(names: Sequence[str] | None, spatial_dims: int) -> tuple[tuple[str, ...] | None, tuple[str, ...]]:
+    """Map requested feature names to the model's dimensionality: (names to use, notes for the log).
+
+    A 3D model measures shape with pyradiomics' ``shape`` class, a 2D model (one axial slice) with
+    ``shape2D``. The paper's three shape features given in the other form are translated
+    (``shape_Maximum3DDiameter`` <-> ``shape2D_MaximumDiameter``, ``shape_Elongation`` <->
+    ``shape2D_Elongation``, ``shape_Sphericity`` <-> ``shape2D_Sphericity``); other shape features
+    of the other form are dropped, with a note. Duplicates go, the order stays. None stays None
+    (the paper's features for ``spatial_dims``).
+    """
+    if names is None:
+        return None, ()
+    if spatial_dims == 2:
+        wrong, mapping = "shape_", SHAPE_3D_TO_2D
+    else:
+        wrong, mapping = "shape2D_", SHAPE_2D_TO_3D
+    out: list[str] = []
+    translated, dropped = [], []
+    for name in names:
+        if name in mapping:
+            translated.append(f"{name} -> {mapping[name]}")
+            name = mapping[name]
+        elif name.startswith(wrong):
+            dropped.append(name)
+            continue
+        if name not in out:
+            out.append(name)
+    notes = []
+    if translated:
+        notes.append(f"The model is {spatial_dims}D: using {', '.join(translated)}.")
+    if dropped:
+        other = "2D" if spatial_dims == 3 else "3D"
+        notes.append(f"The model is {spatial_dims}D: left out {', '.join(dropped)} ({other} shape features; "
+                     f"choose from the shape{'2D' if spatial_dims == 2 else ''} group instead).")
+    return tuple(out), tuple(notes)
+
+
+DEFAULT_ITERATIONS = 300
+DEFAULT_STEP = 1.0
+
+
+def card_dream_settings(card) -> dict:
+    """The model card's recommended dream settings (``{"step": ..., "iterations": ...}``; {} if none)."""
+    if card is None:
+        return {}
+    rec = getattr(card, "dream", None) or (getattr(card, "extra", None) or {}).get("dream") or {}
+    return dict(rec) if isinstance(rec, dict) else {}
+
+
+def dream_settings(card, iterations=None, step=None) -> tuple[int, float, str]:
+    """(iterations, step, where they came from): the caller's values, else the card's
+    recommendation, else 300 iterations at step 1.0."""
+    rec = card_dream_settings(card)
+    sources = []
+    if iterations is None:
+        if rec.get("iterations") is not None:
+            iterations, src = rec["iterations"], "the model card"
+        else:
+            iterations, src = DEFAULT_ITERATIONS, "the default"
+        sources.append(f"iterations {int(iterations)} from {src}")
+    else:
+        sources.append(f"iterations {int(iterations)} as given")
+    if step is None:
+        if rec.get("step") is not None:
+            step, src = rec["step"], "the model card"
+        else:
+            step, src = DEFAULT_STEP, "the default"
+        sources.append(f"step {float(step):g} from {src}")
+    else:
+        sources.append(f"step {float(step):g} as given")
+    return int(iterations), float(step), ", ".join(sources)
+
+
+def model_card_hints(modelPath) -> tuple[int | None, dict]:
+    """(spatial_dims or None, recommended dream settings) from the card beside ``modelPath``,
+    without loading the model (for the panel: no torch). (None, {}) when no readable card is found."""
+    from .card import ModelCard, find_card
+
+    text = str(modelPath or "").strip()
+    if not text or text == ".":
+        return None, {}
+    try:
+        path = find_card(text)
+        if path is None:
+            return None, {}
+        card = ModelCard.load(path)
+    except (DeepDreamError, OSError, ValueError):
+        return None, {}
+    return card.spatial_dims, card_dream_settings(card)
+
+
 def choose_features(names: Sequence[str] | None, spatial_dims: int,
                     have_radiomics: bool | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(features to compute, features left out because pyradiomics is missing).
@@ -399,8 +499,8 @@ class AnalysisLogicCore:
             self._models[key] = load_model(modelPath, device="cpu", allow_code_targets=allowCodeTargets)
         return self._models[key]
 
-    def run(self, volumeNode, modelPath=None, seed=None, *, seedRAS=None, iterations: int = 300,
-            step: float = 1.0, features: Sequence[str] | None = None, referencePath=None,
+    def run(self, volumeNode, modelPath=None, seed=None, *, seedRAS=None, iterations: int | None = None,
+            step: float | None = None, features: Sequence[str] | None = None, referencePath=None,
             device: str = "auto", recordEvery: int = 10, maxRecorded: int = 100, newNodes: bool = False,
             waitForCompletion: bool = True, progressCallback=None, logCallback=None,
             finishedCallback=None, config: AnalysisConfig | None = None, model=None,
@@ -408,10 +508,16 @@ class AnalysisLogicCore:
         """Run the analysis of ``volumeNode`` with the model at ``modelPath`` (or a loaded ``model``).
 
         Seed: ``seed`` is a markups point list (its last placed point) or voxel indices
-        ``(i, j, k)``; ``seedRAS`` is a world position ``(R, A, S)`` in mm. ``features``: pyradiomics
-        names (None: the paper's six). ``referencePath``: a reference statistics JSON (z-scores and
+        ``(i, j, k)``; ``seedRAS`` is a world position ``(R, A, S)`` in mm. ``iterations`` and
+        ``step`` (image units per unit gradient): None takes the model card's recommendation
+        (its ``dream`` field), else 300 and 1.0. ``features``: pyradiomics names (None: the paper's
+        features); shape features given for the other dimensionality are translated or left out
+        (:func:`features_for_dims`). ``referencePath``: a reference statistics JSON (z-scores and
         the normal band) or None (raw values). ``device``: auto, cuda or cpu. ``recordEvery``:
         iterations between sequence items (snapshots are taken that often too).
+
+        Everything that can fail (model, features, reference, crop, device) is checked before any
+        output node is made or the last run's nodes are replaced.
 
         ``waitForCompletion=True`` returns the :class:`~.result.AnalysisResult` (output nodes in
         ``self.handle.nodes``); False returns the :class:`RunHandle` at once (call
@@ -425,29 +531,16 @@ class AnalysisLogicCore:
         loaded = model if model is not None else self.loadModel(modelPath, device, allowCodeTargets)
         card = loaded.card
         if config is None:
+            iterations, step, source = dream_settings(card, iterations, step)
+            _say(logCallback, f"Dream settings: {source}.")
             # Snapshots (live display) at least every 5 iterations; the sequences keep every recordEvery-th.
-            config = AnalysisConfig(dream=DreamConfig(iterations=int(iterations), step=float(step), device=device),
+            config = AnalysisConfig(dream=DreamConfig(iterations=iterations, step=step, device=device),
                                     features=FeatureConfig(names=None),
                                     snapshot_every=max(1, min(int(recordEvery), 5)))
         else:
             config = copy.deepcopy(config)
-        names, dropped = choose_features(features if features is not None else config.features.names,
-                                         card.spatial_dims)
-        if dropped:
-            _say(logCallback, f"pyradiomics is not installed (install the SlicerRadiomics extension for it): "
-                              f"running without {', '.join(dropped)}.")
-        if not names:
-            raise FeatureError("None of the selected features can be computed here. Select at least one "
-                               "feature, or install SlicerRadiomics for pyradiomics features.")
-        config.features.names = tuple(names)
-        config.validate()
-        reference = None
-        if referencePath is not None and str(referencePath).strip() not in ("", "."):
-            from .reference import ReferenceStats
-
-            reference = ReferenceStats.load(referencePath)
-        crop = self.cropFor(volume, seed_ijk, card, config)
-        preload_engine()
+        names, reference, crop = self._prepare(volume, seed_ijk, card, config, features, referencePath,
+                                               logCallback)
         from .runner import AnalysisRunner
 
         updater = scene_mod.SceneUpdater(
@@ -469,14 +562,53 @@ class AnalysisLogicCore:
             scene_mod.remove_run_nodes(self.scene, updater.run_id)
             raise
         self.handle = handle
-        _say(logCallback, f"Running {config.dream.iterations} iterations at seed (i,j,k)={seed_ijk} "
-                          f"with {len(names)} features.")
+        _say(logCallback, f"Running {config.dream.iterations} iterations (step {config.dream.step:g}) at seed "
+                          f"(i,j,k)={seed_ijk} with {len(names)} features.")
         if not waitForCompletion:
             return self.handle
         return self.handle.wait(idle=idle)
 
+    def _prepare(self, volume, seed_ijk, card, config: AnalysisConfig, features, referencePath, logCallback):
+        """Resolve and check everything the worker would otherwise fail on, before any node is made:
+        the features for the model's dimensionality, ``build_feature_set``, the reference statistics
+        (loaded, and holding every feature), the image (finite, fits the model), the device and the
+        crop. Sets ``config.features.names``; returns (feature names, reference or None, crop)."""
+        requested = features if features is not None else config.features.names
+        requested, notes = features_for_dims(requested, card.spatial_dims)
+        for note in notes:
+            _say(logCallback, note)
+        names, dropped = choose_features(requested, card.spatial_dims)
+        if dropped:
+            _say(logCallback, f"pyradiomics is not installed (install the SlicerRadiomics extension for it): "
+                              f"running without {', '.join(dropped)}.")
+        if not names:
+            raise FeatureError("None of the selected features can be computed here. Select at least one "
+                               "feature, or install SlicerRadiomics for pyradiomics features.")
+        config.features.names = tuple(names)
+        config.validate()
+        preload_engine()
+        from . import analysis
+        from .dream import select_device
+        from .features import build_feature_set
+
+        names = tuple(build_feature_set(config.features, card.spatial_dims).names)
+        reference = None
+        if referencePath is not None and str(referencePath).strip() not in ("", "."):
+            from .reference import ReferenceStats
+
+            reference = ReferenceStats.load(referencePath)
+            reference.require(names)
+        volume.check_seed(seed_ijk)
+        volume.check_finite()
+        check_fits = getattr(analysis, "_check_fits", None)
+        if check_fits is not None:
+            check_fits(volume, card, "noise")  # channels and slices only; the image warnings come from the run
+        select_device(config.dream.device)
+        crop = self.cropFor(volume, seed_ijk, card, config)
+        return names, reference, crop
+
     def compareModels(self, volumeNode, models: dict, seed=None, *, seedRAS=None, restarts: int = 3,
-                      iterations: int = 300, step: float = 1.0, features: Sequence[str] | None = None,
+                      iterations: int | None = None, step: float | None = None, features: Sequence[str] | None = None,
                       referencePath=None, device: str = "auto", config: AnalysisConfig | None = None,
                       restartNoiseStd: float | None = None, allowCodeTargets: bool = False, show: bool = True,
                       feature: str | None = None, progressCallback=None, logCallback=None,
@@ -517,11 +649,19 @@ class AnalysisLogicCore:
                 loaded[str(name)] = load_model(m, device="cpu", allow_code_targets=allowCodeTargets)
         dims = next(iter(loaded.values())).card.spatial_dims
         if config is None:
-            config = AnalysisConfig(dream=DreamConfig(iterations=int(iterations), step=float(step), device=device),
+            cards = [m.card for m in loaded.values()]
+            # the cards' recommendation only where every model's card gives the same one
+            shared = cards[0] if all(card_dream_settings(c) == card_dream_settings(cards[0]) for c in cards) else None
+            iterations, step, source = dream_settings(shared, iterations, step)
+            _say(logCallback, f"Dream settings: {source}.")
+            config = AnalysisConfig(dream=DreamConfig(iterations=iterations, step=step, device=device),
                                     features=FeatureConfig(names=None))
         else:
             config = copy.deepcopy(config)
-        names, dropped = choose_features(features if features is not None else config.features.names, dims)
+        requested, notes = features_for_dims(features if features is not None else config.features.names, dims)
+        for note in notes:
+            _say(logCallback, note)
+        names, dropped = choose_features(requested, dims)
         if dropped:
             _say(logCallback, f"pyradiomics is not installed (install the SlicerRadiomics extension for it): "
                               f"comparing without {', '.join(dropped)}.")
