@@ -180,3 +180,47 @@ def test_run_outputs_carry_the_sensitivity_summary(tmp_path):
     run = _json.loads(paths["json"].read_text())
     assert [r["feature"] for r in run["sensitivity"]] == list(result.feature_names)
     assert "sensitivity score" in paths["html"].read_text()
+
+
+def _snapshot_listing(out):
+    on_disk = sorted(p.name for p in (out / "snapshots").iterdir())
+    run = json.loads((out / "run.json").read_text())
+    listed = sorted(Path(v).name for v in run["files"].values() if Path(v).parts[0] == "snapshots")
+    return on_disk, listed
+
+
+def test_rerun_into_the_same_folder_keeps_only_the_new_runs_snapshots(tmp_path):
+    out = tmp_path / "out"
+    write_outputs(_result(None, iterations=10), out, _volume())  # snapshots 0, 3, 6, 9
+    first, _ = _snapshot_listing(out)
+    assert "iter_0009_mask.nii.gz" in first and len(first) == 12
+
+    paths = write_outputs(_result(None, iterations=5), out, _volume())  # snapshots 0, 3, 4
+    on_disk, listed = _snapshot_listing(out)
+    expected = sorted(f"iter_{i:04d}_{kind}.nii.gz" for i in (0, 3, 4) for kind in ("image", "probability", "mask"))
+    assert on_disk == listed == expected
+    assert paths["image@4"] == out / "snapshots" / "iter_0004_image.nii.gz" and paths["image@4"].is_file()
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(paths["image@4"])))[0, 0, 0] == pytest.approx(54.0)
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")], "temporary folders left behind"
+
+
+def test_rerun_failing_part_way_leaves_the_old_snapshots_intact(tmp_path, monkeypatch):
+    import SimpleITK
+
+    out = tmp_path / "out"
+    write_outputs(_result(None, iterations=10), out, _volume())
+    before = {p.name: p.read_bytes() for p in (out / "snapshots").iterdir()}
+    real_write = SimpleITK.WriteImage
+    calls = []
+
+    def fail_on_sixth(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 6:  # after iteration 3's probability (it differs between the runs)
+            raise RuntimeError("No space left on device")
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(SimpleITK, "WriteImage", fail_on_sixth)
+    with pytest.raises(OutputError, match="Check free space"):
+        write_outputs(_result(None, iterations=5), out, _volume())
+    assert {p.name: p.read_bytes() for p in (out / "snapshots").iterdir()} == before
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")], "temporary folders left behind"

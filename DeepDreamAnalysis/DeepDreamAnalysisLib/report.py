@@ -21,6 +21,10 @@ reader never sees a half-written file; a failed write leaves no temporary file b
   (the loop's region, ``result.crop``), with the input volume's spacing and direction and the
   origin of the crop's first voxel, so they overlay the input volume exactly in any viewer
   (3D Slicer, ITK-SNAP) at a fraction of the size of a full volume. Mask: uint8 (1 inside).
+  ``snapshots/`` holds exactly one run's files: they are written into a temporary sibling folder
+  (``.snapshots-new-*``), which then replaces ``snapshots/`` (the old folder is renamed away, the
+  new one renamed in, the old one deleted), so re-running into the same output folder leaves no
+  stale snapshot of an earlier, longer run, and a run that fails part-way leaves the old folder.
 - ``strip.png``: like the paper's Fig. 3: columns are those iterations; top row the image (the
   seed's axial slice, grey window: the model card's intensity window, else the 1st-99th percentiles
   of the first snapshot) with the seed marked by a
@@ -38,7 +42,9 @@ import io
 import json
 import math
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -325,15 +331,18 @@ def _write_image(array: np.ndarray, geometry: dict, path: Path) -> None:
 
 
 def write_snapshots(result: AnalysisResult, out_dir: Path, volume, formats: Iterable[str] = ("nii.gz",),
-                    snaps: list | None = None) -> dict[str, Path]:
-    """Crop-sized image, probability and mask of the chosen snapshots (see the module docstring)."""
+                    snaps: list | None = None, folder: Path | None = None) -> dict[str, Path]:
+    """Crop-sized image, probability and mask of the chosen snapshots (see the module docstring).
+
+    Written into ``folder`` (default ``out_dir/snapshots``), beside any files already there.
+    """
     formats = tuple(f.lstrip(".") for f in formats)
     bad = [f for f in formats if f not in SNAPSHOT_FORMATS]
     if bad:
         raise OutputError(f"Unknown snapshot format(s) {', '.join(bad)}; use one of {', '.join(SNAPSHOT_FORMATS)}.")
     snaps = pick_snapshots(result) if snaps is None else snaps
     geometry = crop_geometry(volume, result.crop)
-    folder = Path(out_dir) / "snapshots"
+    folder = Path(out_dir) / "snapshots" if folder is None else Path(folder)
     paths = {}
     for snap in snaps:
         arrays = {
@@ -348,6 +357,54 @@ def write_snapshots(result: AnalysisResult, out_dir: Path, volume, formats: Iter
                 key = f"{kind}@{snap.iteration}" + ("" if fmt == formats[0] else f".{fmt}")
                 paths[key] = p
     return paths
+
+
+def _staging_folder(out: Path) -> Path:
+    """A new empty folder ``out/.snapshots-new-*`` with the usual permissions."""
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".snapshots-new-", dir=out))
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(staging, 0o777 & ~mask)  # mkdtemp makes 0700
+    except OSError as exc:
+        raise OutputError(f"Cannot write into the output folder {out} ({exc.strerror or exc}). "
+                          "Choose a writable folder.") from None
+    return staging
+
+
+def _remove_tree(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Put folder ``new`` in place of ``target`` (same parent): rename the old ``target`` away,
+    rename ``new`` in, then delete the old one. If ``new`` cannot be renamed in, the old folder is
+    put back. OutputError when a rename fails (e.g. a program holds a file of the old folder)."""
+    old = None
+    try:
+        if os.path.lexists(target):
+            old = target.with_name(f".{target.name}-old-{uuid.uuid4().hex[:12]}")
+            os.rename(target, old)
+        try:
+            os.rename(new, target)
+        except OSError:
+            if old is not None:
+                os.rename(old, target)
+                old = None
+            raise
+    except OSError as exc:
+        raise OutputError(
+            f"Cannot replace {target} ({exc.strerror or exc}). Close programs using its files, or choose "
+            "another output folder."
+        ) from None
+    if old is not None:
+        _remove_tree(old)
 
 
 # ----------------------------------------------------------------------------- HTML
@@ -443,6 +500,16 @@ def write_outputs(result: AnalysisResult, out_dir: str | os.PathLike, volume,
     if bad:
         raise OutputError(f"Unknown snapshot format(s) {', '.join(bad)}; use one of {', '.join(SNAPSHOT_FORMATS)}.")
     out = check_writable(out_dir)
+    staging = _staging_folder(out)
+    try:
+        return _write_outputs(result, out, volume, formats, seed_ijk, staging)
+    finally:
+        if staging.exists():  # a failure before the swap: the old snapshots/ stays as it was
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_outputs(result: AnalysisResult, out: Path, volume, formats: tuple, seed_ijk,
+                   staging: Path) -> dict[str, Path]:
     paths: dict[str, Path] = {}
     paths["csv"] = write_curves_csv(result, out / "curves.csv")
 
@@ -459,7 +526,8 @@ def write_outputs(result: AnalysisResult, out_dir: str | os.PathLike, volume,
         paths["strip"] = out / "strip.png"
         with atomic_path(paths["strip"], suffix=".png") as tmp:
             Path(tmp).write_bytes(strip_png)
-        paths.update(write_snapshots(result, out, volume, formats, snaps))
+        written = write_snapshots(result, out, volume, formats, snaps, folder=staging)
+        paths.update({k: out / "snapshots" / p.name for k, p in written.items()})
 
     from .sensitivity import result_sensitivity, write_sensitivity_csv
 
@@ -467,6 +535,8 @@ def write_outputs(result: AnalysisResult, out_dir: str | os.PathLike, volume,
     paths["sensitivity"] = out / "sensitivity.csv"
     write_sensitivity_csv(sensitivity, paths["sensitivity"])
 
+    # every snapshot is written: swap the folders, then write run.json, which lists them
+    replace_folder(staging, out / "snapshots")
     paths["json"] = out / "run.json"
     paths["html"] = out / "report.html"
     files = {k: os.path.relpath(p, out) for k, p in paths.items()}
