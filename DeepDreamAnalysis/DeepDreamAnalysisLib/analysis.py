@@ -48,7 +48,7 @@ def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None 
     seed = volume.check_seed(seed_ijk)
     volume.check_finite()
     warnings: list[str] = []
-    _check_fits(volume, card, config.dream.start, warnings)
+    check_fits(volume, card, config.dream.start, warnings)
     seed_kji = (seed[2], seed[1], seed[0])
 
     from .features import build_feature_set
@@ -57,7 +57,7 @@ def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None 
     names = tuple(feature_set.names)
     if reference is not None:
         reference.require([n for n in names])
-        _check_reference_settings(reference, card.spatial_dims, config.features.bin_width, names)
+        check_reference_settings(reference, card.spatial_dims, config.features.bin_width, names)
 
     crop = plan_crop(volume, seed, card, config)
     seed_in_crop = tuple(s - c for s, c in zip(seed_kji, crop.start))
@@ -172,7 +172,7 @@ def _network_on(model, device):
                          "or free GPU memory.") from None
 
 
-def _check_reference_settings(reference, spatial_dims: int, bin_width: float, names) -> None:
+def check_reference_settings(reference, spatial_dims: int, bin_width: float, names) -> None:
     """Refuse reference statistics computed another way than this run's features (z-scores would lie)."""
     settings = getattr(reference, "settings", None) or {}
     where = getattr(reference, "source", None) or "the reference statistics"
@@ -191,7 +191,9 @@ def _check_reference_settings(reference, spatial_dims: int, bin_width: float, na
             f"with --bin-width {bin_width:g}.")
 
 
-def _check_fits(volume: Volume, card, start: str = "image", warnings: list[str] | None = None) -> None:
+def check_fits(volume: Volume, card, start: str = "image", warnings: list[str] | None = None) -> None:
+    """Raise ModelError when the model cannot take this image (channels, a 3D model on one slice);
+    append (and log) warnings about spacing, slice orientation, constant or label-map images."""
     warnings = [] if warnings is None else warnings
     if card.in_channels != 1:
         raise ModelError(

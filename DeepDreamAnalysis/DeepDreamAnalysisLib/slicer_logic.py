@@ -598,11 +598,10 @@ class AnalysisLogicCore:
 
             reference = ReferenceStats.load(referencePath)
             reference.require(names)
+            analysis.check_reference_settings(reference, card.spatial_dims, config.features.bin_width, names)
         volume.check_seed(seed_ijk)
         volume.check_finite()
-        check_fits = getattr(analysis, "_check_fits", None)
-        if check_fits is not None:
-            check_fits(volume, card, "noise")  # channels and slices only; the image warnings come from the run
+        analysis.check_fits(volume, card, "noise")  # channels and slices only; the image warnings come from the run
         select_device(config.dream.device)
         crop = self.cropFor(volume, seed_ijk, card, config)
         return names, reference, crop
