@@ -202,7 +202,7 @@ def _catalog_module():
 
 
 def paper_feature_names() -> frozenset[str]:
-    """The features ticked by default: the paper's six, in their 2D and 3D forms."""
+    """The features ticked by default: the paper's seven, in their 2D and 3D forms."""
     return frozenset(PAPER_FEATURES_2D) | frozenset(PAPER_FEATURES_3D)
 
 

@@ -192,7 +192,7 @@ def choose_features(names: Sequence[str] | None, spatial_dims: int,
                     have_radiomics: bool | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(features to compute, features left out because pyradiomics is missing).
 
-    ``names`` None means the paper's six for the model's dimensionality.
+    ``names`` None means the paper's seven features for the model's dimensionality.
     """
     wanted = tuple(names) if names is not None else tuple(paper_features(spatial_dims))
     if have_radiomics is None:
