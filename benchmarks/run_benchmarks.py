@@ -138,7 +138,7 @@ def bench_loop_overhead(device: str, iterations: int) -> dict:
                 x = (x.detach() + 10.0 * g).clamp_(-1024, 3071)
         _ = float(obj)
 
-    t_ours, t_bare = _best_of(ours, bare, device)
+    t_ours, t_bare = _best_of(ours, bare, device, repeats=5)
     return {"ratio": t_ours / t_bare, "ours_ms_per_iteration": 1000 * t_ours / iterations,
             "bare_ms_per_iteration": 1000 * t_bare / iterations, "iterations": iterations,
             "model": c.name, "crop": list(shape)}
@@ -372,7 +372,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     q = args.quick
     plan = {
-        "loop_overhead": lambda: bench_loop_overhead(args.device, 20 if q else 60),
+        "loop_overhead": lambda: bench_loop_overhead(args.device, 20 if q else 200),
         "feature_cost": lambda: bench_feature_cost(args.device, 30 if q else 300),
         "native_vs_pyradiomics": lambda: bench_native_vs_pyradiomics(20 if q else 40, 1 if q else 3),
         "scale": lambda: bench_scale(args.device, 5 if q else 20),
