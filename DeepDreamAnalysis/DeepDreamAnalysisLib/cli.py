@@ -151,9 +151,11 @@ def _feature_config(args, names_default=None):
 
 def dream_defaults(card) -> dict:
     """Iterations and step when the user gives none: the card's recommendation, else 300 and 1.0."""
-    rec = (getattr(card, "dream", None) or {}) if card is not None else {}
-    return {"iterations": int(rec.get("iterations", 300)), "step": float(rec.get("step", 1.0)),
-            "snapshot_every": int(rec.get("snapshot_every", 10))}
+    from .config import card_dream_settings, dream_settings
+
+    iterations, step, _ = dream_settings(card)
+    return {"iterations": iterations, "step": step,
+            "snapshot_every": int(card_dream_settings(card).get("snapshot_every", 10))}
 
 
 def _analysis_config(args, spatial_dims: int, card=None):

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import AnalysisConfig, DreamConfig, FeatureConfig, paper_features
+from .config import AnalysisConfig, DreamConfig, FeatureConfig, card_dream_settings, dream_settings, paper_features
 from .errors import ConfigError, DeepDreamError, FeatureError, SeedError
 from .result import AnalysisResult, Progress
 from . import scene as scene_mod
@@ -132,42 +132,6 @@ def features_for_dims(names: Sequence[str] | None, spatial_dims: int) -> tuple[t
         notes.append(f"The model is {spatial_dims}D: left out {', '.join(dropped)} ({other} shape features; "
                      f"choose from the shape{'2D' if spatial_dims == 2 else ''} group instead).")
     return tuple(out), tuple(notes)
-
-
-DEFAULT_ITERATIONS = 300
-DEFAULT_STEP = 1.0
-
-
-def card_dream_settings(card) -> dict:
-    """The model card's recommended dream settings (``{"step": ..., "iterations": ...}``; {} if none)."""
-    if card is None:
-        return {}
-    rec = getattr(card, "dream", None) or (getattr(card, "extra", None) or {}).get("dream") or {}
-    return dict(rec) if isinstance(rec, dict) else {}
-
-
-def dream_settings(card, iterations=None, step=None) -> tuple[int, float, str]:
-    """(iterations, step, where they came from): the caller's values, else the card's
-    recommendation, else 300 iterations at step 1.0."""
-    rec = card_dream_settings(card)
-    sources = []
-    if iterations is None:
-        if rec.get("iterations") is not None:
-            iterations, src = rec["iterations"], "the model card"
-        else:
-            iterations, src = DEFAULT_ITERATIONS, "the default"
-        sources.append(f"iterations {int(iterations)} from {src}")
-    else:
-        sources.append(f"iterations {int(iterations)} as given")
-    if step is None:
-        if rec.get("step") is not None:
-            step, src = rec["step"], "the model card"
-        else:
-            step, src = DEFAULT_STEP, "the default"
-        sources.append(f"step {float(step):g} from {src}")
-    else:
-        sources.append(f"step {float(step):g} as given")
-    return int(iterations), float(step), ", ".join(sources)
 
 
 def model_card_hints(modelPath) -> tuple[int | None, dict]:
