@@ -445,3 +445,12 @@ def test_without_a_recommendation_the_defaults_apply(tmp_path):
     assert model_card_hints(path) == (2, {})
     assert model_card_hints(tmp_path / "nothing.pt") == (None, {})
     assert model_card_hints("") == (None, {})
+
+
+def test_without_pyradiomics_only_pyradiomics_features_are_left_out():
+    from DeepDreamAnalysisLib.slicer_logic import choose_features
+
+    kept, dropped = choose_features(["firstorder_Entropy", "glrlm_RunEntropy_typo", "line135_response",
+                                     "ngtdm_Busyness"], 2, have_radiomics=False)
+    assert dropped == ("ngtdm_Busyness",)
+    assert kept == ("firstorder_Entropy", "glrlm_RunEntropy_typo", "line135_response")

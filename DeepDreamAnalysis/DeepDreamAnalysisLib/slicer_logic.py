@@ -163,9 +163,14 @@ def choose_features(names: Sequence[str] | None, spatial_dims: int,
         have_radiomics = radiomics_available()
     if have_radiomics:
         return wanted, ()
+    from .features.catalog import radiomics_names
+
     native = native_feature_names()
-    kept = tuple(n for n in wanted if n in native)
-    return kept, tuple(n for n in wanted if n not in native)
+    radiomic = {n for group in radiomics_names(spatial_dims).values() for n in group}
+    # only pyradiomics features without a native version are left out; custom names and typos go on
+    # to build_feature_set, which computes the first and names the second
+    dropped = tuple(n for n in wanted if n in radiomic and n not in native)
+    return tuple(n for n in wanted if n not in dropped), dropped
 
 
 def preload_engine() -> None:
