@@ -23,7 +23,7 @@ from DeepDreamAnalysisLib.features.native import (NATIVE_FEATURES, NATIVE_FEATUR
                                                   compute_native)
 
 radiomics = pytest.importorskip("radiomics")
-from radiomics import firstorder, glcm, gldm, shape, shape2D  # noqa: E402
+from radiomics import firstorder, glcm, gldm, glrlm, shape, shape2D  # noqa: E402
 
 logging.getLogger("radiomics").setLevel(logging.ERROR)
 DATA = Path(__file__).parent / "Data" / "ibsi"
@@ -43,7 +43,7 @@ def pyradiomics_features(img, msk, spacing, bin_width, force2d=False) -> dict[st
     mk.SetSpacing(tuple(float(s) for s in spacing))
     settings = dict(binWidth=bin_width, force2D=force2d, force2Ddimension=0)
     classes = [("firstorder", firstorder.RadiomicsFirstOrder), ("glcm", glcm.RadiomicsGLCM),
-               ("gldm", gldm.RadiomicsGLDM),
+               ("gldm", gldm.RadiomicsGLDM), ("glrlm", glrlm.RadiomicsGLRLM),
                ("shape2D", shape2D.RadiomicsShape2D) if force2d else ("shape", shape.RadiomicsShape)]
     out = {}
     for prefix, cls in classes:
@@ -190,6 +190,24 @@ def test_unknown_feature_names_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="shape2D_Elongation"):
         compute_native(img, img > -1, (1, 1, 1), ["shape2D_Elongation"])  # 2D shape needs force2d
     assert "shape_Sphericity" in NATIVE_FEATURES and "shape2D_Sphericity" in NATIVE_FEATURES
+
+
+def test_glrlm_is_native_in_2d_and_3d_and_counts_runs_by_hand():
+    """A row of 3 pixels of one grey level: along the row 1 run of length 3, along the 3 other
+    in-plane directions 3 runs of length 1; features are the mean over the 4 directions. Every
+    implementation (numpy, torch, CPU tensors) gives these values: GLRLM has no torch version."""
+    from DeepDreamAnalysisLib.features.native_small import GLRLM_NAMES
+
+    assert len(GLRLM_NAMES) == 16 and GLRLM_NAMES <= NATIVE_FEATURES_2D and GLRLM_NAMES <= NATIVE_FEATURES_3D
+    img = np.full((1, 3, 5), 10.0, np.float32)
+    msk = np.zeros(img.shape, bool)
+    msk[0, 1, 1:4] = True
+    names = ["glrlm_RunPercentage", "glrlm_ShortRunEmphasis", "glrlm_LongRunEmphasis", "glrlm_RunEntropy"]
+    expected = {"glrlm_RunPercentage": (1 / 3 + 3) / 4, "glrlm_ShortRunEmphasis": (1 / 9 + 3) / 4,
+                "glrlm_LongRunEmphasis": (9 + 3) / 4, "glrlm_RunEntropy": 0.0}
+    for impl in ("auto", "numpy", "torch"):
+        got = compute_native(torch.from_numpy(img), torch.from_numpy(msk), (1, 1, 1), names, force2d=True, impl=impl)
+        assert got == pytest.approx(expected, abs=1e-12)
 
 
 def test_marching_cubes_tables_rederive_from_pyradiomics():

@@ -8,7 +8,8 @@ mesh as pyradiomics' C code builds it). Formulas: the ``FORMULAS`` tables of eac
 ``docs/native-features.md``. Everything runs in torch ops (no loop over voxels), so it releases the
 GIL and runs on the GPU when the tensors are there; small regions on the CPU (the usual lesion of a
 dream) go through the same formulas in numpy (``native_small``), whose per-operation cost is a
-fraction of torch's.
+fraction of torch's. GLRLM has no torch version: its names (:data:`NUMPY_ONLY_FEATURES`) are always
+computed by ``native_small`` on a CPU copy of the crop, whatever the size, device or ``impl``.
 """
 
 from __future__ import annotations
@@ -22,10 +23,15 @@ import torch
 from . import native_firstorder, native_shape, native_small, native_texture
 from .native_common import Levels, discretize
 
+NUMPY_ONLY_FEATURES: frozenset[str] = native_small.GLRLM_NAMES
+"""Features with no torch version: computed by ``native_small`` (numpy, on the CPU) for every region
+size, device and ``impl`` (tensors on a GPU are copied to the CPU for them)."""
 NATIVE_FEATURES_3D: frozenset[str] = (native_firstorder.NAMES | native_shape.NAMES_3D
-                                      | native_texture.GLCM_NAMES | native_texture.GLDM_NAMES)
+                                      | native_texture.GLCM_NAMES | native_texture.GLDM_NAMES
+                                      | NUMPY_ONLY_FEATURES)
 NATIVE_FEATURES_2D: frozenset[str] = (native_firstorder.NAMES | native_shape.NAMES_2D
-                                      | native_texture.GLCM_NAMES | native_texture.GLDM_NAMES)
+                                      | native_texture.GLCM_NAMES | native_texture.GLDM_NAMES
+                                      | NUMPY_ONLY_FEATURES)
 NATIVE_FEATURES: frozenset[str] = NATIVE_FEATURES_3D | NATIVE_FEATURES_2D
 """Every feature name (pyradiomics' ``class_Feature``) that :func:`compute_native` can compute."""
 TEXTURE_CLASSES = {"glcm_": native_texture.glcm, "gldm_": native_texture.gldm}
@@ -48,6 +54,8 @@ class _Plan:
     glcm: frozenset
     gldm: frozenset
     levels: bool
+    glrlm: frozenset = frozenset()
+    numpy_only_full: frozenset = frozenset()
 
 
 @functools.lru_cache(maxsize=256)
@@ -67,8 +75,10 @@ def _plan(names: tuple[str, ...], force2d: bool) -> _Plan:
     sh2_full, sh2 = group("shape2D_")
     glcm_full, glcm = group("glcm_")
     gldm_full, gldm = group("gldm_")
-    levels = bool(glcm or gldm or fo & {"Entropy", "Uniformity"})
-    return _Plan(names, fo_full, sh3_full, sh2_full, glcm_full | gldm_full, fo, sh3, sh2, glcm, gldm, levels)
+    glrlm_full, glrlm = group("glrlm_")
+    levels = bool(glcm or gldm or glrlm or fo & {"Entropy", "Uniformity"})
+    return _Plan(names, fo_full, sh3_full, sh2_full, glcm_full | gldm_full, fo, sh3, sh2, glcm, gldm, levels,
+                 glrlm, glrlm_full)
 
 
 def _as_tensor(a, dtype=None) -> torch.Tensor:
@@ -192,6 +202,12 @@ def _compute_torch(image, mask, spacing, plan: _Plan, bin_width: float, force2d:
             sel = {n for n in tex if n.startswith(prefix)}
             if sel:
                 out.update(fn(lv, force2d, sel))
+    if plan.numpy_only_full:  # no torch version: numpy on the CPU copy of the crop
+        only = _Plan(tuple(sorted(plan.numpy_only_full)), frozenset(), frozenset(), frozenset(), frozenset(),
+                     frozenset(), frozenset(), frozenset(), frozenset(), frozenset(), True,
+                     plan.glrlm, plan.numpy_only_full)
+        np_img = img.cpu().numpy() if img.dtype in (torch.float32, torch.float64) else img.float().cpu().numpy()
+        out.update(native_small.compute(np_img, msk.cpu().numpy(), spacing, only, bin_width, bool(force2d)))
     for n in names:
         v = out.get(n)
         if v is not None:

@@ -548,6 +548,107 @@ def gldm(lv: Levels, force2d: bool, need: set[str]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
+# run lengths and zones (numpy only: no torch version; ``native.compute_native`` routes these
+# names here for every region size and device)
+
+GLRLM_FORMULAS = {
+    "ShortRunEmphasis": "sum_j p_r(j) / j^2 / N_r",
+    "LongRunEmphasis": "sum_j p_r(j) j^2 / N_r",
+    "GrayLevelNonUniformity": "sum_i p_g(i)^2 / N_r",
+    "GrayLevelNonUniformityNormalized": "sum_i p_g(i)^2 / N_r^2",
+    "RunLengthNonUniformity": "sum_j p_r(j)^2 / N_r",
+    "RunLengthNonUniformityNormalized": "sum_j p_r(j)^2 / N_r^2",
+    "RunPercentage": "N_r / N_p",
+    "GrayLevelVariance": "sum_i p(i) (i - mu)^2, p = p_g / N_r, mu = sum i p(i)",
+    "RunVariance": "sum_j p(j) (j - mu)^2, p = p_r / N_r, mu = sum j p(j)",
+    "RunEntropy": "-sum P/N_r log2(P/N_r + eps)",
+    "LowGrayLevelRunEmphasis": "sum_i p_g(i) / i^2 / N_r",
+    "HighGrayLevelRunEmphasis": "sum_i p_g(i) i^2 / N_r",
+    "ShortRunLowGrayLevelEmphasis": "sum P / (i^2 j^2) / N_r",
+    "ShortRunHighGrayLevelEmphasis": "sum P i^2 / j^2 / N_r",
+    "LongRunLowGrayLevelEmphasis": "sum P j^2 / i^2 / N_r",
+    "LongRunHighGrayLevelEmphasis": "sum P i^2 j^2 / N_r",
+}
+"""GLRLM (pyradiomics): per direction ``P(i, j)`` counts the runs (maximal lines of consecutive mask
+voxels with the same grey level along the direction) of level ``i`` and length ``j``; ``N_r`` the
+number of runs, ``N_p`` the number of voxels, ``p_g(i) = sum_j P``, ``p_r(j) = sum_i P``; 13
+directions in 3D, the 4 in-plane ones with force2D; each feature is averaged over directions."""
+GLRLM_NAMES = frozenset(f"glrlm_{k}" for k in GLRLM_FORMULAS)
+
+
+def run_lengths(lv: Levels, force2d: bool) -> np.ndarray:
+    """float64 [A, N, L]: ``P[a, r - 1, l - 1]`` counts the runs of rank ``r`` and length ``l``
+    along direction ``a`` (one of each +/- pair of the distance-1 offsets). Every run is followed
+    from its first voxel (its predecessor has another rank, or is outside) one step at a time, all
+    directions together; the padding (rank 0) ends every run."""
+    offs = _offsets(force2d, False)
+    step = np.asarray(offs) @ lv.strides  # [A] flat steps
+    prev = lv.grid[lv.at[None, :] - step[:, None]]  # [A, N_p]
+    a_idx, v_idx = np.nonzero(prev != lv.rank[None, :])
+    pos = lv.at[v_idx]
+    rank = lv.rank[v_idx]
+    stp = step[a_idx]
+    n1 = lv.present.size + 1
+    code = a_idx * n1 + rank  # (direction, rank) of each run
+    ends_code, ends_len = [], []
+    length = 1
+    while code.size:
+        pos = pos + stp
+        go = lv.grid[pos] == rank
+        stop = ~go
+        ends_code.append(code[stop])
+        ends_len.append(np.full(int(np.count_nonzero(stop)), length))
+        pos, rank, stp, code = pos[go], rank[go], stp[go], code[go]
+        length += 1
+    maxlen = length - 1
+    codes = np.concatenate(ends_code) * maxlen + (np.concatenate(ends_len) - 1)
+    P = np.bincount(codes, minlength=len(offs) * n1 * maxlen).reshape(len(offs), n1, maxlen)
+    return P[:, 1:, :].astype(np.float64)
+
+
+def glrlm(lv: Levels, force2d: bool, need: set[str]) -> dict:
+    """GLRLM features (short names), as pyradiomics: per direction, then averaged over directions
+    (NaN-ignoring; formulas: :data:`GLRLM_FORMULAS`)."""
+    P = run_lengths(lv, force2d)
+    nr = P.sum((1, 2))  # [A] runs per direction (> 0 for every direction of a non-empty mask)
+    keep = nr > 0
+    P, nr = P[keep], nr[keep]
+    if P.shape[0] == 0:
+        return {k: math.nan for k in need}
+    pg = P.sum(2)  # [A, N]
+    pr = P.sum(1)  # [A, L]
+    iv = lv.present[None, :]
+    jv = np.arange(1, P.shape[2] + 1, dtype=np.float64)[None, :]
+    i2 = (lv.present ** 2)[None, :, None]
+    j2 = (jv[0] ** 2)[None, None, :]
+    n = nr[:, None]
+
+    def var(p, v):
+        mu = (p * v).sum(1, keepdims=True)
+        return (p * (v - mu) ** 2).sum(1)
+
+    f = {
+        "ShortRunEmphasis": lambda: (pr / jv ** 2).sum(1) / nr,
+        "LongRunEmphasis": lambda: (pr * jv ** 2).sum(1) / nr,
+        "GrayLevelNonUniformity": lambda: (pg ** 2).sum(1) / nr,
+        "GrayLevelNonUniformityNormalized": lambda: (pg ** 2).sum(1) / nr ** 2,
+        "RunLengthNonUniformity": lambda: (pr ** 2).sum(1) / nr,
+        "RunLengthNonUniformityNormalized": lambda: (pr ** 2).sum(1) / nr ** 2,
+        "RunPercentage": lambda: nr / (pr * jv).sum(1),
+        "GrayLevelVariance": lambda: var(pg / n, iv),
+        "RunVariance": lambda: var(pr / n, jv),
+        "RunEntropy": lambda: -((P / nr[:, None, None]) * np.log2(P / nr[:, None, None] + EPS)).sum((1, 2)),
+        "LowGrayLevelRunEmphasis": lambda: (pg / iv ** 2).sum(1) / nr,
+        "HighGrayLevelRunEmphasis": lambda: (pg * iv ** 2).sum(1) / nr,
+        "ShortRunLowGrayLevelEmphasis": lambda: (P / (i2 * j2)).sum((1, 2)) / nr,
+        "ShortRunHighGrayLevelEmphasis": lambda: (P * i2 / j2).sum((1, 2)) / nr,
+        "LongRunLowGrayLevelEmphasis": lambda: (P * j2 / i2).sum((1, 2)) / nr,
+        "LongRunHighGrayLevelEmphasis": lambda: (P * i2 * j2).sum((1, 2)) / nr,
+    }
+    return {k: _nanmean(f[k]()) for k in need}
+
+
+# ------------------------------------------------------------------------------------------------
 # entry point
 
 def compute(img: np.ndarray, msk: np.ndarray, spacing_xyz, plan, bin_width: float, force2d: bool) -> dict:
@@ -567,8 +668,10 @@ def compute(img: np.ndarray, msk: np.ndarray, spacing_xyz, plan, bin_width: floa
             out.update({"shape_" + k: v for k, v in shape_3d(msk, (sz, sy, sx), plan.shape3d).items()})
         if plan.shape2d:
             out.update({"shape2D_" + k: v for k, v in shape_2d(msk[0], sy, sx, plan.shape2d).items()})
-        if plan.glcm or plan.gldm:
+        if plan.glcm or plan.gldm or plan.glrlm:
             lv = Levels(msk, level, hist)
+            if plan.glrlm:
+                out.update({"glrlm_" + k: v for k, v in glrlm(lv, force2d, plan.glrlm).items()})
             if plan.glcm:
                 out.update({"glcm_" + k: v for k, v in glcm(lv, force2d, plan.glcm).items()})
             if plan.gldm:
