@@ -23,7 +23,7 @@ from DeepDreamAnalysisLib.features.native import (NATIVE_FEATURES, NATIVE_FEATUR
                                                   compute_native)
 
 radiomics = pytest.importorskip("radiomics")
-from radiomics import firstorder, glcm, gldm, glrlm, shape, shape2D  # noqa: E402
+from radiomics import firstorder, glcm, gldm, glrlm, glszm, shape, shape2D  # noqa: E402
 
 logging.getLogger("radiomics").setLevel(logging.ERROR)
 DATA = Path(__file__).parent / "Data" / "ibsi"
@@ -43,7 +43,7 @@ def pyradiomics_features(img, msk, spacing, bin_width, force2d=False) -> dict[st
     mk.SetSpacing(tuple(float(s) for s in spacing))
     settings = dict(binWidth=bin_width, force2D=force2d, force2Ddimension=0)
     classes = [("firstorder", firstorder.RadiomicsFirstOrder), ("glcm", glcm.RadiomicsGLCM),
-               ("gldm", gldm.RadiomicsGLDM), ("glrlm", glrlm.RadiomicsGLRLM),
+               ("gldm", gldm.RadiomicsGLDM), ("glrlm", glrlm.RadiomicsGLRLM), ("glszm", glszm.RadiomicsGLSZM),
                ("shape2D", shape2D.RadiomicsShape2D) if force2d else ("shape", shape.RadiomicsShape)]
     out = {}
     for prefix, cls in classes:
@@ -185,8 +185,8 @@ def test_empty_and_single_voxel_masks_give_nan():
 
 def test_unknown_feature_names_are_refused_with_the_fix():
     img = np.zeros((3, 3, 3), np.float32)
-    with pytest.raises(ValueError, match="glszm_ZoneEntropy.*pyradiomics backend"):
-        compute_native(img, img > -1, (1, 1, 1), ["glszm_ZoneEntropy"])
+    with pytest.raises(ValueError, match="ngtdm_Busyness.*pyradiomics backend"):
+        compute_native(img, img > -1, (1, 1, 1), ["ngtdm_Busyness"])
     with pytest.raises(ValueError, match="shape2D_Elongation"):
         compute_native(img, img > -1, (1, 1, 1), ["shape2D_Elongation"])  # 2D shape needs force2d
     assert "shape_Sphericity" in NATIVE_FEATURES and "shape2D_Sphericity" in NATIVE_FEATURES
@@ -208,6 +208,46 @@ def test_glrlm_is_native_in_2d_and_3d_and_counts_runs_by_hand():
     for impl in ("auto", "numpy", "torch"):
         got = compute_native(torch.from_numpy(img), torch.from_numpy(msk), (1, 1, 1), names, force2d=True, impl=impl)
         assert got == pytest.approx(expected, abs=1e-12)
+
+
+def test_glszm_zones_are_8_connected_in_2d_and_26_connected_in_3d():
+    """Zones by hand: two diagonal pixels of one level are one zone in 2D (8-connected), a far pixel
+    of that level another; in 3D, voxels touching only at a corner are one zone (26-connected)."""
+    from DeepDreamAnalysisLib.features.native_small import GLSZM_NAMES
+
+    assert len(GLSZM_NAMES) == 16 and GLSZM_NAMES <= NATIVE_FEATURES_2D and GLSZM_NAMES <= NATIVE_FEATURES_3D
+    names = ["glszm_ZonePercentage", "glszm_LargeAreaEmphasis", "glszm_SizeZoneNonUniformity"]
+    img = np.full((1, 6, 6), 10.0, np.float32)
+    msk = np.zeros(img.shape, bool)
+    msk[0, 1, 1] = msk[0, 2, 2] = msk[0, 5, 5] = True
+    for impl in ("numpy", "torch"):
+        got = compute_native(img, msk, (1, 1, 1), names, force2d=True, impl=impl)
+        assert got == pytest.approx({"glszm_ZonePercentage": 2 / 3, "glszm_LargeAreaEmphasis": (4 + 1) / 2,
+                                     "glszm_SizeZoneNonUniformity": (1 + 1) / 2}, abs=1e-12)
+    img3 = np.full((3, 3, 3), 10.0, np.float32)
+    msk3 = np.zeros(img3.shape, bool)
+    msk3[0, 0, 0] = msk3[1, 1, 1] = msk3[2, 2, 2] = True
+    assert compute_native(img3, msk3, (1, 1, 1), names)["glszm_ZonePercentage"] == pytest.approx(1 / 3)
+
+
+def test_glszm_long_winding_zones_match_pyradiomics():
+    """A one-pixel-wide serpentine zone (its two ends are hundreds of steps apart: the zone search
+    must follow the whole path) and a 3D helix-like staircase, on two grey levels."""
+    n = 41
+    m = np.zeros((1, n, n), bool)
+    m[0, ::2, :] = True
+    for r in range(1, n, 2):
+        m[0, r, n - 1 if (r // 2) % 2 == 0 else 0] = True
+    img = np.where(m, 30.0, 0.0).astype(np.float32)
+    img[0, 20, 5:9] = 80.0  # a zone of another level cuts the serpentine in two
+    assert_agree(img, m, (0.8, 0.8, 2.0), 25.0, force2d=True)
+    m3 = np.zeros((12, 8, 8), bool)
+    for k in range(12):
+        j, i = [(1, 1), (1, 6), (6, 6), (6, 1)][k % 4]
+        m3[k, j - 1:j + 1, i - 1:i + 1] = True
+        m3[k, 1:7, 1] = k % 2 == 0
+    img3 = np.where(m3, 30.0, 0.0).astype(np.float32) + np.indices(m3.shape)[0].astype(np.float32) * 4
+    assert_agree(img3, m3, (1.0, 1.0, 2.5), 25.0)
 
 
 def test_marching_cubes_tables_rederive_from_pyradiomics():

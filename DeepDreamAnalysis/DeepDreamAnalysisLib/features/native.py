@@ -8,7 +8,7 @@ mesh as pyradiomics' C code builds it). Formulas: the ``FORMULAS`` tables of eac
 ``docs/native-features.md``. Everything runs in torch ops (no loop over voxels), so it releases the
 GIL and runs on the GPU when the tensors are there; small regions on the CPU (the usual lesion of a
 dream) go through the same formulas in numpy (``native_small``), whose per-operation cost is a
-fraction of torch's. GLRLM has no torch version: its names (:data:`NUMPY_ONLY_FEATURES`) are always
+fraction of torch's. GLRLM and GLSZM have no torch version: its names (:data:`NUMPY_ONLY_FEATURES`) are always
 computed by ``native_small`` on a CPU copy of the crop, whatever the size, device or ``impl``.
 """
 
@@ -23,7 +23,7 @@ import torch
 from . import native_firstorder, native_shape, native_small, native_texture
 from .native_common import Levels, discretize
 
-NUMPY_ONLY_FEATURES: frozenset[str] = native_small.GLRLM_NAMES
+NUMPY_ONLY_FEATURES: frozenset[str] = native_small.GLRLM_NAMES | native_small.GLSZM_NAMES
 """Features with no torch version: computed by ``native_small`` (numpy, on the CPU) for every region
 size, device and ``impl`` (tensors on a GPU are copied to the CPU for them)."""
 NATIVE_FEATURES_3D: frozenset[str] = (native_firstorder.NAMES | native_shape.NAMES_3D
@@ -55,6 +55,7 @@ class _Plan:
     gldm: frozenset
     levels: bool
     glrlm: frozenset = frozenset()
+    glszm: frozenset = frozenset()
     numpy_only_full: frozenset = frozenset()
 
 
@@ -76,9 +77,10 @@ def _plan(names: tuple[str, ...], force2d: bool) -> _Plan:
     glcm_full, glcm = group("glcm_")
     gldm_full, gldm = group("gldm_")
     glrlm_full, glrlm = group("glrlm_")
-    levels = bool(glcm or gldm or glrlm or fo & {"Entropy", "Uniformity"})
+    glszm_full, glszm = group("glszm_")
+    levels = bool(glcm or gldm or glrlm or glszm or fo & {"Entropy", "Uniformity"})
     return _Plan(names, fo_full, sh3_full, sh2_full, glcm_full | gldm_full, fo, sh3, sh2, glcm, gldm, levels,
-                 glrlm, glrlm_full)
+                 glrlm=glrlm, glszm=glszm, numpy_only_full=glrlm_full | glszm_full)
 
 
 def _as_tensor(a, dtype=None) -> torch.Tensor:
@@ -205,7 +207,7 @@ def _compute_torch(image, mask, spacing, plan: _Plan, bin_width: float, force2d:
     if plan.numpy_only_full:  # no torch version: numpy on the CPU copy of the crop
         only = _Plan(tuple(sorted(plan.numpy_only_full)), frozenset(), frozenset(), frozenset(), frozenset(),
                      frozenset(), frozenset(), frozenset(), frozenset(), frozenset(), True,
-                     plan.glrlm, plan.numpy_only_full)
+                     glrlm=plan.glrlm, glszm=plan.glszm, numpy_only_full=plan.numpy_only_full)
         np_img = img.cpu().numpy() if img.dtype in (torch.float32, torch.float64) else img.float().cpu().numpy()
         out.update(native_small.compute(np_img, msk.cpu().numpy(), spacing, only, bin_width, bool(force2d)))
     for n in names:

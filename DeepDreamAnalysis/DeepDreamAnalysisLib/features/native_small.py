@@ -648,6 +648,103 @@ def glrlm(lv: Levels, force2d: bool, need: set[str]) -> dict:
     return {k: _nanmean(f[k]()) for k in need}
 
 
+GLSZM_FORMULAS = {
+    "SmallAreaEmphasis": "sum_j p_s(j) / j^2 / N_z",
+    "LargeAreaEmphasis": "sum_j p_s(j) j^2 / N_z",
+    "GrayLevelNonUniformity": "sum_i p_g(i)^2 / N_z",
+    "GrayLevelNonUniformityNormalized": "sum_i p_g(i)^2 / N_z^2",
+    "SizeZoneNonUniformity": "sum_j p_s(j)^2 / N_z",
+    "SizeZoneNonUniformityNormalized": "sum_j p_s(j)^2 / N_z^2",
+    "ZonePercentage": "N_z / N_p",
+    "GrayLevelVariance": "sum_i p(i) (i - mu)^2, p = p_g / N_z, mu = sum i p(i)",
+    "ZoneVariance": "sum_j p(j) (j - mu)^2, p = p_s / N_z, mu = sum j p(j)",
+    "ZoneEntropy": "-sum P/N_z log2(P/N_z + eps)",
+    "LowGrayLevelZoneEmphasis": "sum_i p_g(i) / i^2 / N_z",
+    "HighGrayLevelZoneEmphasis": "sum_i p_g(i) i^2 / N_z",
+    "SmallAreaLowGrayLevelEmphasis": "sum P / (i^2 j^2) / N_z",
+    "SmallAreaHighGrayLevelEmphasis": "sum P i^2 / j^2 / N_z",
+    "LargeAreaLowGrayLevelEmphasis": "sum P j^2 / i^2 / N_z",
+    "LargeAreaHighGrayLevelEmphasis": "sum P i^2 j^2 / N_z",
+}
+"""GLSZM (pyradiomics): ``P(i, j)`` counts the zones (connected groups of mask voxels with the same
+grey level: 26-connected in 3D, 8-connected in-plane with force2D) of level ``i`` and ``j`` voxels;
+``N_z`` the number of zones, ``N_p`` the number of voxels, ``p_g(i) = sum_j P``,
+``p_s(j) = sum_i P``. No directions: one matrix."""
+GLSZM_NAMES = frozenset(f"glszm_{k}" for k in GLSZM_FORMULAS)
+
+
+def zone_labels(lv: Levels, force2d: bool) -> np.ndarray:
+    """int64 [N_p]: for each mask voxel (``mask`` order) the smallest index of a voxel of its zone
+    (same grey level, connected through the 26 neighbours, 8 in-plane with force2D). Minimum-label
+    propagation with hooking of the representatives and pointer jumping (a few passes)."""
+    offs = _offsets(force2d, True)
+    n = lv.rank.size
+    index = np.full(lv.grid.size, n, np.int64)  # n: not a mask voxel
+    index[lv.at] = np.arange(n)
+    nb = index[lv.at[None, :] + (np.asarray(offs) @ lv.strides)[:, None]]  # [A, N_p]
+    nb = np.where(lv.grid[lv.at[None, :] + (np.asarray(offs) @ lv.strides)[:, None]] == lv.rank[None, :], nb, n)
+    # keep only the directions and voxels that have a same-zone neighbour
+    has = (nb < n).any(0)
+    src = np.flatnonzero(has)
+    nb = nb[:, src]
+    label = np.arange(n + 1)  # label[n] = n: the sentinel for "no neighbour"
+    while True:
+        m = np.minimum(label[src], label[nb].min(0))
+        changed = m < label[src]
+        if not changed.any():
+            break
+        np.minimum.at(label, label[src], m)  # hook each representative to the smaller label
+        label[src] = np.minimum(label[src], m)
+        while True:  # pointer jumping to the fixpoint
+            jumped = label[label]
+            if np.array_equal(jumped, label):
+                break
+            label = jumped
+    return label[:n]
+
+
+def glszm(lv: Levels, force2d: bool, need: set[str]) -> dict:
+    """GLSZM features (short names), as pyradiomics (formulas: :data:`GLSZM_FORMULAS`)."""
+    label = zone_labels(lv, force2d)
+    roots, sizes = np.unique(label, return_counts=True)
+    zone_rank = lv.rank[roots]
+    jv, jidx = np.unique(sizes, return_inverse=True)  # zone sizes present (empty sizes add nothing)
+    ns = jv.size
+    P = np.bincount(zone_rank * ns + jidx.ravel(), minlength=(lv.present.size + 1) * ns)
+    P = P.reshape(-1, ns)[1:].astype(np.float64)
+    jv = jv.astype(np.float64)
+    iv = lv.present
+    nz = float(roots.size)
+    npx = float(lv.rank.size)
+    pg = P.sum(1)
+    ps = P.sum(0)
+    i2 = (iv * iv)[:, None]
+    j2 = (jv * jv)[None, :]
+
+    def var(p, v):
+        return float((p * (v - (p * v).sum()) ** 2).sum())
+
+    f = {
+        "SmallAreaEmphasis": lambda: (ps / jv ** 2).sum() / nz,
+        "LargeAreaEmphasis": lambda: (ps @ jv ** 2) / nz,
+        "GrayLevelNonUniformity": lambda: (pg @ pg) / nz,
+        "GrayLevelNonUniformityNormalized": lambda: (pg @ pg) / nz ** 2,
+        "SizeZoneNonUniformity": lambda: (ps @ ps) / nz,
+        "SizeZoneNonUniformityNormalized": lambda: (ps @ ps) / nz ** 2,
+        "ZonePercentage": lambda: nz / npx,
+        "GrayLevelVariance": lambda: var(pg / nz, iv),
+        "ZoneVariance": lambda: var(ps / nz, jv),
+        "ZoneEntropy": lambda: -((P / nz) * np.log2(P / nz + EPS)).sum(),
+        "LowGrayLevelZoneEmphasis": lambda: (pg / iv ** 2).sum() / nz,
+        "HighGrayLevelZoneEmphasis": lambda: (pg @ iv ** 2) / nz,
+        "SmallAreaLowGrayLevelEmphasis": lambda: (P / (i2 * j2)).sum() / nz,
+        "SmallAreaHighGrayLevelEmphasis": lambda: (P * i2 / j2).sum() / nz,
+        "LargeAreaLowGrayLevelEmphasis": lambda: (P * j2 / i2).sum() / nz,
+        "LargeAreaHighGrayLevelEmphasis": lambda: (P * i2 * j2).sum() / nz,
+    }
+    return {k: float(f[k]()) for k in need}
+
+
 # ------------------------------------------------------------------------------------------------
 # entry point
 
@@ -668,8 +765,10 @@ def compute(img: np.ndarray, msk: np.ndarray, spacing_xyz, plan, bin_width: floa
             out.update({"shape_" + k: v for k, v in shape_3d(msk, (sz, sy, sx), plan.shape3d).items()})
         if plan.shape2d:
             out.update({"shape2D_" + k: v for k, v in shape_2d(msk[0], sy, sx, plan.shape2d).items()})
-        if plan.glcm or plan.gldm or plan.glrlm:
+        if plan.glcm or plan.gldm or plan.glrlm or plan.glszm:
             lv = Levels(msk, level, hist)
+            if plan.glszm:
+                out.update({"glszm_" + k: v for k, v in glszm(lv, force2d, plan.glszm).items()})
             if plan.glrlm:
                 out.update({"glrlm_" + k: v for k, v in glrlm(lv, force2d, plan.glrlm).items()})
             if plan.glcm:
