@@ -175,12 +175,12 @@ def test_backend_choice():
     assert set(names) <= NATIVE_FEATURES, "the native backend should cover the paper's features"
     auto = build_feature_set(FeatureConfig(names=names), 3)
     assert set(auto.backend_of.values()) == {"native"}
-    mixed = build_feature_set(FeatureConfig(names=names + ("glrlm_RunEntropy", "line135_response")), 3)
-    assert mixed.backend_of["glrlm_RunEntropy"] == "pyradiomics"
+    mixed = build_feature_set(FeatureConfig(names=names + ("ngtdm_Busyness", "line135_response")), 3)
+    assert mixed.backend_of["ngtdm_Busyness"] == "pyradiomics"
     assert mixed.backend_of["glcm_Contrast"] == "native"
     assert mixed.backend_of["line135_response"] == "custom"
-    with pytest.raises(FeatureError, match="glrlm_RunEntropy"):
-        build_feature_set(FeatureConfig(names=("glrlm_RunEntropy",), backend="native"), 3)
+    with pytest.raises(FeatureError, match="ngtdm_Busyness"):
+        build_feature_set(FeatureConfig(names=("ngtdm_Busyness",), backend="native"), 3)
     forced = build_feature_set(FeatureConfig(names=names, backend="pyradiomics"), 3)
     assert set(forced.backend_of.values()) == {"pyradiomics"}
 
@@ -198,9 +198,9 @@ def test_without_pyradiomics(monkeypatch, caplog):
     install pyradiomics; an explicit pyradiomics backend raises with the install command."""
     monkeypatch.setitem(sys.modules, "radiomics", None)  # makes `import radiomics` fail
     with caplog.at_level(logging.WARNING):
-        fs = build_feature_set(FeatureConfig(names=("firstorder_Entropy", "glrlm_RunEntropy")), 3)
-    assert fs.names == ("firstorder_Entropy",)
-    assert "glrlm_RunEntropy" in caplog.text and "pip install" in caplog.text
+        fs = build_feature_set(FeatureConfig(names=("firstorder_Entropy", "glrlm_RunEntropy", "ngtdm_Busyness")), 3)
+    assert fs.names == ("firstorder_Entropy", "glrlm_RunEntropy")
+    assert "ngtdm_Busyness" in caplog.text and "pip install" in caplog.text
     with pytest.raises(FeatureError, match="pip install"):
         build_feature_set(FeatureConfig(names=("firstorder_Entropy",), backend="pyradiomics"), 3)
 

@@ -180,7 +180,8 @@ def test_feature_catalogue_works_without_pyradiomics_and_ticks_the_papers_featur
     assert without <= NATIVE_FEATURES  # what the panel offers without pyradiomics can be computed
     assert paper_feature_names() <= without
     with_ = {n for names in feature_catalog(with_radiomics=True).values() for n in names}
-    assert "glrlm_RunEntropy" in with_ and "glrlm_RunEntropy" not in without
+    assert "ngtdm_Busyness" in with_ and "ngtdm_Busyness" not in without
+    assert "glrlm_RunEntropy" in without  # GLRLM is native
 
 
 def test_model_format_note_names_formats_that_run_code(tmp_path):

@@ -159,13 +159,13 @@ def ensure_dependencies(askConfirmation: bool = True) -> bool:
 
 # ----------------------------------------------------------------------------- panel helpers
 
-NATIVE_CLASSES = ("firstorder", "shape", "shape2D", "glcm", "gldm")
-"""pyradiomics classes the engine also computes natively (torch), so they work without pyradiomics."""
+NATIVE_CLASSES = ("firstorder", "shape", "shape2D", "glcm", "gldm", "glrlm", "glszm")
+"""pyradiomics classes the engine also computes natively, so they work without pyradiomics."""
 
 GROUP_TITLES = {
     "firstorder": "First order (intensity)", "shape": "Shape (3D models)", "shape2D": "Shape (2D models)",
-    "glcm": "GLCM (texture)", "gldm": "GLDM (texture)", "glrlm": "GLRLM (texture, pyradiomics)",
-    "glszm": "GLSZM (texture, pyradiomics)", "ngtdm": "NGTDM (texture, pyradiomics)",
+    "glcm": "GLCM (texture)", "gldm": "GLDM (texture)", "glrlm": "GLRLM (texture)",
+    "glszm": "GLSZM (texture)", "ngtdm": "NGTDM (texture, pyradiomics)",
 }
 
 
