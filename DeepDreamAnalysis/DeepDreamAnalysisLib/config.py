@@ -199,20 +199,17 @@ def dream_settings(card, iterations=None, step=None) -> tuple[int, float, str]:
     recommendation, else 300 iterations at step 1.0."""
     rec = card_dream_settings(card)
     sources = []
-    if iterations is None:
-        if rec.get("iterations") is not None:
-            iterations, src = rec["iterations"], "the model card"
+
+    def pick(name, given, default):
+        if given is not None:
+            value, src = given, "as given"
+        elif rec.get(name) is not None:
+            value, src = rec[name], "from the model card"
         else:
-            iterations, src = DEFAULT_ITERATIONS, "the default"
-        sources.append(f"iterations {int(iterations)} from {src}")
-    else:
-        sources.append(f"iterations {int(iterations)} as given")
-    if step is None:
-        if rec.get("step") is not None:
-            step, src = rec["step"], "the model card"
-        else:
-            step, src = DEFAULT_STEP, "the default"
-        sources.append(f"step {float(step):g} from {src}")
-    else:
-        sources.append(f"step {float(step):g} as given")
+            value, src = default, "from the default"
+        sources.append(f"{name} {value:g} {src}")
+        return value
+
+    iterations = int(pick("iterations", None if iterations is None else int(iterations), DEFAULT_ITERATIONS))
+    step = float(pick("step", None if step is None else float(step), DEFAULT_STEP))
     return int(iterations), float(step), ", ".join(sources)

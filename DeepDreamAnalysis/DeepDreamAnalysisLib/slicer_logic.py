@@ -173,6 +173,22 @@ def choose_features(names: Sequence[str] | None, spatial_dims: int,
     return tuple(n for n in wanted if n not in dropped), dropped
 
 
+def resolve_features(requested, spatial_dims: int, logCallback, verb: str) -> tuple[str, ...]:
+    """The features a run computes: mapped to the model's dimensionality, without the
+    pyradiomics-only ones when pyradiomics is missing (each change said through ``logCallback``)."""
+    requested, notes = features_for_dims(requested, spatial_dims)
+    for note in notes:
+        _say(logCallback, note)
+    names, dropped = choose_features(requested, spatial_dims)
+    if dropped:
+        _say(logCallback, f"pyradiomics is not installed (install the SlicerRadiomics extension for it): "
+                          f"{verb} without {', '.join(dropped)}.")
+    if not names:
+        raise FeatureError("None of the selected features can be computed here. Select at least one "
+                           "feature, or install SlicerRadiomics for pyradiomics features.")
+    return tuple(names)
+
+
 def preload_engine() -> None:
     """Import, on the calling (main) thread, what the worker would otherwise import on its first
     iteration. An import holds the GIL for its whole duration (monai: seconds), which would freeze
@@ -542,18 +558,9 @@ class AnalysisLogicCore:
         the features for the model's dimensionality, ``build_feature_set``, the reference statistics
         (loaded, and holding every feature), the image (finite, fits the model), the device and the
         crop. Sets ``config.features.names``; returns (feature names, reference or None, crop)."""
-        requested = features if features is not None else config.features.names
-        requested, notes = features_for_dims(requested, card.spatial_dims)
-        for note in notes:
-            _say(logCallback, note)
-        names, dropped = choose_features(requested, card.spatial_dims)
-        if dropped:
-            _say(logCallback, f"pyradiomics is not installed (install the SlicerRadiomics extension for it): "
-                              f"running without {', '.join(dropped)}.")
-        if not names:
-            raise FeatureError("None of the selected features can be computed here. Select at least one "
-                               "feature, or install SlicerRadiomics for pyradiomics features.")
-        config.features.names = tuple(names)
+        names = resolve_features(features if features is not None else config.features.names,
+                                 card.spatial_dims, logCallback, "running")
+        config.features.names = names
         config.validate()
         preload_engine()
         from . import analysis
@@ -626,17 +633,8 @@ class AnalysisLogicCore:
                                     features=FeatureConfig(names=None))
         else:
             config = copy.deepcopy(config)
-        requested, notes = features_for_dims(features if features is not None else config.features.names, dims)
-        for note in notes:
-            _say(logCallback, note)
-        names, dropped = choose_features(requested, dims)
-        if dropped:
-            _say(logCallback, f"pyradiomics is not installed (install the SlicerRadiomics extension for it): "
-                              f"comparing without {', '.join(dropped)}.")
-        if not names:
-            raise FeatureError("None of the selected features can be computed here. Select at least one "
-                               "feature, or install SlicerRadiomics for pyradiomics features.")
-        config.features.names = tuple(names)
+        config.features.names = resolve_features(features if features is not None else config.features.names,
+                                                 dims, logCallback, "comparing")
         config.validate()
         reference = None
         if referencePath is not None and str(referencePath).strip() not in ("", "."):
