@@ -6,15 +6,19 @@ from the config's ``network_def`` and its weights are loaded with ``torch.load(w
 
 Bundle configs are code: every ``{"_target_": ...}`` entry names a Python callable that MONAI's
 ConfigParser would call, and ``"$..."`` strings are Python expressions it would ``eval``. Before
-anything is built, :func:`check_config` walks the whole config and refuses any ``_target_`` outside
-``monai.`` and ``torch.`` (and a few loaders inside them that fetch or run other code), and any
-expression or macro inside the part that builds the network, unless the caller passes
-``allow_code_targets=True``. Only ``network_def`` and the entries it references are handed to the
-parser; nothing else in the config is ever evaluated.
+anything is built, :func:`check_config` walks the whole config and refuses any ``_target_`` that does
+not *resolve* to a ``torch.nn.Module`` class defined under monai.networks or torch.nn (or one of the
+MONAI transforms read as data, :data:`.models.allowlist.TRANSFORM_NAMES`), and
+:func:`network_subconfig` refuses expressions, macros, ``_requires_``, a non-default ``_mode_`` and
+references to anything but config entries in the part that builds the network, unless the caller
+passes ``allow_code_targets=True``. Only ``network_def`` and the entries it references are handed to
+the parser, with each ``_target_`` pinned to the class that was checked; nothing else in the config
+is ever evaluated, and building may not start a program or reach the network.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
@@ -28,10 +32,6 @@ from .errors import ModelCardError, ModelError
 CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 WEIGHT_NAMES = ("model.pt", "model.pth")
 # Names under monai./torch. that load, download or run other code: refused like a foreign target.
-DANGEROUS_PREFIXES = (
-    "torch.hub", "torch.load", "torch.jit", "torch.package", "torch.export", "torch.utils.cpp_extension",
-    "torch.ops", "torch.compile", "torch.utils.data", "monai.bundle", "monai.apps", "monai.utils",
-)
 ALLOW_HINT = (
     "If you trust this bundle, allow it with load_model(..., allow_code_targets=True) "
     "(command line: --allow-code-targets)."
@@ -121,32 +121,28 @@ def _parse_config(data: bytes, name: str, bundle: Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- safety
 
-def target_is_allowed(target: str) -> bool:
-    """``monai.*`` / ``torch.*`` names (and MONAI's short names such as ``"UNet"``), minus loaders."""
-    if not isinstance(target, str) or target.startswith(("$", "%", "@")):
-        return False
-    if "." not in target:  # a short name: MONAI looks it up among the monai modules imported
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", target):
-            return False
-        module = _short_name_module(target)
-        return module is not None and target_is_allowed(f"{module}.{target}")
-    if not target.startswith(("monai.", "torch.")):
-        return False
-    return not any(target == p or target.startswith(p + ".") for p in DANGEROUS_PREFIXES)
+def target_is_allowed(target) -> bool:
+    """True when ``target`` resolves (see :mod:`.models.allowlist`) to a ``torch.nn.Module`` class defined
+    under monai.networks or torch.nn, or is one of the MONAI transforms read as data
+    (:data:`~.models.allowlist.TRANSFORM_NAMES`)."""
+    return _why_target_refused(target) is None
 
 
-def _short_name_module(name: str) -> str | None:
-    """The monai module MONAI's ComponentLocator resolves a short ``_target_`` to, or None.
+def _why_target_refused(target) -> str | None:
+    """None when ``target`` may appear in a bundle config; else why not, in words."""
+    from .models import allowlist
 
-    A short name MONAI cannot find is looked up as a full name by ``pydoc.locate`` (``"open"`` would
-    be the builtin), so an unresolved short name is refused.
-    """
-    from monai.bundle.config_item import ComponentLocator
-
-    module = ComponentLocator().get_component_module_name(name)
-    if isinstance(module, list):
-        module = module[0] if module else None
-    return module
+    if not isinstance(target, str):
+        return f"{target!r} is not a name"
+    if target.startswith(("$", "%", "@")):
+        return f"{target[:60]!r} is an expression or reference, not a class name"
+    if allowlist.transform_name(target) is not None:
+        return None
+    try:
+        allowlist.network_class(target)
+    except allowlist.NotAllowed as why:
+        return str(why)
+    return None
 
 
 def iter_targets(node: Any, where: str = ""):
@@ -172,21 +168,41 @@ def _iter_strings(node: Any, where: str = ""):
             yield from _iter_strings(v, f"{where}::{i}" if where else str(i))
 
 
-def foreign_targets(config: dict[str, Any]) -> list[tuple[str, str]]:
-    return [(where, str(t)) for where, t in iter_targets(config) if not target_is_allowed(t)]
+def _iter_dicts_at(node: Any, where: str = ""):
+    if isinstance(node, dict):
+        yield where or "<top>", node
+        for k, v in node.items():
+            yield from _iter_dicts_at(v, f"{where}::{k}" if where else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _iter_dicts_at(v, f"{where}::{i}" if where else str(i))
+
+
+def foreign_targets(config: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """``(config_id, target, why)`` for every ``_target_`` that is neither an allowed network class nor a
+    listed transform. Nothing outside torch.nn / monai.networks is imported to decide."""
+    out = []
+    for where, t in iter_targets(config):
+        why = _why_target_refused(t)
+        if why is not None:
+            out.append((where, str(t), why))
+    return out
 
 
 def check_config(config: dict[str, Any], source: str, allow_code_targets: bool) -> bool:
-    """Refuse targets outside MONAI/torch anywhere in the config; return True if code would run.
+    """Refuse any ``_target_`` in the config that is not an allowed class; return True if code would run.
 
-    Called before anything in the config is built or evaluated.
+    Called before anything in the config is built or evaluated. Entries outside ``network_def`` (and
+    what it references) are never built: they are read as data (the card derivation reads the listed
+    transforms' settings), yet a name there that is not an allowed class is refused all the same.
     """
     bad = foreign_targets(config)
     if bad and not allow_code_targets:
-        listed = "; ".join(f"{t!r} (at {w})" for w, t in bad[:5]) + ("; ..." if len(bad) > 5 else "")
+        listed = "; ".join(f"_target_ {t!r} at {w}: {why}" for w, t, why in bad[:5]) + ("; ..." if len(bad) > 5 else "")
         raise ModelError(
-            f"The bundle config {source} names _target_ outside monai. and torch.: {listed}. Building it would "
-            f"import and run that code. {ALLOW_HINT}"
+            f"The bundle config {source} is refused: {listed}. Bundle targets must be torch.nn.Module classes "
+            "defined under monai.networks or torch.nn (or the MONAI transforms the loader reads as data); "
+            f"building anything else would import and run that code. {ALLOW_HINT}"
         )
     return bool(bad)
 
@@ -194,8 +210,10 @@ def check_config(config: dict[str, Any], source: str, allow_code_targets: bool) 
 def network_subconfig(config: dict[str, Any], source: str, allow_code_targets: bool, key: str = "network_def"):
     """``{key: config[key], ...referenced ids}``: the only part of the config that is parsed.
 
-    Expressions (``"$..."``) and macros (``"%..."``) in it are refused unless allowed, since MONAI
-    evaluates them as Python. Returns ``(subconfig, executes_code)``.
+    Refused unless allowed: expressions (``"$..."``, MONAI evaluates them as Python), macros
+    (``"%..."``, they read other files), ``_requires_`` (runs other entries first), a ``_mode_`` other
+    than ``"default"`` (``callable`` returns the function itself, ``debug`` starts a debugger), and
+    ``@`` references to anything but another entry of this config. Returns ``(subconfig, executes_code)``.
     """
     if key not in config:
         raise ModelError(
@@ -205,31 +223,68 @@ def network_subconfig(config: dict[str, Any], source: str, allow_code_targets: b
     sub: dict[str, Any] = {}
     pending = [key]
     code = False
+
+    def refuse(what: str) -> None:
+        nonlocal code
+        if not allow_code_targets:
+            raise ModelError(f"The bundle's network definition {what}. MONAI would run it to build the network. "
+                             f"{ALLOW_HINT}")
+        code = True
+
     while pending:
         ident = pending.pop()
         if ident in sub:
             continue
         if ident not in config:
-            raise ModelError(f"The bundle config {source} refers to '@{ident}', which it does not define.")
+            raise ModelError(f"The bundle config {source} refers to '@{ident}', which it does not define: "
+                             "references may only name other entries of the config.")
         sub[ident] = config[ident]
         for where, s in _iter_strings(config[ident], ident):
             if s.startswith(("$", "%")):
-                if not allow_code_targets:
-                    kind = "a Python expression" if s.startswith("$") else "a macro that reads another file"
-                    raise ModelError(
-                        f"The bundle's network definition holds {kind} at {where}: {s[:80]!r}. MONAI would run "
-                        f"it to build the network. {ALLOW_HINT}"
-                    )
-                code = True
+                kind = "a Python expression" if s.startswith("$") else "a macro that reads another file"
+                refuse(f"holds {kind} at {where}: {s[:80]!r}")
             elif s.startswith("@"):
-                pending.append(re.split(r"::|#", s[1:], maxsplit=1)[0])
+                ref = re.split(r"::|#", s[1:], maxsplit=1)[0]
+                if not re.fullmatch(r"[A-Za-z_][\w\-]*", ref or ""):
+                    refuse(f"holds the reference {s[:80]!r} at {where}, which names no config entry")
+                    continue
+                pending.append(ref)
+        for where, node in _iter_dicts_at(config[ident], ident):
+            if "_requires_" in node:
+                refuse(f"asks at {where} for _requires_ (other entries run first)")
+            mode = node.get("_mode_", "default")
+            if mode != "default":
+                refuse(f"asks at {where} for _mode_ {mode!r} (only 'default', building the class, is allowed)")
         for where, t in iter_targets(config[ident], ident):
-            if not target_is_allowed(t):
-                code = True
-        for node in _iter_dicts(config[ident]):
-            if node.get("_mode_", "default") == "debug":
-                raise ModelError(f"The bundle's network definition asks for _mode_ 'debug' (a debugger); remove it.")
+            why = _why_target_refused(t)
+            if why is None and isinstance(t, str) and _transform(t):
+                why = f"{t!r} is a transform, not a network class"
+            if why is not None:
+                refuse(f"names _target_ {t!r} at {where}: {why}")
     return sub, code
+
+
+def _transform(target: str) -> bool:
+    from .models import allowlist
+
+    return allowlist.transform_name(target) is not None
+
+
+def _pin_targets(node: Any):
+    """A copy of ``node`` with every ``_target_`` replaced by the full name of the class it resolved to,
+    so MONAI's parser builds exactly the class the allow-list checked."""
+    from .models import allowlist
+
+    if isinstance(node, dict):
+        out = {k: _pin_targets(v) for k, v in node.items()}
+        t = node.get("_target_")
+        if isinstance(t, str):
+            cls = allowlist.network_class(t)
+            out["_target_"] = f"{cls.__module__}.{cls.__qualname__}"
+        return out
+    if isinstance(node, list):
+        return [_pin_targets(v) for v in node]
+    return node
 
 
 def _iter_dicts(node):
@@ -255,10 +310,21 @@ def build_network(files: BundleFiles, allow_code_targets: bool):
         )
     code = check_config(files.config, source, allow_code_targets)
     sub, sub_code = network_subconfig(files.config, source, allow_code_targets)
-    parser = ConfigParser(files.config if allow_code_targets else sub)
+    from .models import allowlist
+
+    safe = not (code or sub_code)
+    parser = ConfigParser(_pin_targets(sub) if safe else files.config)
     try:
-        network = parser.get_parsed_content("network_def", instantiate=True)
+        with allowlist.no_side_effects() if safe else contextlib.nullcontext():
+            network = parser.get_parsed_content("network_def", instantiate=True)
     except Exception as exc:  # the parser wraps constructor errors in RuntimeError/ValueError/...
+        side = allowlist.find_side_effect(exc)
+        if side is not None:
+            raise ModelError(
+                f"Building the bundle's network_def {side}. Loading a model never starts programs or uses the "
+                f"network: set pretrained/download arguments to false in {source} and put the weights in "
+                "models/model.pt."
+            ) from None
         raise ModelError(
             f"Building the bundle's network_def failed: {type(exc).__name__}: {exc}. Check network_def in "
             f"{source} against the MONAI version installed."
@@ -282,11 +348,9 @@ def load_weights(files: BundleFiles) -> dict[str, Any]:
     try:
         state = torch.load(io.BytesIO(files.weights), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ModelError(
-            f"The bundle's {files.weights_name} cannot be read as a state dict with weights_only=True "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Save it with "
-            "torch.save(network.state_dict(), ...)."
-        ) from None
+        from .models import pickles
+
+        raise ModelError(pickles.explain_load_error(exc, f"The bundle's {files.weights_name}")) from None
     return state
 
 

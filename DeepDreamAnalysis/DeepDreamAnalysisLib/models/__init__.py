@@ -36,9 +36,10 @@ from typing import Any
 
 import torch
 
-from . import bundle as _bundle
-from .card import CARD_TEMPLATE, REQUIRED_FIELDS, ModelCard, find_card
-from .errors import ModelCardError, ModelError
+from .. import bundle as _bundle
+from ..card import CARD_TEMPLATE, REQUIRED_FIELDS, ModelCard, find_card
+from ..errors import ModelCardError, ModelError
+from . import allowlist, pickles
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,8 @@ EXTENSION_FORMATS = {
     ".pt": (FORMAT_TORCHSCRIPT, FORMAT_STATE_DICT),
     ".pth": (FORMAT_TORCHSCRIPT, FORMAT_STATE_DICT),
 }
-# Network names a card may give without allow_code_targets.
-SAFE_NETWORK_PREFIXES = ("monai.networks.nets.", "torch.nn.")
+# Where a card's network class must be defined to be built without allow_code_targets (see allowlist).
+SAFE_NETWORK_PREFIXES = tuple(ns + "." for ns in allowlist.NETWORK_NAMESPACES)
 DEFAULT_PROBE = 64
 
 
@@ -280,24 +281,10 @@ def _load_export(p: Path):
 
 
 def _read_state_dict(p: Path) -> dict:
-    import pickle
-
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-        if found:
-            raise ModelError(
-                f"{p} holds pickled Python objects ({found.group(1)}: a whole torch.nn.Module saved with "
-                "torch.save(model)?), not just weights. Loading it would run code from the file, so the loader "
-                "refuses. Save the weights "
-                "(torch.save(model.state_dict(), ...)) with a model card naming the network, or save TorchScript "
-                "(torch.jit.save) or a torch.export program (.pt2)."
-            ) from None
-        raise ModelError(f"{p} is corrupt: it cannot be unpickled ({_first_line(exc)}). Save it again.") from None
-    except Exception as exc:
-        raise ModelError(f"{p} is corrupt or truncated: torch.load failed ({_first_line(exc)}). Save or copy it "
-                         "again.") from None
+    except Exception as exc:  # UnpicklingError, RuntimeError (zip), EOFError, ...
+        raise ModelError(pickles.explain_load_error(exc, str(p))) from None
     return obj
 
 
@@ -336,38 +323,59 @@ def _load_state_dict(p: Path, card: ModelCard, allow_code_targets: bool):
 
 
 def build_named_network(spec: dict, allow_code_targets: bool = False):
-    """Build ``spec["name"](**spec["args"])``; returns ``(network, executes_code)``."""
+    """Build ``spec["name"](**spec["args"])``; returns ``(network, executes_code)``.
+
+    Without ``allow_code_targets`` the name must resolve (see :mod:`.allowlist`) to a
+    ``torch.nn.Module`` class defined under monai.networks or torch.nn, and building it may not start a
+    program or reach the network; anything else is refused before it is imported or called.
+    """
     name = spec.get("name")
     args = spec.get("args", {})
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_]\w*)+", name):
         raise ModelCardError(f"network.name must be a dotted Python name such as 'monai.networks.nets.UNet', got {name!r}.")
-    safe = name.startswith(SAFE_NETWORK_PREFIXES)
-    if not safe and not allow_code_targets:
-        raise ModelCardError(
-            f"network.name {name!r} is outside monai.networks.nets and torch.nn; building it would import and run "
-            f"that code. If you trust it, allow it with load_model(..., allow_code_targets=True) "
-            "(command line: --allow-code-targets)."
-        )
-    module_name, attr = name.rsplit(".", 1)
+    if not isinstance(args, (dict, list)):
+        raise ModelCardError(f"network.args must be an object of keyword arguments, got {args!r}.")
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ModelCardError(f"network.name {name!r} cannot be found ({exc}). Check the spelling and the MONAI version.") from None
+        factory = allowlist.network_class(name)
+        safe = True
+    except allowlist.NotAllowed as why:
+        if not allow_code_targets:
+            raise ModelCardError(
+                f"network.name {name!r} is refused: {why}. The loader builds only torch.nn.Module classes defined "
+                f"under monai.networks or torch.nn (for example 'monai.networks.nets.UNet'); building this would "
+                "import and run other code. If you trust it, allow it with load_model(..., allow_code_targets=True) "
+                "(command line: --allow-code-targets)."
+            ) from None
+        safe = False
+        module_name, attr = name.rsplit(".", 1)
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ModelCardError(f"network.name {name!r} cannot be found ({exc}). Check the spelling and the MONAI "
+                                 "version.") from None
+    guard = allowlist.no_side_effects() if safe else _nullcontext()
     try:
-        if isinstance(args, dict):
-            network = factory(**args)
-        elif isinstance(args, list):
-            network = factory(*args)
-        else:
-            raise ModelCardError(f"network.args must be an object of keyword arguments, got {args!r}.")
-    except ModelCardError:
-        raise
+        with guard:
+            network = factory(**args) if isinstance(args, dict) else factory(*args)
     except Exception as exc:
+        side = allowlist.find_side_effect(exc)
+        if side is not None:
+            raise ModelCardError(
+                f"Building {name} with network.args {side}. Loading a model never starts programs or uses the "
+                "network: set pretrained/download arguments to false in network.args and put the weights in the "
+                "model file."
+            ) from None
         raise ModelCardError(f"network.args do not fit {name}: {type(exc).__name__}: {_first_line(exc)}. Fix network.args "
                              "in the model card.") from None
     if not isinstance(network, torch.nn.Module):
         raise ModelCardError(f"network.name {name!r} built a {type(network).__name__}, not a torch.nn.Module.")
     return network, not safe
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
 
 
 def fit_state_dict(network, state: dict, spec, where: str) -> None:
