@@ -5,6 +5,7 @@
     deepdream-analysis demo [--out results/demo]
     deepdream-analysis features [--dims 2|3]
     deepdream-analysis card-template
+    deepdream-analysis compare --image CT.nii.gz --seed i,j,k --model a=a.pt --model b=b.pt --out DIR
 
 Exit codes: 0 done, 1 the run stopped on a fault (partial result written), 2 bad input,
 130 cancelled with Ctrl-C (partial result written).
@@ -116,12 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("card-template", help="print a model card to fill in")
 
-    try:
-        from . import compare as _compare
-    except ImportError:
-        _compare = None
-    if _compare is not None and hasattr(_compare, "add_parser"):
-        _compare.add_parser(sub)
+    _add_compare_parser(sub)
     return parser
 
 
@@ -369,7 +365,139 @@ def cmd_card_template(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "reference": cmd_reference, "demo": cmd_demo, "features": cmd_features,
+# ----------------------------------------------------------------------------- compare
+
+
+def _parse_named(items, what: str) -> list[tuple[str | None, str]]:
+    out = []
+    for item in items or []:
+        if "=" in item:
+            name, path = item.split("=", 1)
+            name = name.strip()
+            if not name:
+                raise ConfigError(f"--{what} {item!r}: the name before '=' is empty. Write NAME=PATH.")
+            out.append((name, path.strip()))
+        else:
+            out.append((None, item.strip()))
+    return out
+
+
+def _add_compare_parser(subparsers) -> None:
+    """Add the ``compare`` subcommand to the ``deepdream-analysis`` parser."""
+    from .studies import DEFAULT_RESTART_NOISE_STD
+
+    p = subparsers.add_parser("compare", help="compare several models (with random restarts) on one image and seed",
+                              description="Run the same start image and seed through several models, several "
+                                          "random restarts each, and overlay their feature curves with mean and "
+                                          "spread (comparison.png, comparison.csv, sensitivity.csv, ranking.md).")
+    p.add_argument("--image", required=True, help="the start image (NIfTI, NRRD, MHA, DICOM folder)")
+    p.add_argument("--seed", required=True, type=_parse_seed, help="seed voxel i,j,k (0-based)")
+    p.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
+                   help="a model to compare, named; repeat for each model (a bare PATH is named after its file)")
+    p.add_argument("--card", action="append", default=[], metavar="NAME=CARD.json",
+                   help="model card of the model NAME (default: beside the model); bare paths go to the models in order")
+    p.add_argument("--restarts", type=int, default=3, help="random restarts per model (default 3)")
+    p.add_argument("--restart-noise-std", type=float, default=DEFAULT_RESTART_NOISE_STD,
+                   help="with --start image: std (image units, HU) of the Gaussian noise added to the start image "
+                        f"of restarts 1, 2, ... (default {DEFAULT_RESTART_NOISE_STD:g}; 0 runs a single restart)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--allow-code-targets", action="store_true",
+                   help="let a MONAI bundle config build classes outside monai and torch (runs their code)")
+    _add_dream_options(p)
+
+
+def cmd_compare(args) -> int:
+    """The ``compare`` subcommand: load the models, run :func:`.studies.compare_models`, write the outputs."""
+    from .models import load_model
+    from .studies import compare_models, write_comparison
+    from .volume import read_volume
+
+    specs = _parse_named(args.model, "model")
+    named = []
+    for name, path in specs:
+        named.append((name or Path(path).stem, path))
+    seen = set()
+    for name, _ in named:
+        if name in seen:
+            raise ConfigError(f"Two models are named {name!r}; give each --model a distinct NAME=PATH.")
+        seen.add(name)
+    cards = _parse_named(args.card, "card")
+    card_of: dict[str, str] = {}
+    bare = [p for n, p in cards if n is None]
+    if bare and len(bare) != len(named):
+        raise ConfigError(f"{len(bare)} --card without a name for {len(named)} models: give one per model in order, "
+                          "or write --card NAME=CARD.json.")
+    for (name, _), path in zip(named, bare):
+        card_of[name] = path
+    for name, path in cards:
+        if name is not None:
+            if name not in seen:
+                raise ConfigError(f"--card {name}=...: there is no model named {name!r} (models: {', '.join(seen)}).")
+            card_of[name] = path
+    out = check_output_dir(args.out)
+    volume = read_volume(args.image)
+    models = {name: load_model(path, card=card_of.get(name), device="cpu", allow_code_targets=args.allow_code_targets)
+              for name, path in named}
+    dims = {m.card.spatial_dims for m in models.values()}
+    # the cards' recommended dream settings apply when every model recommends the same ones
+    recommended = {json.dumps(m.card.dream or {}, sort_keys=True) for m in models.values()}
+    shared_card = next(iter(models.values())).card if len(recommended) == 1 else None
+    if shared_card is None and (args.step is None or args.iterations is None):
+        print("note: the models' cards recommend different dream settings; give --step and --iterations to "
+              "choose one for all (using 1.0 and 300 otherwise).", file=sys.stderr)
+    config = _analysis_config(args, dims.pop() if len(dims) == 1 else 3, shared_card)
+    reference = None
+    if args.reference:
+        from .reference import ReferenceStats
+
+        reference = ReferenceStats.load(args.reference)
+    reporter = _CompareReporter()
+    with _CtrlC() as cancel:
+        comp = compare_models(volume, args.seed, models, config, reference, restarts=args.restarts,
+                              on_progress=reporter, cancel=cancel, restart_noise_std=args.restart_noise_std)
+    reporter.close()
+    paths = write_comparison(comp, out)
+    print(f"{comp.metadata['status']}: {len(comp.models)} models x {comp.restarts} restarts, "
+          f"{len(comp.iterations)} iterations each.")
+    if not comp.normalised:
+        print("note: no reference statistics given; curves are raw feature values, not z-scores.")
+    for r in (r for r in comp.ranking() if r.rank == 1):
+        print(f"  {r.model}: most sensitive feature {r.feature} ({r.key} {r.mean:.3g})")
+    print(f"Results in {out}/:")
+    for key, path in paths.items():
+        print(f"  {key:12s} {path}")
+    if comp.metadata["status"] == "cancelled":
+        return EXIT_CANCELLED
+    if comp.metadata["status"] == "fault":
+        return EXIT_FAULT
+    return EXIT_OK
+
+
+class _CompareReporter:
+    """Prints one line per finished run and a progress bar within each run."""
+
+    def __init__(self):
+        from .progress_bar import ProgressBar
+
+        self._bar_cls = ProgressBar
+        self._bar = None
+        self._run = -1
+
+    def __call__(self, cp) -> None:
+        if cp.run_index != self._run:
+            if self._bar is not None:
+                self._bar.close()
+            self._run = cp.run_index
+            sys.stderr.write(f"run {cp.run_index + 1}/{cp.total_runs}: model {cp.model}, restart {cp.restart}\n")
+            self._bar = self._bar_cls()
+        self._bar(cp.progress)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+COMMANDS = {"run": cmd_run, "compare": cmd_compare, "reference": cmd_reference, "demo": cmd_demo, "features": cmd_features,
             "card-template": cmd_card_template}
 
 
@@ -377,11 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
-    handler = COMMANDS.get(args.command)
-    if handler is None:
-        from . import compare
-
-        handler = compare.COMMANDS[args.command]
+    handler = COMMANDS[args.command]
     try:
         return handler(args)
     except DeepDreamError as exc:
