@@ -1,16 +1,24 @@
 """Atomic file writes: write to a temporary name in the same folder, then rename.
 
 A reader never sees a half-written file, and a failed write leaves the old file (or none).
+
+While an :class:`~.outputs.manifest.ManifestWriter` is active (:data:`WRITE_GUARD`), every atomic
+write asks it first (a file the tool did not write is never replaced) and tells it afterwards (the
+file is listed in the folder's manifest).
 """
 
 from __future__ import annotations
 
+import contextvars
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import OutputError
+
+WRITE_GUARD: contextvars.ContextVar = contextvars.ContextVar("deepdream_write_guard", default=None)
+"""The active :class:`~.outputs.manifest.ManifestWriter` (or None): consulted by :func:`atomic_path`."""
 
 
 @contextmanager
@@ -21,6 +29,9 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None):
     """
     target = Path(path)
     suffix = suffix if suffix is not None else "".join(target.suffixes)
+    guard = WRITE_GUARD.get()
+    if guard is not None:
+        guard.claim(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + suffix, dir=target.parent)
@@ -31,6 +42,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None):
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, target)
+        if guard is not None:
+            guard.record(target)
     except OSError as exc:
         _remove(tmp)
         raise OutputError(f"Cannot write {target} ({exc.strerror}). Check free space and permissions.") from None

@@ -93,7 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", required=True, type=_parse_seed, help="seed voxel i,j,k (0-based)")
     run.add_argument("--out", required=True, help="output folder")
     run.add_argument("--allow-code-targets", action="store_true",
-                     help="let a MONAI bundle config build classes outside monai and torch (runs their code)")
+                     help="let a model card or MONAI bundle build anything besides torch.nn.Module classes of "
+                          "monai.networks and torch.nn (runs that code; see SECURITY.md)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="write into a non-empty folder that holds no results of this tool (files the tool did "
+                          "not write are still never replaced or deleted)")
     _add_dream_options(run)
 
     ref = sub.add_parser("reference", help="feature statistics of a reference set of real lesions")
@@ -108,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="analyse the bundled demo network on a healthy liver CT slice")
     demo.add_argument("--out", default="results/demo")
+    demo.add_argument("--overwrite", action="store_true", help="write into a non-empty folder of other files")
     demo.add_argument("--iterations", type=int, default=None)
     demo.add_argument("--device", default="auto")
     demo.add_argument("--feature-backend", choices=("auto", "native", "pyradiomics"), default="auto")
@@ -179,27 +184,92 @@ def check_output_dir(path: str | Path) -> Path:
 
 
 class _CtrlC:
-    """First Ctrl-C: cancel the run cleanly (partial result kept). Second: stop at once."""
+    """First Ctrl-C (or SIGTERM): cancel the run cleanly (partial result kept). Second: stop at once.
+
+    While the analysis runs in its worker thread (:func:`_run_in_thread`), "at once" means at once even
+    in the middle of a long forward pass: the process ends without writing anything (the output folder
+    stays as it was before the run; a folder the run created is removed while empty). Otherwise the
+    second signal raises KeyboardInterrupt, and the atomic writes leave only whole files.
+    """
+
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s is not None)
 
     def __init__(self):
         self.event = threading.Event()
-        self._previous = None
+        self._previous = {}
+        self.hard_exit = False
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for sig in self.SIGNALS:
+                try:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+                except (ValueError, OSError):
+                    pass
         return self.event
 
     def _handle(self, signum, frame):
         if self.event.is_set():
+            if self.hard_exit:
+                _exit_now()
             raise KeyboardInterrupt
         self.event.set()
-        sys.stderr.write("\nCancelling after this iteration (Ctrl-C again to stop at once)...\n")
+        what = "Terminated" if signum == getattr(signal, "SIGTERM", None) else "Ctrl-C"
+        sys.stderr.write(f"\n{what}: cancelling after this iteration; the partial result will be written "
+                         "(Ctrl-C again to stop at once, writing nothing)...\n")
+        sys.stderr.flush()
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            try:
+                signal.signal(sig, previous)
+            except (ValueError, OSError, TypeError):
+                pass
+        self._previous = {}
         return False
+
+
+_ACTIVE_FOLDERS: list = []  # OutputFolder objects of this run, cleaned up by _exit_now
+
+
+def _exit_now() -> None:
+    """End the process at once (second Ctrl-C): nothing is written; locks and empty new folders go."""
+    from .outputs.lock import release_all
+
+    for folder in list(_ACTIVE_FOLDERS):
+        try:
+            folder.release(remove_if_empty=True)
+        except Exception:  # noqa: BLE001 - best effort, we are exiting
+            pass
+    release_all()
+    try:
+        sys.stderr.write("\nstopped at once; nothing was written (the output folder is as it was).\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(EXIT_CANCELLED)
+
+
+def _run_in_thread(fn, ctrl: "_CtrlC"):
+    """``fn()`` in a worker thread while this (main) thread waits, so signals are handled at once."""
+    box: dict = {}
+
+    def work():
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - raised again on the caller's thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=work, name="DeepDreamAnalysis", daemon=True)
+    worker.start()
+    ctrl.hard_exit = True
+    try:
+        while worker.is_alive():
+            worker.join(0.1)
+    finally:
+        ctrl.hard_exit = False
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def _run_and_write(volume, seed, model, config, reference, out: Path, quiet: bool = False) -> int:
@@ -208,11 +278,13 @@ def _run_and_write(volume, seed, model, config, reference, out: Path, quiet: boo
     from .report import write_outputs
 
     bar = None if quiet else ProgressBar()
-    with _CtrlC() as cancel:
-        result = run_analysis(volume, seed, model, config, reference, on_progress=bar, cancel=cancel)
-    if bar is not None:
-        bar.close()
-    paths = write_outputs(result, out, volume)
+    ctrl = _CtrlC()
+    with ctrl as cancel:
+        result = _run_in_thread(lambda: run_analysis(volume, seed, model, config, reference, on_progress=bar,
+                                                     cancel=cancel), ctrl)
+        if bar is not None:
+            bar.close()
+        paths = write_outputs(result, out, volume)  # a second Ctrl-C here leaves whole files only
     _print_summary(result, paths, out)
     if result.status == "cancelled":
         return EXIT_CANCELLED
@@ -266,8 +338,9 @@ def cmd_run(args) -> int:
     from .reference import ReferenceStats
     from .volume import read_volume
 
-    created = _first_missing(Path(args.out))
-    out = check_output_dir(args.out)
+    inputs = [args.image, args.model, args.card, args.reference]
+    folder = open_output_folder(args.out, inputs, overwrite=getattr(args, "overwrite", False))
+    ok = False
     try:
         volume = read_volume(args.image)
         model = load_model(args.model, card=args.card, device="cpu", allow_code_targets=args.allow_code_targets)
@@ -278,33 +351,27 @@ def cmd_run(args) -> int:
                   file=sys.stderr)
         config = _analysis_config(args, model.card.spatial_dims, model.card)
         reference = ReferenceStats.load(args.reference) if args.reference else None
-        return _run_and_write(volume, args.seed, model, config, reference, out)
-    except DeepDreamError:
-        _remove_if_empty(out, created)  # bad input found before anything was written: leave no empty folder
-        raise
+        code = _run_and_write(volume, args.seed, model, config, reference, folder.path)
+        ok = True
+        return code
+    finally:
+        # bad input found before anything was written: leave no empty folder behind
+        close_output_folder(folder, remove_if_empty=not ok)
 
 
-def _first_missing(path: Path) -> Path | None:
-    """The outermost folder of ``path`` that does not exist yet (None when ``path`` exists)."""
-    missing = None
-    for p in [path, *path.parents]:
-        if p.exists():
-            break
-        missing = p
-    return missing
+def open_output_folder(out, inputs=(), overwrite: bool = False):
+    """Check, create and lock the output folder (see :mod:`.outputs.folder`) before any work is done."""
+    from .outputs import check_output_folder
+
+    folder = check_output_folder(out, [i for i in inputs if i], overwrite=overwrite)
+    _ACTIVE_FOLDERS.append(folder)
+    return folder
 
 
-def _remove_if_empty(out: Path, created: Path | None) -> None:
-    """Remove the folders this run created for ``out`` (up to ``created``) while they are empty."""
-    if created is None:
-        return
-    for p in [out, *out.parents]:
-        try:
-            p.rmdir()
-        except OSError:
-            return
-        if p == created:
-            return
+def close_output_folder(folder, remove_if_empty: bool = False) -> None:
+    if folder in _ACTIVE_FOLDERS:
+        _ACTIVE_FOLDERS.remove(folder)
+    folder.release(remove_if_empty=remove_if_empty)
 
 
 def cmd_reference(args) -> int:
@@ -324,16 +391,23 @@ def cmd_reference(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    res = resources_dir() / "DemoModel"
+    model_path = res / "demo_unet.pt"
+    if not model_path.is_file():
+        raise DeepDreamError(f"The demo model is missing ({model_path}). Run from a source checkout, or `make train-demo`.")
+    folder = open_output_folder(args.out, [res], overwrite=getattr(args, "overwrite", False))
+    try:
+        return _demo(args, res, model_path, folder.path)
+    finally:
+        close_output_folder(folder)
+
+
+def _demo(args, res: Path, model_path: Path, out: Path) -> int:
     from .config import AnalysisConfig, DreamConfig, FeatureConfig
     from .lits import demo_case
     from .models import load_model
     from .reference import ReferenceStats
 
-    res = resources_dir() / "DemoModel"
-    model_path = res / "demo_unet.pt"
-    if not model_path.is_file():
-        raise DeepDreamError(f"The demo model is missing ({model_path}). Run from a source checkout, or `make train-demo`.")
-    out = check_output_dir(args.out)
     model = load_model(model_path)
     settings = dream_defaults(model.card)
     volume, seed = demo_case()

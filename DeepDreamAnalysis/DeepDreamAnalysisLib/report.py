@@ -21,10 +21,14 @@ reader never sees a half-written file; a failed write leaves no temporary file b
   (the loop's region, ``result.crop``), with the input volume's spacing and direction and the
   origin of the crop's first voxel, so they overlay the input volume exactly in any viewer
   (3D Slicer, ITK-SNAP) at a fraction of the size of a full volume. Mask: uint8 (1 inside).
-  ``snapshots/`` holds exactly one run's files: they are written into a temporary sibling folder
-  (``.snapshots-new-*``), which then replaces ``snapshots/`` (the old folder is renamed away, the
-  new one renamed in, the old one deleted), so re-running into the same output folder leaves no
-  stale snapshot of an earlier, longer run, and a run that fails part-way leaves the old folder.
+  ``snapshots/`` holds one run's files: they are written into a temporary sibling folder
+  (``.snapshots-new-*``), then moved into ``snapshots/`` one rename each; the earlier run's
+  snapshots not written again are deleted at the end, so re-running into the same output folder
+  leaves no stale snapshot of an earlier, longer run, and a run that fails part-way leaves the old
+  ones. Files the tool did not write (not in ``deepdream-manifest.json``, see :mod:`.outputs`) are
+  never replaced or deleted: a write that would replace one raises OutputError.
+- ``deepdream-manifest.json``: the files the tool wrote (``"complete": false`` while writing, and
+  after an interrupted write).
 - ``strip.png``: like the paper's Fig. 3: columns are those iterations; top row the image (the
   seed's axial slice, grey window: the model card's intensity window, else the 1st-99th percentiles
   of the first snapshot) with the seed marked by a
@@ -50,7 +54,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .atomic import atomic_path, write_text_atomic
+from .atomic import WRITE_GUARD, atomic_path, write_text_atomic
 from .errors import OutputError
 from .result import AnalysisResult
 
@@ -500,12 +504,17 @@ def write_outputs(result: AnalysisResult, out_dir: str | os.PathLike, volume,
     if bad:
         raise OutputError(f"Unknown snapshot format(s) {', '.join(bad)}; use one of {', '.join(SNAPSHOT_FORMATS)}.")
     out = check_writable(out_dir)
-    staging = _staging_folder(out)
-    try:
-        return _write_outputs(result, out, volume, formats, seed_ijk, staging)
-    finally:
-        if staging.exists():  # a failure before the swap: the old snapshots/ stays as it was
-            shutil.rmtree(staging, ignore_errors=True)
+    from .outputs import FolderLock, ManifestWriter
+
+    with FolderLock(out), ManifestWriter(out) as manifest:  # never replaces a file the tool did not write
+        staging = _staging_folder(out)
+        try:
+            paths = _write_outputs(result, out, volume, formats, seed_ijk, staging)
+        finally:
+            if staging.exists():  # a failure before the move: the old snapshots/ stays as it was
+                shutil.rmtree(staging, ignore_errors=True)
+        manifest.finish()  # only now: the previous run's files not written again are deleted
+    return paths
 
 
 def _write_outputs(result: AnalysisResult, out: Path, volume, formats: tuple, seed_ijk,
@@ -535,8 +544,9 @@ def _write_outputs(result: AnalysisResult, out: Path, volume, formats: tuple, se
     paths["sensitivity"] = out / "sensitivity.csv"
     write_sensitivity_csv(sensitivity, paths["sensitivity"])
 
-    # every snapshot is written: swap the folders, then write run.json, which lists them
-    replace_folder(staging, out / "snapshots")
+    # every snapshot is written: move them in (old ones not rewritten go in manifest.finish()), then
+    # write run.json, which lists them
+    WRITE_GUARD.get().move_files(staging, out / "snapshots")
     paths["json"] = out / "run.json"
     paths["html"] = out / "report.html"
     files = {k: os.path.relpath(p, out) for k, p in paths.items()}

@@ -1,0 +1,228 @@
+"""Output folders (issue #11): the tool never deletes or replaces a file it did not write, refuses an
+output folder that holds an input, locks the folder against a second run, and handles SIGTERM and a
+second Ctrl-C without leaving half-written results."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from DeepDreamAnalysisLib.cli import main
+from DeepDreamAnalysisLib.outputs import LOCK_NAME, MANIFEST_NAME, FolderLock
+
+from tiny_models import tiny_card, write_case
+
+FAST = ["--iterations", "4", "--step", "400", "--features", "firstorder_Mean", "--snapshot-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    return write_case(tmp_path_factory.mktemp("case"))
+
+
+def _run(case, out, *extra, image=None):
+    return main(["run", "--image", str(image or case["image"]), "--model", str(case["model"]), "--seed", "24,20,1",
+                 "--out", str(out), *FAST, *extra])
+
+
+def _tree(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_rerun_replaces_only_the_tools_files(case, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _run(case, out) == 0
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["complete"] is True and "run.json" in manifest["files"] and "curves.csv" in manifest["files"]
+    assert any(f.startswith("snapshots/") for f in manifest["files"])
+    (out / "my_notes.txt").write_text("mine")
+    (out / "snapshots" / "my_annotation.nii.gz").write_bytes(b"mine too")
+    assert _run(case, out, "--iterations", "2") == 0
+    assert (out / "my_notes.txt").read_text() == "mine"
+    assert (out / "snapshots" / "my_annotation.nii.gz").read_bytes() == b"mine too"
+    after = json.loads((out / MANIFEST_NAME).read_text())["files"]
+    assert "my_notes.txt" not in after and not (out / "snapshots" / "iter_0003_mask.nii.gz").exists()
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_non_empty_folder_without_manifest_is_refused_unless_overwrite(case, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.docx").write_bytes(b"years of work")
+    assert _run(case, out) == 2
+    err = capsys.readouterr().err
+    assert "is not empty (thesis.docx)" in err and "--overwrite" in err and "Traceback" not in err
+    assert _tree(out) == {"thesis.docx": b"years of work"}
+    assert _run(case, out, "--overwrite") == 0
+    assert (out / "thesis.docx").read_bytes() == b"years of work" and (out / "run.json").is_file()
+
+
+def test_overwrite_never_replaces_a_file_the_tool_did_not_write(case, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "curves.csv").write_text("my own curves")
+    assert _run(case, out, "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert "curves.csv is in the way" in err and "Move that file away" in err
+    assert (out / "curves.csv").read_text() == "my own curves"
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("where", ["input_inside_out", "out_is_input_folder", "out_inside_input_folder"])
+def test_output_folder_holding_an_input_is_refused(case, tmp_path, capsys, where):
+    import shutil
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    image = folder / "ct.nii.gz"
+    shutil.copy(case["image"], image)
+    (folder / "other.txt").write_text("keep")
+    out = {"input_inside_out": tmp_path, "out_is_input_folder": folder,
+           "out_inside_input_folder": image / "results"}[where]
+    if where == "out_inside_input_folder":  # a DICOM folder as input, out inside it
+        image = folder
+        out = folder / "results"
+    before = _tree(tmp_path)
+    assert _run(case, out, "--overwrite", image=image) == 2
+    err = capsys.readouterr().err
+    assert "cannot be used: the input" in err and ("is inside the output folder" in err or "contains the output" in err)
+    assert _tree(tmp_path) == before and not (folder / "results").exists()
+
+
+def test_second_run_into_a_locked_folder_fails_at_once(case, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    # another process holds the lock: a child python that takes it and waits
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from DeepDreamAnalysisLib.outputs import FolderLock; "
+        f"FolderLock({str(out)!r}).acquire(); print('locked', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        assert _run(case, out) == 2
+        err = capsys.readouterr().err
+        assert "Another deepdream-analysis run (process" in err and "is writing into" in err
+        assert not (out / "run.json").exists()
+    finally:
+        child.kill()
+        child.wait()
+    assert _run(case, out) == 0  # the lock died with its process
+
+
+def test_lock_is_reentrant_in_one_process_and_removed(tmp_path):
+    with FolderLock(tmp_path):
+        with FolderLock(tmp_path):
+            assert (tmp_path / LOCK_NAME).exists()
+        assert (tmp_path / LOCK_NAME).exists()
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+# ------------------------------------------------------------------------------------------ signals
+
+SLOWNET = '''
+import time
+import torch
+
+
+class SlowNet(torch.nn.Module):
+    """A 2D network whose forward waits `delay` seconds from call `after` on, writing a marker first."""
+
+    def __init__(self, marker, delay, after):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 3, padding=1)
+        self.marker, self.delay, self.after, self.calls = marker, delay, after, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls > self.after:
+            with open(self.marker, "a") as fh:
+                fh.write(str(self.calls) + "\\n")
+            time.sleep(self.delay)
+        return self.conv(x)
+'''
+
+
+def _slow_case(tmp_path, delay, after):
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "slownet.py").write_text(SLOWNET)
+    marker = tmp_path / "marker.txt"
+    torch.manual_seed(0)
+    weights = tmp_path / "slow.pt"
+    torch.save(torch.nn.Conv2d(1, 2, 3, padding=1).state_dict(), weights)
+    state = torch.load(weights)
+    torch.save({f"conv.{k}": v for k, v in state.items()}, weights)
+    card = tiny_card(2).to_dict()
+    card["network"] = {"name": "slownet.SlowNet", "args": {"marker": str(marker), "delay": delay, "after": after}}
+    (tmp_path / "slow.card.json").write_text(json.dumps(card))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")]))
+    return weights, marker, env
+
+
+def _start(case, weights, out, env, iterations):
+    return subprocess.Popen(
+        [sys.executable, "-m", "DeepDreamAnalysisLib.cli", "run", "--image", str(case["image"]), "--model",
+         str(weights), "--seed", "24,20,1", "--out", str(out), "--allow-code-targets", "--iterations",
+         str(iterations), "--step", "400", "--features", "firstorder_Mean", "--device", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_for(marker: Path, proc, timeout=60):
+    end = time.monotonic() + timeout
+    while not marker.exists() and time.monotonic() < end and proc.poll() is None:
+        time.sleep(0.05)
+    assert marker.exists(), proc.communicate()[1] if proc.poll() is not None else "no forward pass started"
+
+
+def test_sigterm_writes_the_partial_result_marked_cancelled(case, tmp_path):
+    weights, marker, env = _slow_case(tmp_path, delay=0.2, after=3)
+    out = tmp_path / "out"
+    proc = _start(case, weights, out, env, iterations=500)
+    _wait_for(marker, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Terminated: cancelling" in err and "Traceback" not in err
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "cancelled"
+    assert json.loads((out / MANIFEST_NAME).read_text())["complete"] is True
+    assert not (out / LOCK_NAME).exists() and not [p for p in out.rglob(".*")]
+
+
+def test_second_ctrl_c_ends_at_once_during_a_long_forward_pass(case, tmp_path):
+    weights, marker, env = _slow_case(tmp_path, delay=120, after=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    (out / MANIFEST_NAME).write_text(json.dumps({"tool": "deepdream-analysis", "complete": True, "files": []}))
+    before = _tree(out)
+    proc = _start(case, weights, out, env, iterations=50)
+    _wait_for(marker, proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=20)  # the forward pass would take 120 s
+    assert proc.returncode == 130, err
+    assert "stopped at once; nothing was written" in err and "Traceback" not in err
+    assert _tree(out) == before  # as it was before the run: no lock, no half-written file
+
+
+def test_second_ctrl_c_leaves_no_new_folder(case, tmp_path):
+    weights, marker, env = _slow_case(tmp_path, delay=120, after=2)
+    out = tmp_path / "new" / "out"
+    proc = _start(case, weights, out, env, iterations=50)
+    _wait_for(marker, proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=20)
+    assert proc.returncode == 130
+    assert not (tmp_path / "new").exists()
