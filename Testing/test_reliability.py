@@ -228,7 +228,7 @@ def test_existing_output_folder_is_kept_when_input_is_refused(case, tmp_path, ca
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("the user's own file")
-    code = _cli(case, out, seed="9999,0,0")
+    code = _cli(case, out, "--overwrite", seed="9999,0,0")  # a folder of other files needs --overwrite
     _refused(capsys, code, "outside the volume", "Pick a seed inside")
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
     assert (out / "mine.txt").read_text() == "the user's own file"
