@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml Makefile
 	# pyradiomics 3.1.0 is a source release whose build needs numpy and versioneer beforehand
 	$(PIP) install --quiet numpy versioneer setuptools wheel
 	$(PIP) install --quiet --no-build-isolation "pyradiomics>=3.0"
-	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet -e ".[test,study]"
 	touch $(STAMP)
 
 # LiTS volume 117 (CC BY-NC-SA 4.0) ships in a PyPI package; fetched at set-up, never committed.

@@ -5,6 +5,7 @@
     deepdream-analysis demo [--out results/demo]
     deepdream-analysis features [--dims 2|3]
     deepdream-analysis card-template
+    deepdream-analysis study study.yaml --out results/study1 [--address auto|ray://HOST:10001]
     deepdream-analysis compare --image CT.nii.gz --seed i,j,k --model a=a.pt --model b=b.pt --out DIR
 
 Exit codes: 0 done, 1 the run stopped on a fault (partial result written), 2 bad input,
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("card-template", help="print a model card to fill in")
 
     _add_compare_parser(sub)
+    _add_study_parser(sub)
     return parser
 
 
@@ -571,7 +573,45 @@ class _CompareReporter:
             self._bar.close()
 
 
-COMMANDS = {"run": cmd_run, "compare": cmd_compare, "reference": cmd_reference, "demo": cmd_demo, "features": cmd_features,
+# ----------------------------------------------------------------------------- study
+
+
+def _add_study_parser(subparsers) -> None:
+    """Add the ``study`` subcommand (docs/studies.md)."""
+    p = subparsers.add_parser("study", help="run a study file (models x images x seed points x restarts x methods) on Ray",
+                              description="Run every run of a study file on Ray (local by default), resumably, and "
+                                          "write the tidy table, the pooled comparison, the sensitivity ranking and "
+                                          "an HTML report into --out (docs/studies.md).")
+    p.add_argument("spec", help="the study file (.yaml or .json)")
+    p.add_argument("--out", required=True, help="the study folder (run the same command again to resume)")
+    p.add_argument("--address", default=None,
+                   help="join a running Ray cluster: auto, or ray://HOST:10001 (default: a local Ray on this machine)")
+    p.add_argument("--workers", type=int, default=None, help="local workers (default: one per core)")
+    p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for --address (default 10)")
+
+
+def cmd_study(args) -> int:
+    """The ``study`` subcommand: :func:`.studies.run_study_outcome` with a progress line."""
+    from .studies import print_progress, run_study_outcome
+
+    try:
+        outcome = run_study_outcome(args.spec, args.out, address=args.address, workers=args.workers,
+                                    on_progress=print_progress(), connect_timeout_s=args.connect_timeout)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: runs in progress are marked in {args.out}/runs/*/status.json; run the same command "
+              "again to resume (finished runs are kept).", file=sys.stderr)
+        return EXIT_CANCELLED
+    done, failed = outcome.count("done"), outcome.count("failed")
+    print(f"{done} of {len(outcome.runs)} runs done, {failed} failed. Results in {outcome.out}/:")
+    for key, path in outcome.paths.items():
+        print(f"  {key:12s} {path}")
+    if failed:
+        print(f"failed runs and their messages: {outcome.out}/runs.csv", file=sys.stderr)
+        return EXIT_FAULT
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "compare": cmd_compare, "study": cmd_study, "reference": cmd_reference, "demo": cmd_demo, "features": cmd_features,
             "card-template": cmd_card_template}
 
 

@@ -1,0 +1,461 @@
+"""The study engine: every run of a study on Ray, resumable (docs/studies.md).
+
+    from DeepDreamAnalysisLib.studies import run_study
+    table = run_study("study.yaml", out="results/study1")   # a pyarrow.Table, one row per run, iteration, curve
+
+Ray is optional (``pip install 'deepdream-analysis[study]'``). By default an embedded local Ray
+starts with one worker per core (one torch thread each; with GPUs one run per GPU, or
+``gpus_per_run`` of one); ``address="auto"`` or ``"ray://host:10001"`` joins a running cluster.
+Each model file and each image goes into Ray's object store once; a run receives references.
+
+The driver (this process) writes everything: ``study.json`` (the study, to refuse another study's
+folder), ``runs/<key>/`` (the run's usual outputs plus ``status.json``), then the tables, figures
+and report (:mod:`.tables`). A run is keyed by a hash of its inputs (:func:`.spec.expand_runs`):
+runs whose ``status.json`` says ``done`` are not redone; a run that raised or whose worker died
+is retried up to ``retries`` times, then recorded ``failed`` with its message. Ctrl-C marks the
+runs in progress ``interrupted`` and the same command resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..errors import DeepDreamError
+from .spec import RunSpec, StudySpec, StudySpecError, analysis_config, expand_runs, load_study
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'deepdream-analysis[study]'  (or: pip install ray pyarrow pyyaml)"
+DONE, FAILED, INTERRUPTED, RUNNING = "done", "failed", "interrupted", "running"
+
+
+class StudyEngineError(DeepDreamError):
+    """The study cannot start (no Ray, no cluster at the address, a folder of another study)."""
+
+
+@dataclass
+class StudyProgress:
+    """Counts of runs: ``done`` (this time or before), ``running``, ``failed``, ``pending``; ``eta_s``
+    seconds left (None until a run finished in this session)."""
+
+    total: int
+    done: int
+    running: int
+    failed: int
+    pending: int
+    eta_s: float | None = None
+    last: str = ""
+
+
+@dataclass
+class StudyOutcome:
+    """What :func:`run_study` did besides the table (see :func:`run_study_outcome`)."""
+
+    out: Path
+    runs: list[RunSpec]
+    status: dict[str, dict] = field(default_factory=dict)
+    paths: dict[str, Path] = field(default_factory=dict)
+    table: object = None
+
+    def count(self, state: str) -> int:
+        return sum(1 for s in self.status.values() if s.get("state") == state)
+
+
+def require_ray():
+    """Import Ray or raise a clear error saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise StudyEngineError(f"Studies run on Ray, which is not installed. Install it with: {INSTALL_HINT}") from None
+    return ray
+
+
+# ----------------------------------------------------------------------------- the run itself (on a worker)
+
+_MODEL_CACHE: dict[str, object] = {}
+
+
+def _load_shipped_model(payload: dict):
+    """The model of ``payload`` (file bytes from the object store), loaded once per worker process."""
+    key = payload["sha256"]
+    if key not in _MODEL_CACHE:
+        import tempfile
+
+        from ..models import load_model
+
+        if payload.get("bytes") is None:  # a folder (MONAI bundle): the cluster must see the path
+            path, card = payload["path"], payload.get("card_path")
+        else:
+            folder = Path(tempfile.mkdtemp(prefix="ddstudy-"))
+            path = folder / payload["filename"]
+            path.write_bytes(payload["bytes"])
+            card = None
+            if payload.get("card_bytes") is not None:
+                card = folder / "card.json"
+                card.write_bytes(payload["card_bytes"])
+        model = load_model(path, card=card, device="cpu")
+        model.path = payload["path"]  # the run.json names the user's file, not the worker's copy
+        _MODEL_CACHE.clear()  # one model at a time per worker keeps memory bounded
+        _MODEL_CACHE[key] = model
+    return _MODEL_CACHE[key]
+
+
+def execute_run(run: RunSpec, model_payload: dict, volume, reference, spec: StudySpec, threads: int | None = 1,
+                heartbeat: str | None = None):
+    """One run: load (or reuse) the model, build the run's start image and config, dream.
+
+    Returns the :class:`~.result.AnalysisResult`. Restart ``r`` follows :mod:`.compare`: random seed
+    ``dream.random_seed + r`` and, with ``start: image``, the start image plus Gaussian noise of
+    ``restart_noise_std`` inside the crop for ``r >= 1``.
+    """
+    import dataclasses
+
+    import torch
+
+    from ..analysis import run_analysis
+    from .compare import _perturbed
+
+    if heartbeat:
+        try:
+            tmp = Path(f"{heartbeat}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}))
+            os.replace(tmp, heartbeat)
+        except OSError:
+            pass
+    if threads:
+        torch.set_num_threads(threads)
+    model = _load_shipped_model(model_payload)
+    base = analysis_config(spec, run.method, model.card)
+    config = dataclasses.replace(base, dream=dataclasses.replace(base.dream, random_seed=base.dream.random_seed + run.restart))
+    start = volume
+    if config.dream.start == "image" and run.restart > 0 and spec.restart_noise_std > 0:
+        start = _perturbed(volume, run.seed, model.card, config, spec.restart_noise_std, config.dream.random_seed)
+    result = run_analysis(start, run.seed, model, config, reference)
+    result.metadata.setdefault("study", {}).update({"run_key": run.key, "model": run.model, "group": run.group,
+                                                   "image": run.image, "seed_index": run.seed_index,
+                                                   "restart": run.restart, "method": run.method})
+    return result
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def _model_payload(entry, sha: str) -> dict:
+    p = entry.path
+    payload = {"path": str(p), "filename": p.name, "sha256": sha, "card_path": str(entry.card) if entry.card else None}
+    if p.is_file():
+        payload["bytes"] = p.read_bytes()
+        payload["card_bytes"] = entry.card.read_bytes() if entry.card else None
+        if entry.card is None:
+            from ..card import find_card
+
+            found = find_card(p)
+            payload["card_bytes"] = Path(found).read_bytes() if found else None
+    else:
+        payload["bytes"] = None
+    return payload
+
+
+def check_address(address: str, timeout_s: float = 10.0) -> None:
+    """A bounded check that something listens at ``address`` (``ray://host:port`` or ``host:port``)."""
+    if address in (None, "auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise StudyEngineError(f"--address {address!r} is not ray://HOST:PORT, HOST:PORT or auto.")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise StudyEngineError(f"No Ray cluster answers at {address} ({exc}; waited at most {timeout_s:g} s). "
+                               "Check the address and that the cluster is up (`ray status` on its head node), "
+                               "or leave --address out to run on this machine.") from None
+
+
+def _start_ray(ray, address: str | None, workers: int | None, timeout_s: float):
+    """Join or start Ray; returns True when this call started it (and must shut it down)."""
+    if ray.is_initialized():
+        return False
+    if address:
+        check_address(address, timeout_s)
+        box: dict = {}
+
+        def init():
+            try:
+                ray.init(address=address, log_to_driver=False, ignore_reinit_error=True)
+            except Exception as exc:  # noqa: BLE001 - reported below with the address
+                box["error"] = exc
+
+        t = threading.Thread(target=init, daemon=True)
+        t.start()
+        t.join(timeout_s * 3)
+        if t.is_alive() or "error" in box:
+            why = "no answer" if t.is_alive() else str(box["error"]).splitlines()[0]
+            raise StudyEngineError(f"Could not join the Ray cluster at {address}: {why}. Check the address "
+                                   "(`ray status` on the head node) and that its Ray version matches this one "
+                                   f"({ray.__version__}).")
+        return True
+    kwargs = {"num_cpus": workers or os.cpu_count() or 1, "include_dashboard": False, "log_to_driver": False,
+              "configure_logging": False}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            kwargs["num_gpus"] = torch.cuda.device_count()
+    except ImportError:
+        pass
+    ray.init(**kwargs)
+    return True
+
+
+def _read_status(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_status(path: Path, status: dict) -> None:
+    from ..atomic import write_text_atomic
+
+    write_text_atomic(path, json.dumps(status, indent=2, default=str) + "\n")
+
+
+def claim_folder(out: Path, spec: StudySpec) -> None:
+    """Create the study folder or check it holds this study; refuse another study's folder."""
+    from ..atomic import write_text_atomic
+    from ..report import check_writable
+
+    out = check_writable(out)
+    marker = out / "study.json"
+    if marker.exists():
+        old = _read_status(marker)
+        if old.get("fingerprint") != spec.fingerprint():
+            raise StudyEngineError(
+                f"{out} holds another study ({old.get('name', '?')!r}, from {old.get('source', '?')}). Give another "
+                "--out folder, or the same study file to resume that one.")
+        return
+    if any(p for p in out.iterdir() if p.name != ".lock"):
+        raise StudyEngineError(f"{out} is not empty and holds no study. Give a new or empty --out folder.")
+    write_text_atomic(marker, json.dumps({"name": spec.name, "source": str(spec.source) if spec.source else None,
+                                          "fingerprint": spec.fingerprint(), "spec": spec.raw}, indent=2,
+                                         default=str) + "\n")
+
+
+def run_study(spec, out=None, address: str | None = None, workers: int | None = None,
+              on_progress: Callable[[StudyProgress], None] | None = None, connect_timeout_s: float = 10.0):
+    """Run every run of ``spec`` (a :class:`StudySpec`, a study file path or a dict) and return the
+    tidy table (:func:`.tables.study_table`: a ``pyarrow.Table``).
+
+    ``out``: the study folder (default ``results/<study name>``); ``address``: None for a local Ray
+    (``workers`` processes, default one per core), ``auto`` or ``ray://HOST:PORT`` for a cluster.
+    """
+    return run_study_outcome(spec, out, address, workers, on_progress, connect_timeout_s).table
+
+
+def run_study_outcome(spec, out=None, address: str | None = None, workers: int | None = None,
+                      on_progress: Callable[[StudyProgress], None] | None = None,
+                      connect_timeout_s: float = 10.0, cancel: threading.Event | None = None) -> StudyOutcome:
+    """:func:`run_study`, returning the table with the run statuses and written paths.
+
+    ``cancel`` (a threading.Event), or Ctrl-C in the main thread, stops the study: the runs in
+    progress are marked ``interrupted`` and KeyboardInterrupt is raised; the same call resumes.
+    """
+    from ..reference import ReferenceStats
+    from ..report import write_outputs
+    from ..volume import read_volume
+    from . import tables
+
+    if not isinstance(spec, StudySpec):
+        spec = load_study(spec)
+    workers = workers or spec.workers
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise StudySpecError(f"workers must be a positive integer, got {workers!r}.")
+    ray = require_ray()
+    tables.require_pyarrow()
+    out = Path(out or Path("results") / spec.name).expanduser()
+    hashes = spec.hashes
+    runs = expand_runs(spec)
+    claim_folder(out, spec)
+    outcome = StudyOutcome(out, runs)
+    todo = []
+    for run in runs:
+        status = _read_status(out / "runs" / run.key / "status.json")
+        outcome.status[run.key] = status
+        if status.get("state") != DONE:
+            todo.append(run)
+    if not todo:
+        outcome.paths, outcome.table = tables.write_study_outputs(spec, outcome)
+        return outcome
+
+    started = _start_ray(ray, address, workers, connect_timeout_s)
+    cancel = cancel or threading.Event()
+    previous_handler = None
+    if threading.current_thread() is threading.main_thread():
+        def on_sigint(signum, frame):
+            if cancel.is_set():
+                raise KeyboardInterrupt
+            cancel.set()
+
+        previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    volumes = {im.name: read_volume(im.path) for im in spec.images}
+    reference = ReferenceStats.load(spec.reference) if spec.reference else None
+    entries = {m.name: m for m in spec.models}
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    per_run_gpu = (spec.gpus_per_run or 1.0) if gpus > 0 else 0.0
+    threads = 1 if per_run_gpu == 0 else None
+    local = address is None
+    remote = ray.remote(execute_run).options(num_cpus=1, num_gpus=per_run_gpu, max_retries=0)
+    try:
+        # each model and image goes into the object store once; runs get references
+        model_refs = {n: ray.put(_model_payload(m, hashes.get(m.path) or "")) for n, m in entries.items()}
+        volume_refs = {n: ray.put(v) for n, v in volumes.items()}
+        ref_ref, spec_ref = ray.put(reference), ray.put(spec)
+        slots = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        if per_run_gpu:
+            slots = min(slots, int(gpus / per_run_gpu) or 1)
+        inflight: dict = {}
+        attempts = {r.key: 0 for r in todo}
+        t0, finished_now = time.perf_counter(), 0
+
+        def submit(run: RunSpec):
+            folder = out / "runs" / run.key
+            folder.mkdir(parents=True, exist_ok=True)
+            attempts[run.key] += 1
+            status = {"state": RUNNING, "attempts": attempts[run.key], "run": _run_dict(run), "started": time.time()}
+            _write_status(folder / "status.json", status)
+            outcome.status[run.key] = status
+            heartbeat = str(folder / "worker.json") if local else None
+            ref = remote.remote(run, model_refs[run.model], volume_refs[run.image], ref_ref, spec_ref, threads, heartbeat)
+            inflight[ref] = run
+
+        def progress(last=""):
+            if on_progress is None:
+                return
+            done = outcome.count(DONE)
+            failed = outcome.count(FAILED)
+            running = min(len(inflight), slots)
+            left = len(runs) - done - failed
+            eta = None
+            if finished_now:  # runs finish at the rate seen so far in this session
+                eta = (time.perf_counter() - t0) / finished_now * left
+            on_progress(StudyProgress(len(runs), done, running, failed, left - running, eta, last))
+
+        for run in todo:
+            submit(run)
+        progress()
+        while inflight:
+            if cancel.is_set():
+                raise KeyboardInterrupt
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
+            if not ready:
+                progress()
+                continue
+            ref = ready[0]
+            run = inflight.pop(ref)
+            folder = out / "runs" / run.key
+            try:
+                result = ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - a run's failure never ends the study
+                message = _failure_message(exc)
+                if attempts[run.key] <= spec.retries:
+                    log.warning("run %s failed (%s); retrying (%d of %d)", run.label(), message, attempts[run.key],
+                                spec.retries)
+                    submit(run)
+                    progress(f"retrying {run.label()}")
+                    continue
+                status = {"state": FAILED, "attempts": attempts[run.key], "run": _run_dict(run), "message": message}
+                _write_status(folder / "status.json", status)
+                outcome.status[run.key] = status
+                finished_now += 1
+                progress(f"failed {run.label()}: {message}")
+                continue
+            write_outputs(result, folder, volumes[run.image], seed_ijk=run.seed)
+            status = {"state": DONE, "attempts": attempts[run.key], "run": _run_dict(run),
+                      "result_status": result.status, "fault": result.metadata.get("fault"),
+                      "wall_s": (result.metadata.get("timings_s") or {}).get("total"),
+                      "quality_flags": [getattr(f, "code", str(f)) for f in getattr(result, "quality_flags", []) or []]}
+            _write_status(folder / "status.json", status)
+            outcome.status[run.key] = status
+            finished_now += 1
+            progress(f"done {run.label()}")
+    except KeyboardInterrupt:
+        for ref, run in list(inflight.items()):
+            folder = out / "runs" / run.key
+            status = dict(outcome.status.get(run.key, {}))
+            status.update({"state": INTERRUPTED, "message": "stopped with Ctrl-C; run the same command again to resume"})
+            _write_status(folder / "status.json", status)
+            outcome.status[run.key] = status
+            try:
+                ray.cancel(ref, force=True)
+            except Exception:  # noqa: BLE001 - the cluster may already be gone
+                pass
+        raise
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
+        if started:
+            ray.shutdown()
+    outcome.paths, outcome.table = tables.write_study_outputs(spec, outcome)
+    return outcome
+
+
+def _run_dict(run: RunSpec) -> dict:
+    return {"key": run.key, "model": run.model, "group": run.group, "image": run.image, "seed": list(run.seed),
+            "seed_index": run.seed_index, "restart": run.restart, "method": run.method}
+
+
+def _failure_message(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        exc = cause
+    name = type(exc).__name__
+    text = str(exc).strip().splitlines()
+    if name in ("WorkerCrashedError", "NodeDiedError", "OwnerDiedError", "ActorDiedError"):
+        return f"the worker running it died ({name})"
+    return f"{name}: {text[-1] if text else ''}"[:500]
+
+
+def print_progress(stream=None) -> Callable[[StudyProgress], None]:
+    """A one-line progress display on stderr: done, running, failed, time left."""
+    stream = stream or sys.stderr
+    tty = getattr(stream, "isatty", lambda: False)()
+    state = {"last_print": 0.0}
+
+    def show(p: StudyProgress) -> None:
+        eta = "?" if p.eta_s is None else _duration(p.eta_s)
+        width = 24
+        fill = int(width * (p.done + p.failed) / max(1, p.total))
+        line = (f"[{'#' * fill}{'.' * (width - fill)}] {p.done}/{p.total} done, {p.running} running, "
+                f"{p.failed} failed, {eta} left")
+        now = time.monotonic()
+        if tty:
+            stream.write("\r" + line + " " * 4)
+            if p.done + p.failed == p.total:
+                stream.write("\n")
+        elif p.last or now - state["last_print"] > 30:
+            stream.write(line + (f"  ({p.last})" if p.last else "") + "\n")
+            state["last_print"] = now
+        stream.flush()
+
+    return show
+
+
+def _duration(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
+
+
+__all__ = ["run_study", "run_study_outcome", "StudyProgress", "StudyOutcome", "StudyEngineError", "execute_run",
+           "check_address", "print_progress", "require_ray", "INSTALL_HINT"]

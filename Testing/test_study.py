@@ -1,0 +1,266 @@
+"""`deepdream-analysis study`: study files, the Ray engine (one shared local 2-worker cluster),
+resume, retry, faults and the study outputs, on tiny real networks."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from DeepDreamAnalysisLib import cli
+from DeepDreamAnalysisLib.studies import StudySpecError, expand_runs, load_study, run_study, run_study_outcome
+from DeepDreamAnalysisLib.studies.engine import StudyEngineError, require_ray
+from tiny_models import liver_like, tiny_card, tiny_net
+
+ray = pytest.importorskip("ray", reason="the study extra (ray) is installed by `make test`")
+
+FEATURES = ["firstorder_Mean", "shape2D_PixelSurface"]
+
+
+def _save(net, card, folder: Path, name: str) -> Path:
+    path = folder / f"{name}.pt"
+    torch.jit.script(net).save(str(path))
+    (folder / f"{name}.card.json").write_text(json.dumps(card.to_dict()))
+    return path
+
+
+def _image(folder: Path, name: str, shape=(1, 40, 48), seed=0) -> Path:
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(liver_like(shape, seed=seed))
+    img.SetSpacing((0.8, 0.8, 2.5))
+    path = folder / f"{name}.nii.gz"
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("study_inputs")
+    return {"folder": folder, "a": _save(tiny_net(2, seed=0), tiny_card(2), folder, "a"),
+            "b": _save(tiny_net(2, seed=1), tiny_card(2), folder, "b"),
+            "net3d": _save(tiny_net(3), tiny_card(3), folder, "net3d"),
+            "ct": _image(folder, "ct"), "ct2": _image(folder, "ct2", seed=1)}
+
+
+def _spec(files, **over) -> dict:
+    spec = {"name": "tiny", "models": [{"name": "a", "path": str(files["a"]), "group": "net"},
+                                       {"name": "b", "path": str(files["b"]), "group": "net"}],
+            "images": [{"name": "ct", "path": str(files["ct"]), "seeds": [[24, 20, 0], [20, 18, 0]]}],
+            "restarts": 2, "dream": {"iterations": 4, "step": 15.0, "normalize_gradient": True},
+            "features": FEATURES, "feature_backend": "native", "retries": 1, "snapshot_every": 2}
+    spec.update(over)
+    return spec
+
+
+def _write(folder: Path, spec: dict, name="study.json") -> Path:
+    path = folder / name
+    path.write_text(json.dumps(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local Ray with 2 workers for every test of this module (Ray starts in seconds, not ms)."""
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+# ----------------------------------------------------------------------------- the study file (no Ray)
+
+
+def test_study_file_errors_name_the_entry_and_the_fix(files, tmp_path):
+    def err(spec):
+        with pytest.raises(StudySpecError) as info:
+            load_study(_write(tmp_path, spec))
+        return str(info.value)
+
+    msg = err(_spec(files, speed="fast"))
+    assert "unknown key 'speed'" in msg and "Allowed keys" in msg
+    msg = err(_spec(files, dream={"iterations": 3, "stepsize": 2}))
+    assert "dream" in msg and "'stepsize'" in msg
+    msg = err(_spec(files, models=[{"name": "a", "path": str(files["folder"] / "missing.pt")}]))
+    assert "models[0].path" in msg and "missing.pt does not exist" in msg
+    msg = err(_spec(files, images=[{"path": "nowhere/ct.nii.gz", "seeds": [[1, 1, 0]]}]))
+    assert "images[0].path" in msg and "relative paths start at the study file's folder" in msg
+    msg = err(_spec(files, images=[{"path": str(files["ct"]), "seeds": [[24, 20, 0], [48, 20, 0]]}]))
+    assert "images[0].seeds[1]" in msg and "outside the image" in msg and "0..47" in msg
+    msg = err(_spec(files, models=[{"name": "a", "path": str(files["a"])}, {"name": "again", "path": str(files["a"])}]))
+    assert "same run" in msg and "Remove the duplicate" in msg
+    msg = err(_spec(files, images=[{"path": str(files["ct"]), "seeds": [[24, 20, 0], [24, 20, 0]]}]))
+    assert "appears twice" in msg
+
+
+def test_yaml_study_file_with_a_seed_rule_and_relative_paths(files, tmp_path):
+    import shutil
+
+    import SimpleITK as sitk
+
+    for key in ("a", "ct"):
+        shutil.copy(files[key], tmp_path / files[key].name)
+    shutil.copy(files["folder"] / "a.card.json", tmp_path / "a.card.json")
+    mask = np.zeros((1, 40, 48), np.uint8)
+    mask[0, 10:20, 30:40] = 1
+    sitk.WriteImage(sitk.GetImageFromArray(mask), str(tmp_path / "liver.nii.gz"))
+    (tmp_path / "s.yaml").write_text(
+        "models:\n  - {name: a, path: a.pt}\nimages:\n  - path: ct.nii.gz\n"
+        "    seed_rule: {mask: liver.nii.gz, count: 3, random_seed: 7}\nrestarts: 2\nmethods: [paper]\n")
+    spec = load_study(tmp_path / "s.yaml")
+    seeds = spec.images[0].seeds
+    assert len(seeds) == 3 and all(30 <= i < 40 and 10 <= j < 20 and k == 0 for i, j, k in seeds)
+    assert load_study(tmp_path / "s.yaml").images[0].seeds == seeds  # the same rule picks the same points
+    runs = expand_runs(spec)
+    assert len(runs) == 3 * 2 and len({r.key for r in runs}) == 6
+
+
+def test_without_ray_the_error_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` does when Ray is not installed
+    with pytest.raises(StudyEngineError, match=r"pip install 'deepdream-analysis\[study\]'"):
+        require_ray()
+
+
+def test_unreachable_address_fails_fast_with_a_clear_message(files, tmp_path, capsys):
+    study = _write(tmp_path, _spec(files))
+    t = time.monotonic()
+    rc = cli.main(["study", str(study), "--out", str(tmp_path / "out"), "--address", "ray://127.0.0.1:9",
+                   "--connect-timeout", "3"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "No Ray cluster answers at ray://127.0.0.1:9" in err and "--address" in err
+    assert time.monotonic() - t < 60  # a bounded wait, not a hang
+
+
+# ----------------------------------------------------------------------------- on the shared cluster
+
+
+@pytest.fixture(scope="module")
+def first_study(cluster, files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "out"
+    study = _write(files["folder"], _spec(files), "first.json")
+    rc = cli.main(["study", str(study), "--out", str(out)])
+    return study, out, rc
+
+
+def test_study_command_runs_every_run_and_writes_the_table(first_study, files):
+    study, out, rc = first_study
+    assert rc == 0
+    runs = list(csv.DictReader(open(out / "runs.csv")))
+    assert len(runs) == 2 * 2 * 2 and {r["state"] for r in runs} == {"done"}
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out / "study.parquet")
+    assert set(table.column("model").to_pylist()) == {"a", "b"}
+    assert set(table.column("curve").to_pylist()) == {"objective", "probability", "mask_voxels", *FEATURES}
+    assert table.num_rows == 8 * 4 * (3 + len(FEATURES))  # runs x iterations x curves
+    for name in ("study.csv", "pooled.csv", "pooled.png", "sensitivity.csv", "ranking.md", "report.html"):
+        assert (out / name).stat().st_size > 0, name
+    for r in runs:  # each run's own folder as from `run`
+        assert (out / r["folder"] / "curves.csv").is_file() and (out / r["folder"] / "report.html").is_file()
+    pooled = [r for r in csv.DictReader(open(out / "pooled.csv")) if r["curve"] == "probability"]
+    assert {r["seed_points"] for r in pooled} == {"2"} and {r["training_seeds"] for r in pooled} == {"2"}
+
+
+def test_a_study_run_equals_the_same_run_alone(first_study, files):
+    from DeepDreamAnalysisLib.analysis import run_analysis
+    from DeepDreamAnalysisLib.models import load_model
+    from DeepDreamAnalysisLib.studies.spec import analysis_config
+    from DeepDreamAnalysisLib.volume import read_volume
+
+    study, out, _ = first_study
+    spec = load_study(study)
+    run = next(r for r in expand_runs(spec) if r.model == "b" and r.restart == 0 and r.seed_index == 1)
+    model = load_model(files["b"])
+    alone = run_analysis(read_volume(files["ct"]), run.seed, model, analysis_config(spec, run.method, model.card))
+    rows = list(csv.DictReader(open(out / "runs" / run.key / "curves.csv")))
+    assert np.allclose([float(r["probability"]) for r in rows], alone.column("probability"), rtol=1e-6)
+
+
+def test_rerun_redoes_nothing_and_reruns_only_what_is_missing(first_study, cluster):
+    study, out, _ = first_study
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/curves.csv")}
+    outcome = run_study_outcome(study, out)
+    assert outcome.count("done") == 8
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/curves.csv")} == stamps
+    victim = sorted(stamps)[0]
+    (victim.parent / "status.json").unlink()  # as if the study had stopped before this run finished
+    outcome = run_study_outcome(study, out)
+    assert outcome.count("done") == 8
+    changed = [p for p in stamps if p.stat().st_mtime_ns != stamps[p]]
+    assert changed == [victim]
+
+
+def test_the_folder_of_another_study_is_refused(first_study, files, tmp_path):
+    _, out, _ = first_study
+    other = _write(tmp_path, _spec(files, restarts=1))
+    with pytest.raises(StudyEngineError, match="holds another study"):
+        run_study(other, out)
+
+
+def test_a_failing_run_is_retried_then_recorded_and_the_study_goes_on(cluster, files, tmp_path):
+    spec = _spec(files, models=[{"name": "a", "path": str(files["a"])}, {"name": "vol", "path": str(files["net3d"])}],
+                 images=[{"name": "slice", "path": str(files["ct"]), "seeds": [[24, 20, 0]]}], restarts=1, retries=1)
+    outcome = run_study_outcome(_write(tmp_path, spec), tmp_path / "out")
+    states = {outcome.status[r.key]["run"]["model"]: outcome.status[r.key] for r in outcome.runs}
+    assert states["a"]["state"] == "done"
+    assert states["vol"]["state"] == "failed" and states["vol"]["attempts"] == 2
+    assert "single slice" in states["vol"]["message"]
+    runs = {r["model"]: r for r in csv.DictReader(open(tmp_path / "out" / "runs.csv"))}
+    assert runs["vol"]["state"] == "failed" and "single slice" in runs["vol"]["message"]
+    assert "failed" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_a_worker_killed_mid_run_is_retried_and_the_study_completes(cluster, files, tmp_path):
+    spec = _spec(files, models=[{"name": "a", "path": str(files["a"])}], restarts=1,
+                 images=[{"name": "ct", "path": str(files["ct"]), "seeds": [[24, 20, 0]]}],
+                 dream={"iterations": 1500, "step": 15.0, "normalize_gradient": True}, snapshot_every=500)
+    out = tmp_path / "out"
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("o", run_study_outcome(_write(tmp_path, spec), out)))
+    t.start()
+    deadline = time.monotonic() + 120
+    beat = None
+    while time.monotonic() < deadline and beat is None:
+        beat = next(iter(out.glob("runs/*/worker.json")), None)
+        time.sleep(0.05)
+    assert beat is not None, "the run never started"
+    os.kill(json.loads(beat.read_text())["pid"], signal.SIGKILL)
+    t.join(300)
+    outcome = box["o"]
+    status = next(iter(outcome.status.values()))
+    assert status["state"] == "done" and status["attempts"] == 2
+
+
+@pytest.mark.slow
+def test_ctrl_c_marks_runs_in_progress_and_the_same_command_resumes(files, tmp_path):
+    spec = _spec(files, dream={"iterations": 80, "step": 15.0, "normalize_gradient": True}, restarts=2)
+    study = _write(tmp_path, spec)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "DeepDreamAnalysisLib.cli", "study", str(study), "--out", str(out), "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        states = [json.loads(p.read_text()).get("state") for p in out.glob("runs/*/status.json")]
+        if "done" in states and "running" in states:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "run the same command again to resume" in err
+    states = [json.loads(p.read_text()).get("state") for p in out.glob("runs/*/status.json")]
+    assert "interrupted" in states and "done" in states and "running" not in states
+    finished = {p.parent.name for p in out.glob("runs/*/status.json") if json.loads(p.read_text())["state"] == "done"}
+    stamps = {k: (out / "runs" / k / "curves.csv").stat().st_mtime_ns for k in finished}
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "8 of 8 runs done, 0 failed" in rerun.stdout
+    assert {k: (out / "runs" / k / "curves.csv").stat().st_mtime_ns for k in finished} == stamps
