@@ -21,6 +21,7 @@ import numpy as np
 from . import __version__
 from .config import AnalysisConfig
 from .dream import DreamLoop, crop_around_seed, default_roi, deterministic, select_device
+from .engine import quality
 from .errors import DeepDreamError, ImageError, ModelError, ReferenceStatsError, RunFault
 from .feature_worker import FeatureComputer
 from .mask import seed_component
@@ -76,6 +77,8 @@ def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None 
     total = config.dream.iterations
     every = config.features.every
     loop = DreamLoop(network, card, start, seed_in_crop, config.dream, device)
+    monitor = quality.QualityMonitor(crop.size, card.spatial_dims, config.dream.threshold)
+    watch = _QualityWatch(loop, card, seed_in_crop)
     t_setup = time.perf_counter() - t_start
     try:
         with deterministic(config.dream.random_seed, device):
@@ -85,6 +88,8 @@ def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None 
                 mask = seed_component(prob_np, seed_in_crop, config.dream.threshold)
                 step = Step(it, state.objective, state.probability_at_seed, int(mask.sum()), {})
                 steps.append(step)
+                monitor.observe(it, mask, state.probability_at_seed)
+                watch.see(state)
                 tf = time.perf_counter()
                 if it % every == 0 or it == total - 1:
                     computer.submit(step, state.image, mask)
@@ -122,7 +127,13 @@ def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None 
         t_features += time.perf_counter() - tf
     wall = time.perf_counter() - t_start
     loop_wall = time.perf_counter() - t0
-    result = AnalysisResult(steps, snapshots, crop, names, reference, metadata, status)
+    flags = watch.flags(monitor, config.dream.threshold)
+    crop_changed = quality.crop_flag(_requested_crop(card, config), crop.size, volume.array.shape,
+                                     card.size_divisible)
+    if crop_changed is not None:
+        flags.insert(0, crop_changed)
+    result = AnalysisResult(steps, snapshots, crop, names, reference, metadata, status, flags)
+    metadata["quality_flags"] = [f.to_dict() for f in flags]
     failures = dict(getattr(feature_set, "failures", {}) or {})
     if computer.local_set is not None and computer.local_set is not feature_set:
         failures.update(getattr(computer.local_set, "failures", {}) or {})
@@ -150,6 +161,53 @@ def plan_crop(volume: Volume, seed_ijk, card, config: AnalysisConfig):
     roi = default_roi(card, config.dream)
     return crop_around_seed(volume.array.shape, (seed[2], seed[1], seed[0]), roi, card.spatial_dims,
                             card.size_divisible)
+
+
+def _requested_crop(card, config: AnalysisConfig) -> tuple[int, int, int]:
+    """The crop size [k, j, i] asked for (configuration or card), before it is fitted to the image."""
+    roi = default_roi(card, config.dream)
+    return (1,) + tuple(roi) if card.spatial_dims == 2 else tuple(roi)
+
+
+class _QualityWatch:
+    """Keeps what the image checks of :mod:`.engine.quality` need: the first and last images and,
+    for a softmax network with more than two classes, the class probabilities at the seed."""
+
+    def __init__(self, loop, card, seed_in_crop):
+        self.loop, self.card, self.seed = loop, card, seed_in_crop
+        self.start = None
+        self.last = None
+
+    def see(self, state) -> None:
+        if self.start is None:
+            self.start = state.image.detach().cpu().numpy().copy()
+        self.last = state
+
+    def _class_probabilities(self, image):
+        to_input = getattr(self.loop, "_network_input", None)
+        if to_input is None or image is None:
+            return None
+        import torch
+
+        try:
+            tensor = image if isinstance(image, torch.Tensor) else torch.as_tensor(image, device=self.loop.device)
+            return quality.seed_class_probabilities(self.loop.network, to_input, tensor, self.seed, self.card)
+        except Exception as exc:  # noqa: BLE001 - a check must never fail the run
+            log.debug("wrong_class check skipped: %s", exc)
+            return None
+
+    def flags(self, monitor: quality.QualityMonitor, threshold: float) -> list:
+        final = self.last.image.detach().cpu().numpy() if self.last is not None else None
+        region = getattr(self.loop, "update_region", None)
+        if region is None or callable(region):
+            region = getattr(self.loop, "region", None)
+        flags = monitor.finish(self.start, final, region, tuple(self.card.intensity_range))
+        if self.last is not None:
+            wrong = quality.wrong_class_flag(self._class_probabilities(self.start),
+                                             self._class_probabilities(self.last.image), self.card.target_class)
+            if wrong is not None:
+                flags.append(wrong)
+        return flags
 
 
 def _warn(warnings: list[str], message: str) -> None:

@@ -308,6 +308,7 @@ def _print_summary(result, paths, out: Path) -> None:
         print("note: no reference statistics given; curves are raw feature values, not z-scores.")
     for warning in result.metadata.get("warnings", []) or []:
         print(f"warning: {warning}", file=sys.stderr)
+    print_quality(result)
     hint = step_hint(result)
     if hint:
         print(f"hint: {hint}", file=sys.stderr)
@@ -318,6 +319,20 @@ def _print_summary(result, paths, out: Path) -> None:
             print(f"  {key:8s} {path}")
     if snapshots:
         print(f"  {'snapshots':8s} {Path(snapshots[0]).parent}/ ({len(snapshots)} NIfTI files)")
+
+
+def print_quality(result, stream=None) -> None:
+    """One line per quality flag (docs/quality-flags.md), or a line saying no check fired."""
+    flags = getattr(result, "quality_flags", None) or []
+    if not result.steps:
+        return
+    if not flags:
+        print("quality: no quality flag (the dream passed every check; docs/quality-flags.md).", file=stream or sys.stdout)
+        return
+    print(f"quality: {len(flags)} flag(s), the dream may not be trustworthy (docs/quality-flags.md):",
+          file=stream or sys.stderr)
+    for flag in flags:
+        print(f"  [{flag.code}] {flag.message}", file=stream or sys.stderr)
 
 
 def step_hint(result) -> str | None:

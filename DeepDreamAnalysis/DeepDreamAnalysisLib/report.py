@@ -12,7 +12,8 @@ reader never sees a half-written file; a failed write leaves no temporary file b
   timings...) plus ``status``, ``normalised``, ``features``, ``first_iteration_above_0.5``, the
   reference statistics used for each feature, ``final`` (last raw value and z-score of each
   feature), a ``note`` saying the curves are raw values when there is no reference, and
-  ``files``. NaN is written as ``null``.
+  ``files``, ``quality_flags`` (``[{"code", "message", "iteration", "value"}]``, see
+  :mod:`.engine.quality`) and ``trustworthy`` (no flag). NaN is written as ``null``.
 - ``curves.png``: the seed probability, then one panel per feature against the iteration: z-scores
   with the normal band [-1, 1] shaded when normalised, raw values with a visible note otherwise.
   A dotted line marks the first iteration where the seed probability passed 0.5.
@@ -33,8 +34,8 @@ reader never sees a half-written file; a failed write leaves no temporary file b
   seed's axial slice, grey window: the model card's intensity window, else the 1st-99th percentiles
   of the first snapshot) with the seed marked by a
   red cross in the first column, bottom row the network's probability (black 0, white 1).
-- ``report.html``: self-contained (the PNGs embedded as base64): the note, a table of the final
-  values, the snapshot strip, the curves and the metadata.
+- ``report.html``: self-contained (the PNGs embedded as base64): the note, the quality flags (or a
+  line saying none fired), a table of the final values, the snapshot strip, the curves and the metadata.
 """
 
 from __future__ import annotations
@@ -172,6 +173,8 @@ def run_json(result: AnalysisResult, files: dict[str, str] | None = None) -> dic
     else:
         data["note"] = NO_REFERENCE_NOTE
     data["final"] = final_values(result)
+    data["quality_flags"] = [f.to_dict() for f in getattr(result, "quality_flags", None) or []]
+    data["trustworthy"] = not data["quality_flags"]
     data["csv_nan"] = "empty cell"
     if files is not None:
         data["files"] = files
@@ -414,6 +417,19 @@ def replace_folder(new: Path, target: Path) -> None:
 # ----------------------------------------------------------------------------- HTML
 
 
+def quality_section(flags: list[dict]) -> str:
+    """The report's "Quality" section: every flag (code, iteration, message), or a line saying none fired."""
+    if not flags:
+        return ('<h2>Quality</h2><p class="ok" id="quality">No quality flag: the dream passed every check '
+                '(docs/quality-flags.md).</p>')
+    items = "".join(
+        f"<li><b>{html.escape(str(f.get('code')))}</b>"
+        + (f" (iteration {f['iteration']})" if f.get("iteration") is not None else "")
+        + f": {html.escape(str(f.get('message', '')))}</li>" for f in flags)
+    return (f'<h2>Quality</h2><div class="note" id="quality"><p>{len(flags)} quality flag(s): the dream may not be '
+            f'trustworthy; read the curves with care (docs/quality-flags.md).</p><ul>{items}</ul></div>')
+
+
 def _fmt(v) -> str:
     if v is None:
         return "&ndash;"
@@ -451,17 +467,19 @@ def report_html(result: AnalysisResult, run: dict, curves_png: bytes, strip_png:
         return f'<img alt="{alt}" src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}">'
 
     meta = html.escape(json.dumps(run, indent=2))
+    quality_html = quality_section(run.get("quality_flags") or [])
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>DeepDream analysis report</title>
 <style>
 body{{font-family:sans-serif;margin:2em;max-width:1300px}} img{{max-width:100%}}
 table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
-td:first-child,th:first-child{{text-align:left}} .note{{color:#b00000;font-weight:bold}}
+td:first-child,th:first-child{{text-align:left}} .note{{color:#b00000;font-weight:bold}} .ok{{color:#1a6b1a}}
 pre{{background:#f6f6f6;padding:1em;overflow:auto;font-size:12px}}
 </style></head><body>
 <h1>DeepDream analysis</h1>
 <p>Status: <b>{html.escape(result.status)}</b>. {summary}</p>
 {f'<p class="note">{html.escape(note)}</p>' if note else ''}
+{quality_html}
 <h2>Final values</h2>
 <table><tr><th>feature</th><th>final raw value</th><th>z-score</th><th>reference mean</th><th>reference std</th>
 <th>at iteration</th><th>entered [-1, 1] at</th><th>overshoot</th><th>sensitivity score</th></tr>

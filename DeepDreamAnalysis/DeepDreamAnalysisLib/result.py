@@ -64,6 +64,7 @@ class AnalysisResult:
 
     ``status`` is ``completed``, ``stopped`` (the optional probability stop), ``cancelled`` (the
     user stopped it; the result holds everything up to then) or ``fault`` (see ``metadata['fault']``).
+    ``quality_flags`` say whether the dream can be trusted (:mod:`.engine.quality`).
     """
 
     steps: list[Step]
@@ -73,6 +74,13 @@ class AnalysisResult:
     reference: Any = None  # ReferenceStats or None
     metadata: dict[str, Any] = field(default_factory=dict)
     status: str = "completed"
+    quality_flags: list = field(default_factory=list)
+    """:class:`~.engine.quality.QualityFlag` s of the run (docs/quality-flags.md); empty: no check fired."""
+
+    @property
+    def trustworthy(self) -> bool:
+        """True when no quality check fired (``quality_flags`` is empty)."""
+        return not self.quality_flags
 
     @property
     def iterations(self) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""One analysis: the dream loop, its result and the checks on it (DESIGN.md, "Layout")."""
