@@ -221,3 +221,25 @@ def test_flag_round_trips_and_every_code_is_documented():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "quality-flags.md").read_text()
     for code in CODES:
         assert f"`{code}`" in doc
+
+
+def test_compare_leaves_flagged_runs_out_of_the_ranking_with_a_visible_note(volume, tmp_path):
+    from DeepDreamAnalysisLib.studies import compare_models, write_comparison
+
+    from tiny_models import tiny_model
+
+    models = {"clean": _model(**DREAMS), "flagged": tiny_model(2)}  # tiny_model's mask fills the crop
+    comp = compare_models(volume, SEED, models, _config(iterations=12), restarts=1)
+    assert comp.flagged_runs() == {"flagged": {0: ["mask_touches_border", "mask_covers_half_crop", "checkerboard"]}}
+    assert {r.model for r in comp.ranking()} == {"clean"}
+    note = comp.ranking_note()
+    assert len(note) == 1 and note[0].startswith("flagged: every run has a quality flag")
+    assert {r.model for r in comp.ranking(keep_flagged=True)} == {"clean", "flagged"}
+    paths = write_comparison(comp, tmp_path / "cmp")
+    md = paths["ranking_md"].read_text()
+    assert md.startswith("> flagged: every run has a quality flag") and "--keep-flagged" in md
+    meta = json.loads(paths["json"].read_text())
+    assert meta["runs"]["flagged"][0]["quality_flags"][0] == "mask_touches_border"
+    kept = compare_models(volume, SEED, models, _config(iterations=12), restarts=1, keep_flagged=True)
+    assert {r.model for r in kept.ranking()} == {"clean", "flagged"}
+    assert "are ranked (--keep-flagged)" in kept.ranking_note()[0]

@@ -494,6 +494,8 @@ def _add_compare_parser(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--allow-code-targets", action="store_true",
                    help="let a MONAI bundle config build classes outside monai and torch (runs their code)")
+    p.add_argument("--keep-flagged", action="store_true",
+                   help="rank runs with quality flags too (default: left out of the ranking; docs/quality-flags.md)")
     _add_dream_options(p)
 
 
@@ -545,7 +547,8 @@ def cmd_compare(args) -> int:
     reporter = _CompareReporter()
     with _CtrlC() as cancel:
         comp = compare_models(volume, args.seed, models, config, reference, restarts=args.restarts,
-                              on_progress=reporter, cancel=cancel, restart_noise_std=args.restart_noise_std)
+                              on_progress=reporter, cancel=cancel, restart_noise_std=args.restart_noise_std,
+                              keep_flagged=args.keep_flagged)
     reporter.close()
     paths = write_comparison(comp, out)
     print(f"{comp.metadata['status']}: {len(comp.models)} models x {comp.restarts} restarts, "
@@ -554,6 +557,8 @@ def cmd_compare(args) -> int:
         print("note: no reference statistics given; curves are raw feature values, not z-scores.")
     for r in (r for r in comp.ranking() if r.rank == 1):
         print(f"  {r.model}: most sensitive feature {r.feature} ({r.key} {r.mean:.3g})")
+    for line in comp.ranking_note():
+        print(f"quality: {line}", file=sys.stderr)
     print(f"Results in {out}/:")
     for key, path in paths.items():
         print(f"  {key:12s} {path}")

@@ -86,6 +86,8 @@ class Comparison:
     results: dict[str, list[AnalysisResult]]
     restarts: int
     metadata: dict = field(default_factory=dict)
+    keep_flagged: bool = False
+    """Rank runs with quality flags too (default: they are left out of :meth:`ranking`)."""
 
     @property
     def normalised(self) -> bool:
@@ -153,11 +155,44 @@ class Comparison:
             out[m] = per_restart
         return out
 
-    def ranking(self):
-        """The features of each model ranked by sensitivity score (:func:`.sensitivity.rank_features`)."""
+    def flagged_runs(self) -> dict[str, dict[int, list[str]]]:
+        """``{model: {restart: [quality flag codes]}}`` of the runs with quality flags
+        (docs/quality-flags.md); models without one are absent."""
+        out: dict[str, dict[int, list[str]]] = {}
+        for m, runs in self.results.items():
+            for r, res in enumerate(runs):
+                codes = [f.code for f in getattr(res, "quality_flags", None) or []]
+                if codes:
+                    out.setdefault(m, {})[r] = codes
+        return out
+
+    def ranking(self, keep_flagged: bool | None = None):
+        """The features of each model ranked by sensitivity score (:func:`.sensitivity.rank_features`).
+
+        Runs with quality flags are left out unless ``keep_flagged`` (default: the comparison's
+        ``keep_flagged``); a model whose every run is flagged has no rows (see :meth:`ranking_note`)."""
         from .sensitivity import rank_features
 
-        return rank_features({m: [s for run in runs for s in run] for m, runs in self.sensitivities().items()})
+        keep = self.keep_flagged if keep_flagged is None else keep_flagged
+        flagged = {} if keep else self.flagged_runs()
+        return rank_features({m: [s for r, run in enumerate(runs) if r not in flagged.get(m, {}) for s in run]
+                              for m, runs in self.sensitivities().items()
+                              if len(flagged.get(m, {})) < len(runs)})
+
+    def ranking_note(self) -> list[str]:
+        """One line per model with flagged runs: which restarts, which flags, and whether they were ranked."""
+        lines = []
+        for m, runs in self.flagged_runs().items():
+            which = "; ".join(f"restart {r}: {', '.join(codes)}" for r, codes in sorted(runs.items()))
+            if self.keep_flagged:
+                lines.append(f"{m}: runs with quality flags are ranked (--keep-flagged): {which}.")
+            elif len(runs) == len(self.results[m]):
+                lines.append(f"{m}: every run has a quality flag ({which}): no ranking; the dreams are not "
+                             "trustworthy (docs/quality-flags.md). --keep-flagged ranks them anyway.")
+            else:
+                lines.append(f"{m}: left out of the ranking, runs with quality flags ({which}); "
+                             "--keep-flagged keeps them (docs/quality-flags.md).")
+        return lines
 
 
 def restart_seeds(config: AnalysisConfig, restarts: int, restart_noise_std: float) -> list[int]:
@@ -190,7 +225,7 @@ def _perturbed(volume: Volume, seed_ijk, card, config: AnalysisConfig, std: floa
 def compare_models(volume: Volume, seed_ijk, models: dict, config: AnalysisConfig | None = None, reference=None,
                    restarts: int = 3, on_progress: Callable[[CompareProgress], None] | None = None,
                    cancel: threading.Event | None = None,
-                   restart_noise_std: float = DEFAULT_RESTART_NOISE_STD) -> Comparison:
+                   restart_noise_std: float = DEFAULT_RESTART_NOISE_STD, keep_flagged: bool = False) -> Comparison:
     """Run every model of ``models`` (name -> :class:`~.models.LoadedModel`) ``restarts`` times.
 
     ``seed_ijk``: voxel indices (i, j, k) of ``volume``; ``config``: the same
@@ -199,7 +234,8 @@ def compare_models(volume: Volume, seed_ijk, models: dict, config: AnalysisConfi
     Restarts are described in the module docstring. ``cancel`` (a threading.Event) stops the
     current run within one iteration and skips the rest; the comparison then holds what ran, with
     ``metadata["status"] == "cancelled"``. Raises :class:`~.errors.DeepDreamError` subclasses for bad
-    input (no models, models of different dimensions, a bad configuration).
+    input (no models, models of different dimensions, a bad configuration). Runs with quality flags
+    are left out of the ranking unless ``keep_flagged`` (docs/quality-flags.md).
     """
     from ..analysis import run_analysis
 
@@ -248,6 +284,7 @@ def compare_models(volume: Volume, seed_ijk, models: dict, config: AnalysisConfi
         raise DeepDreamError("The comparison was cancelled before any run finished for every model; nothing to show.")
     results = {n: v[:done] for n, v in results.items()}
     comp = _assemble(names, results, reference)
+    comp.keep_flagged = bool(keep_flagged)
     comp.metadata.update({
         "status": status if status == "cancelled" else _overall_status(results),
         "restarts_requested": int(restarts),
@@ -262,7 +299,8 @@ def compare_models(volume: Volume, seed_ijk, models: dict, config: AnalysisConfi
         "reference": getattr(reference, "source", None) if reference is not None else None,
         "wall_s": round(time.perf_counter() - t0, 3),
         "runs": {n: [{"status": res.status, "fault": res.metadata.get("fault"),
-                      "first_iteration_above_0.5": res.first_iteration_above(0.5)} for res in v]
+                      "first_iteration_above_0.5": res.first_iteration_above(0.5),
+                      "quality_flags": [f.code for f in getattr(res, "quality_flags", None) or []]} for res in v]
                  for n, v in results.items()},
     })
     return comp
@@ -351,9 +389,13 @@ def write_comparison(comparison: Comparison, out_dir, title: str | None = None) 
     paths["ranking"] = out / "ranking.csv"
     write_sensitivity_csv([dataclasses.asdict(r) for r in ranking], paths["ranking"])
     paths["ranking_md"] = out / "ranking.md"
-    write_text_atomic(paths["ranking_md"], ranking_markdown(ranking))
+    note = comparison.ranking_note()
+    write_text_atomic(paths["ranking_md"], "".join(f"> {line}\n" for line in note) + ("\n" if note else "")
+                      + ranking_markdown(ranking))
     paths["json"] = out / "comparison.json"
     meta = dict(comparison.metadata)
+    meta["keep_flagged"] = comparison.keep_flagged
+    meta["ranking_note"] = comparison.ranking_note()
     meta.update({"models_order": comparison.models, "features": list(comparison.features),
                  "iterations": [int(comparison.iterations[0]), int(comparison.iterations[-1])] if len(comparison.iterations) else []})
     write_text_atomic(paths["json"], json.dumps(meta, indent=2, default=_json_default) + "\n")
