@@ -15,36 +15,7 @@ from DeepDreamAnalysisLib.engine.quality import (CODES, QualityFlag, QualityMoni
 from DeepDreamAnalysisLib.report import write_outputs
 from DeepDreamAnalysisLib.volume import Volume
 
-from tiny_models import TinyModel, liver_like, tiny_card, write_case
-
-
-class BlurThenClasses(torch.nn.Module):
-    """A fixed Gaussian blur (sigma 2 voxels), then per-class ``z_c = weight_c * y + bias_c``: a
-    network whose dream at the seed is a smooth blob (or another class, with the right weights)."""
-
-    def __init__(self, weights, biases, blur: bool = True):
-        super().__init__()
-        r = 4
-        g = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * 2.0 ** 2))
-        kernel = (g[:, None] * g[None, :]) / (g.sum() ** 2)
-        self.blur = torch.nn.Conv2d(1, 1, 2 * r + 1, padding=r, bias=False, padding_mode="replicate")
-        self.blur.weight.data[:] = kernel if blur else torch.zeros_like(kernel)
-        if not blur:
-            self.blur.weight.data[0, 0, r, r] = 1.0
-        self.head = torch.nn.Conv2d(1, len(weights), 1)
-        self.head.weight.data[:, 0, 0, 0] = torch.tensor(weights, dtype=torch.float32)
-        self.head.bias.data[:] = torch.tensor(biases, dtype=torch.float32)
-        self.eval()
-        for p in self.parameters():
-            p.requires_grad_(False)
-
-    def forward(self, x):
-        return self.head(self.blur(x))
-
-
-def _model(weights, biases, blur=True, **card):
-    card.setdefault("out_channels", len(weights))
-    return TinyModel(BlurThenClasses(weights, biases, blur), tiny_card(2, roi=(24, 24), **card))
+from tiny_models import TinyModel, blur_model as _model, liver_like, tiny_card, write_case
 
 
 def _config(iterations=30, step=20.0, **dream):

@@ -47,6 +47,35 @@ def tiny_model(spatial_dims: int = 2, **card_over) -> TinyModel:
     return TinyModel(tiny_net(spatial_dims), tiny_card(spatial_dims, **card_over))
 
 
+class BlurThenClasses(torch.nn.Module):
+    """A fixed Gaussian blur (sigma 2 voxels), then per-class ``z_c = weight_c * y + bias_c``: a
+    network whose dream at the seed is a smooth blob (or another class, with the right weights)."""
+
+    def __init__(self, weights, biases, blur: bool = True):
+        super().__init__()
+        r = 4
+        g = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * 2.0 ** 2))
+        kernel = (g[:, None] * g[None, :]) / (g.sum() ** 2)
+        self.blur = torch.nn.Conv2d(1, 1, 2 * r + 1, padding=r, bias=False, padding_mode="replicate")
+        self.blur.weight.data[:] = kernel if blur else torch.zeros_like(kernel)
+        if not blur:
+            self.blur.weight.data[0, 0, r, r] = 1.0
+        self.head = torch.nn.Conv2d(1, len(weights), 1)
+        self.head.weight.data[:, 0, 0, 0] = torch.tensor(weights, dtype=torch.float32)
+        self.head.bias.data[:] = torch.tensor(biases, dtype=torch.float32)
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, x):
+        return self.head(self.blur(x))
+
+
+def blur_model(weights, biases, blur=True, **card):
+    card.setdefault("out_channels", len(weights))
+    return TinyModel(BlurThenClasses(weights, biases, blur), tiny_card(2, roi=(24, 24), **card))
+
+
 def liver_like(shape=(1, 40, 48), seed: int = 0, mean: float = 110.0, std: float = 15.0) -> np.ndarray:
     """A smooth-ish random image in HU, [k, j, i]."""
     rng = np.random.default_rng(seed)

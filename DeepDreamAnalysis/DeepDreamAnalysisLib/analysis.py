@@ -53,6 +53,7 @@ def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None 
     seed_kji = (seed[2], seed[1], seed[0])
 
     from .features import build_feature_set
+    from .features.custom import FeatureContext
 
     feature_set = build_feature_set(config.features, card.spatial_dims)
     names = tuple(feature_set.names)
@@ -79,6 +80,9 @@ def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None 
     loop = DreamLoop(network, card, start, seed_in_crop, config.dream, device)
     monitor = quality.QualityMonitor(crop.size, card.spatial_dims, config.dream.threshold)
     watch = _QualityWatch(loop, card, seed_in_crop)
+    base_context = FeatureContext(spacing=tuple(volume.spacing), seed_kji=tuple(seed_in_crop), seed_ijk=tuple(seed),
+                                  seed_mm=tuple(float(v) for v in volume.index_to_physical(seed)), crop=crop)
+    context = base_context
     t_setup = time.perf_counter() - t_start
     try:
         with deterministic(config.dream.random_seed, device):
@@ -90,11 +94,13 @@ def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None 
                 steps.append(step)
                 monitor.observe(it, mask, state.probability_at_seed)
                 watch.see(state)
+                context = dataclasses.replace(base_context, iteration=it, start_image=watch.start)
                 tf = time.perf_counter()
                 if it % every == 0 or it == total - 1:
-                    computer.submit(step, state.image, mask)
+                    computer.submit(step, state.image, mask, context)
                 else:
                     step.features.update({n: math.nan for n in names})
+                    computer.submit_window(step, state.image, mask, context)
                 late = computer.collect()
                 t_features += time.perf_counter() - tf
                 snap = None
@@ -116,7 +122,7 @@ def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None 
                 _snapshot(state, prob_np, mask, snapshots, config.max_snapshots)
             if all(math.isnan(last.features.get(n, math.nan)) for n in names) and last.mask_voxels:
                 last.features.clear()
-                computer.submit(last, state.image, mask)
+                computer.submit(last, state.image, mask, context)
     except RunFault as fault:
         status = "fault"
         metadata["fault"] = str(fault)

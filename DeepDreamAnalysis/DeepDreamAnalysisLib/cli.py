@@ -69,12 +69,12 @@ def _add_dream_options(p: argparse.ArgumentParser, iterations: int | None = None
     g.add_argument("--random-seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     f = p.add_argument_group("features")
-    f.add_argument("--features", default=None, help="comma-separated pyradiomics names (default: the paper's seven features; 'none': track no features)")
+    f.add_argument("--features", default=None, help="comma-separated pyradiomics names (default: the paper's seven features; 'none': no radiomics features, only the custom features given with --custom-feature, if any)")
     f.add_argument("--feature-backend", choices=("auto", "native", "pyradiomics"), default="auto")
     f.add_argument("--feature-every", type=int, default=1, help="compute features every N-th iteration")
     f.add_argument("--bin-width", type=float, default=25.0, help="grey-level bin width (image units)")
     f.add_argument("--custom-feature", action="append", default=[], metavar="NAME=MODULE:FUNCTION",
-                   help="a user feature f(image, mask, spacing) -> float; repeatable")
+                   help="a user feature f(image, mask, spacing[, context]) -> float (docs/features.md); repeatable, kept with --features none")
     p.add_argument("--snapshot-every", type=int, default=10, help="keep image and mask every N-th iteration")
     p.add_argument("--reference", default=None, help="reference statistics JSON (deepdream-analysis reference)")
 

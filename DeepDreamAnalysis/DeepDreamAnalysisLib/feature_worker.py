@@ -118,15 +118,17 @@ class FeatureComputer:
                 self._go_inline(exc)
         self.pending: list[tuple[Step, cf.Future, np.ndarray, np.ndarray]] = []
 
-    def submit(self, step: Step, image, mask: np.ndarray) -> None:
+    def submit(self, step: Step, image, mask: np.ndarray, context=None) -> None:
         """Compute the features of ``step``: local ones now, pyradiomics ones in the worker
-        (or now, inline, once the worker has failed)."""
+        (or now, inline, once the worker has failed). ``context``: the
+        :class:`~.features.custom.FeatureContext` for custom features that take one."""
         enough = int(mask.sum()) >= self.min_voxels
         if self.local_set is not None:
             if enough:
-                step.features.update(self.local_set.compute(image, mask, self.spacing))
+                step.features.update(self.local_set.compute(image, mask, self.spacing, context))
             else:
                 step.features.update({n: math.nan for n in self.local_set.names})
+                self.submit_window(step, image, mask, context)
         if not self.remote_names:
             return
         if not enough:
@@ -145,6 +147,11 @@ class FeatureComputer:
                 self.pending.append((step, fut, img_box, mask_box))
                 return
         self._compute_inline(step, img_box, mask_box)
+
+    def submit_window(self, step: Step, image, mask: np.ndarray, context=None) -> None:
+        """Compute only the window features of ``step`` (custom features computed whatever the mask)."""
+        if self.local_set is not None and self.local_set.window_names:
+            step.features.update(self.local_set.compute_window(image, mask, self.spacing, context))
 
     def collect(self) -> list[Step]:
         """Fill in the steps whose worker results have arrived; return them."""

@@ -19,10 +19,13 @@ Backends (``FeatureConfig.backend``):
 - ``native``: all by the native implementation (FeatureError for a feature it lacks);
 - ``pyradiomics``: all by pyradiomics (FeatureError with the install command when it is missing).
 
-Custom features (``features/custom.py``) are always computed by their own function.
+Custom features (``features/custom.py``) are always computed by their own function; one that takes
+a context gets ``compute``'s ``context`` (a :class:`~.custom.FeatureContext`: seed, spacing,
+iteration, start image).
 
 An empty mask, or one with fewer than ``config.min_mask_voxels`` voxels, gives NaN for every
-feature; a feature undefined on a degenerate mask gives NaN for that feature. ``compute`` never
+feature but the window features (custom features marked ``window=True``, computed whatever the
+mask); a feature undefined on a degenerate mask gives NaN for that feature. ``compute`` never
 raises for either.
 """
 
@@ -40,7 +43,7 @@ from ..config import FeatureConfig, paper_features
 from ..errors import FeatureError
 from . import custom as _custom
 from .catalog import radiomics_names, shape_class, split_name
-from .custom import load_custom, register_feature  # noqa: F401 - public API
+from .custom import FeatureContext, custom_feature, load_custom, register_feature  # noqa: F401 - public API
 from .radiomics_backend import INSTALL_HINT, compute_radiomics, radiomics_available
 
 log = logging.getLogger(__name__)
@@ -52,7 +55,7 @@ except ImportError:  # pragma: no cover - depends on what is installed
     compute_native = None
 
 __all__ = ["FeatureSet", "build_feature_set", "list_features", "register_feature", "load_custom",
-           "NATIVE_FEATURES"]
+           "NATIVE_FEATURES", "FeatureContext", "custom_feature"]
 
 
 def list_features(spatial_dims: int = 3) -> dict[str, list[str]]:
@@ -92,8 +95,21 @@ class FeatureSet:
     def names_by(self, backend: str) -> tuple[str, ...]:
         return tuple(n for n in self.names if self.backend_of[n] == backend)
 
-    def compute(self, image, mask, spacing) -> dict[str, float]:
-        """``{name: value}`` for every feature of the set (see the module docstring for axes and units)."""
+    @property
+    def window_names(self) -> tuple[str, ...]:
+        """The window features: custom features computed whatever the mask (``custom_feature(window=True)``)."""
+        return tuple(n for n in self.names_by("custom") if _custom.is_window_feature(self.custom_functions[n]))
+
+    def compute_window(self, image, mask, spacing, context=None) -> dict[str, float]:
+        """``{name: value}`` of the window features only."""
+        image_np = _to_numpy(image).astype(np.float64, copy=False)
+        mask_np = _to_numpy(mask).astype(bool, copy=False)
+        return {n: _custom.call_custom(n, self.custom_functions[n], image_np, mask_np, spacing, self.failures, context)
+                for n in self.window_names}
+
+    def compute(self, image, mask, spacing, context=None) -> dict[str, float]:
+        """``{name: value}`` for every feature of the set (see the module docstring for axes and units);
+        ``context``: the :class:`~.custom.FeatureContext` for the custom features that take one."""
         out = {n: math.nan for n in self.names}
         mask_np = _to_numpy(mask).astype(bool, copy=False)
         if tuple(mask_np.shape) != tuple(image.shape):
@@ -107,6 +123,8 @@ class FeatureSet:
                 "Compute them slice by slice."
             )
         if int(mask_np.sum()) < max(int(self.config.min_mask_voxels), 1):
+            if self.window_names:
+                out.update(self.compute_window(image, mask_np, spacing, context))
             return out
         native = self.names_by("native")
         if native:
@@ -118,7 +136,8 @@ class FeatureSet:
             if pyr:
                 out.update(compute_radiomics(image_np, mask_np, spacing, pyr, self.config.bin_width, self.force2d))
             for n in self.names_by("custom"):
-                out[n] = _custom.call_custom(n, self.custom_functions[n], image_np, mask_np, spacing, self.failures)
+                out[n] = _custom.call_custom(n, self.custom_functions[n], image_np, mask_np, spacing, self.failures,
+                                             context)
         return {n: out[n] for n in self.names}
 
     def _native(self, image, mask, spacing, names) -> dict[str, float]:
@@ -167,11 +186,11 @@ def build_feature_set(config: FeatureConfig, spatial_dims: int) -> FeatureSet:
     config.validate()
     functions: dict[str, Any] = {}
     for name, target in (config.custom or {}).items():
-        functions[name] = load_custom(target)
+        functions[_custom.check_name(name)] = load_custom(target)
     if config.names is None:
         names = tuple(paper_features(spatial_dims)) + tuple(n for n in functions if n not in paper_features(spatial_dims))
-    else:
-        names = tuple(config.names)
+    else:  # the custom features given are always computed, ``names=()`` included ("--features none")
+        names = tuple(config.names) + tuple(n for n in functions if n not in config.names)
     seen = set()
     names = tuple(n for n in names if not (n in seen or seen.add(n)))
     if not names:

@@ -1,10 +1,27 @@
 r"""User-defined features, and the two built-in line-orientation features.
 
-A custom feature is a Python callable ``f(image, mask, spacing) -> float``:
+A custom feature is a Python callable ``f(image, mask, spacing) -> float``, or
+``f(image, mask, spacing, context) -> float`` to know where it is (both are supported; the
+signature decides: a fourth parameter, one named ``context``, or ``**kwargs`` gets the context):
 
 - ``image``: numpy float64 array ``[k, j, i]`` in image units (HU for CT); for a 2D model ``k == 1``;
 - ``mask``: numpy bool array of the same shape (the dreamed object, or a reference lesion);
-- ``spacing``: ``(i, j, k)`` voxel size in mm.
+- ``spacing``: ``(i, j, k)`` voxel size in mm;
+- ``context``: a :class:`FeatureContext`: the iteration, the seed in crop coordinates ``[k, j, i]``,
+  in volume voxels ``(i, j, k)`` and in millimetres, the spacing, the start image of the crop and
+  the crop itself. ``image`` and ``mask`` are the whole crop while dreaming, so
+  ``image[context.seed_kji]`` is the voxel at the seed. For reference lesions (``deepdream-analysis
+  reference``) only ``spacing`` is set; the other fields are None.
+
+A **window feature** (decorate it with ``@custom_feature(window=True)``, or
+``register_feature(name, f, window=True)``) is computed at every iteration, iteration 0 included,
+whatever the mask (empty or smaller than ``min_mask_voxels``, and between ``--feature-every``
+iterations): use it for values measured in a window around the seed rather than on the dreamed
+object. Other features give NaN while the mask is empty or too small.
+
+A custom feature cannot take the name of a curve the tool writes (``iteration``, ``objective``,
+``probability``, ``mask_voxels``), of a radiomics feature, of a built-in custom feature below, or
+end in ``_z`` (the z-score columns): :class:`~..errors.FeatureError` says so.
 
 Register one by name with :func:`register_feature`, or name it as ``module:function`` (a module on
 the Python path) or ``path/to/file.py:function`` (``--custom-feature NAME=TARGET`` on the command
@@ -51,8 +68,10 @@ To measure over a whole crop as the paper does, pass a mask that is all ``True``
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
+import inspect
 import logging
 import math
 import numbers
@@ -66,21 +85,103 @@ from ..errors import FeatureError
 
 log = logging.getLogger(__name__)
 
-CustomFeature = Callable[[np.ndarray, np.ndarray, tuple], float]
+CustomFeature = Callable[..., float]
 
 LINE_LENGTH = 7
 
 _REGISTRY: dict[str, CustomFeature] = {}
 BUILTIN: tuple[str, ...] = ("line135_response", "line135_selectivity")
+CURVE_COLUMNS: tuple[str, ...] = ("iteration", "objective", "probability", "mask_voxels")
+"""The curves every run writes (``result.BASE_COLUMNS``); no feature may take these names."""
 
 
-def register_feature(name: str, func: CustomFeature) -> None:
-    """Make ``func(image [k, j, i] float, mask bool, spacing (i, j, k) mm) -> float`` available as ``name``."""
+@dataclasses.dataclass(frozen=True)
+class FeatureContext:
+    """Where a custom feature is measured (the fourth argument of a context-aware feature).
+
+    ``iteration``: the dream iteration (0 = the start image); ``seed_kji``: the seed in crop
+    coordinates, an index into ``image`` and ``mask`` ``[k, j, i]``; ``seed_ijk``: the seed's voxel
+    indices ``(i, j, k)`` in the input volume; ``seed_mm``: its physical position ``(x, y, z)`` in mm
+    (LPS, the volume's origin and direction); ``spacing``: ``(i, j, k)`` in mm; ``start_image``: the
+    crop at iteration 0, ``[k, j, i]`` in image units (do not modify); ``crop``: the
+    :class:`~..result.Crop` (start and size ``[k, j, i]`` in the volume). For reference lesions only
+    ``spacing`` is set.
+    """
+
+    spacing: tuple[float, float, float]
+    iteration: int | None = None
+    seed_kji: tuple[int, int, int] | None = None
+    seed_ijk: tuple[int, int, int] | None = None
+    seed_mm: tuple[float, float, float] | None = None
+    start_image: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
+    crop: object | None = None
+
+
+def custom_feature(func: CustomFeature | None = None, *, window: bool = False):
+    """Decorator marking a custom feature: ``@custom_feature(window=True)`` makes it a window
+    feature (computed at every iteration whatever the mask; module docstring)."""
+    def mark(f):
+        f.deepdream_window = bool(window)
+        return f
+    return mark(func) if func is not None else mark
+
+
+def is_window_feature(func) -> bool:
+    """True for a feature marked ``window=True``."""
+    return bool(getattr(func, "deepdream_window", False))
+
+
+def check_name(name: str) -> str:
+    """``name`` stripped, or FeatureError when it is empty or taken by a curve, a radiomics feature,
+    a built-in custom feature or the z-score columns."""
+    from .catalog import radiomics_names
+
     if not isinstance(name, str) or not name.strip():
         raise FeatureError(f"A custom feature needs a non-empty name, got {name!r}.")
+    name = name.strip()
+    taken = None
+    if name in CURVE_COLUMNS:
+        taken = f"a curve every run writes ({', '.join(CURVE_COLUMNS)})"
+    elif name in BUILTIN:
+        taken = "a built-in custom feature (use it by name, without redefining it)"
+    elif any(name in names for dims in (2, 3) for names in radiomics_names(dims).values()):
+        taken = "a radiomics feature"
+    elif name.endswith("_z"):
+        taken = "reserved: '<feature>_z' columns hold the z-scores"
+    if taken:
+        raise FeatureError(f"A custom feature cannot be named {name!r}: that name is {taken}. Give it another name, "
+                           f"for example 'my_{name}'.")
+    return name
+
+
+def register_feature(name: str, func: CustomFeature, window: bool | None = None) -> None:
+    """Make ``func(image, mask, spacing[, context]) -> float`` available as ``name`` (module
+    docstring); ``window=True`` makes it a window feature."""
+    name = check_name(name)
+    _register(name, func, window)
+
+
+def _register(name: str, func: CustomFeature, window: bool | None = None) -> None:
     if not callable(func):
         raise FeatureError(f"Custom feature {name!r}: {func!r} is not callable; give a function f(image, mask, spacing).")
-    _REGISTRY[name.strip()] = func
+    if window is not None:
+        func = custom_feature(func, window=window)
+    _REGISTRY[name] = func
+
+
+def wants_context(func) -> str | None:
+    """How ``func`` takes the context: ``"keyword"`` (a parameter named ``context`` or ``**kwargs``),
+    ``"positional"`` (a fourth positional parameter), or None (the old ``f(image, mask, spacing)``)."""
+    try:
+        params = list(inspect.signature(func).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: the old three arguments
+        return None
+    kinds = inspect.Parameter
+    if any(p.name == "context" and p.kind != kinds.POSITIONAL_ONLY for p in params) \
+            or any(p.kind == kinds.VAR_KEYWORD for p in params):
+        return "keyword"
+    positional = [p for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
+    return "positional" if len(positional) >= 4 else None
 
 
 def registered() -> dict[str, CustomFeature]:
@@ -139,11 +240,19 @@ def load_custom(target: str) -> CustomFeature:
 
 
 def call_custom(name: str, func: CustomFeature, image: np.ndarray, mask: np.ndarray, spacing,
-                warned: dict[str, str] | None = None) -> float:
-    """``func(image, mask, spacing)`` as a float; NaN when it raises or returns something that is not
-    a real number, with one warning per name: ``warned`` (name -> first problem) remembers them."""
+                warned: dict[str, str] | None = None, context: FeatureContext | None = None) -> float:
+    """``func(image, mask, spacing)`` (or ``func(image, mask, spacing, context)``, see
+    :func:`wants_context`) as a float; NaN when it raises or returns something that is not a real
+    number, with one warning per name: ``warned`` (name -> first problem) remembers them."""
     try:
-        value = func(image, mask, tuple(spacing))
+        how = wants_context(func)
+        ctx = context if context is not None else FeatureContext(spacing=tuple(spacing))
+        if how == "keyword":
+            value = func(image, mask, tuple(spacing), context=ctx)
+        elif how == "positional":
+            value = func(image, mask, tuple(spacing), ctx)
+        else:
+            value = func(image, mask, tuple(spacing))
     except Exception as exc:  # noqa: BLE001 - a user feature must not stop the analysis
         _warn_once(name, f"raised {type(exc).__name__}: {exc}", warned)
         return math.nan
@@ -243,5 +352,5 @@ def line135_selectivity(image: np.ndarray, mask: np.ndarray, spacing=None) -> fl
     return (e135 - e45) / total
 
 
-register_feature("line135_response", line135_response)
-register_feature("line135_selectivity", line135_selectivity)
+_register("line135_response", line135_response)
+_register("line135_selectivity", line135_selectivity)
