@@ -21,7 +21,7 @@ from hypothesis.extra.numpy import arrays
 from DeepDreamAnalysisLib.analysis import run_analysis
 from DeepDreamAnalysisLib.card import ModelCard
 from DeepDreamAnalysisLib.config import AnalysisConfig, DreamConfig, FeatureConfig
-from DeepDreamAnalysisLib.errors import DeepDreamError, ModelError, RunFault
+from DeepDreamAnalysisLib.errors import DeepDreamError, ModelCardError, ModelError, RunFault
 from DeepDreamAnalysisLib.features import build_feature_set
 from DeepDreamAnalysisLib.reference import ReferenceStats
 from DeepDreamAnalysisLib.volume import Volume
@@ -247,7 +247,9 @@ def test_any_reference_dict_loads_or_is_a_reference_error(features, rest):
 
 def test_a_nan_fault_from_a_huge_step_is_reported_not_raised():
     """A step so large that the image overflows float32 ends as a fault, never as an exception."""
-    model = TinyModel(NETS[2], tiny_card(2, roi=[8, 8], intensity_range=[-3.0e38, 3.0e38]))
+    with pytest.raises(ModelCardError, match="intensity_range .* must lie within"):  # issue #11: sane ranges
+        tiny_card(2, roi=[8, 8], intensity_range=[-3.0e38, 3.0e38])
+    model = TinyModel(NETS[2], tiny_card(2, roi=[8, 8], intensity_range=[-1.0e7, 1.0e7]))
     config = AnalysisConfig(dream=DreamConfig(iterations=3, step=1e38, device="cpu"),
                             features=FeatureConfig(names=FEATURES, backend="native"))
     result = run_analysis(_volume(2), (6, 5, 1), model, config)

@@ -23,6 +23,7 @@ import io
 import json
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -65,7 +66,7 @@ def read_bundle(path: Path) -> BundleFiles:
     """Read a bundle folder or zip: config, metadata, weights and an optional ``card.json``."""
     if path.is_dir():
         files = {p.relative_to(path).as_posix(): p for p in path.rglob("*") if p.is_file()}
-        read = lambda name: files[name].read_bytes()  # noqa: E731
+        read = lambda name: _read_file_capped(files[name], name, path)  # noqa: E731
         names = sorted(files)
     else:
         try:
@@ -73,7 +74,7 @@ def read_bundle(path: Path) -> BundleFiles:
         except (zipfile.BadZipFile, OSError) as exc:
             raise ModelError(f"{path} is not a readable zip file ({exc}). Re-download or re-export the bundle.") from None
         names = sorted(n for n in zf.namelist() if not n.endswith("/"))
-        read = zf.read
+        read = lambda name: _read_zip_capped(zf, name, path)  # noqa: E731
     # Bundles are often zipped with a top folder ("spleen_ct_segmentation/configs/..."): find the root.
     roots = sorted({str(PurePosixPath(n).parent.parent) for n in names
                     if PurePosixPath(n).parent.name == "configs" and PurePosixPath(n).name in CONFIG_NAMES + ("metadata.json",)})
@@ -102,7 +103,67 @@ def read_bundle(path: Path) -> BundleFiles:
     return BundleFiles(path, config, config_name, metadata, weights, weights_name, card)
 
 
+MAX_CONFIG_BYTES = 16 << 20
+MAX_WEIGHTS_BYTES = 16 << 30
+
+
+def _cap(name: str) -> int:
+    """The most bytes the loader reads of the bundle entry ``name``."""
+    if PurePosixPath(name).name in WEIGHT_NAMES:
+        from .inputs import available_memory
+
+        avail = available_memory()
+        return min(MAX_WEIGHTS_BYTES, avail // 2) if avail else MAX_WEIGHTS_BYTES
+    return MAX_CONFIG_BYTES
+
+
+def _too_big(bundle: Path, name: str, size: int | None, cap: int) -> ModelError:
+    from .inputs import human_bytes
+
+    told = f"{human_bytes(size)}" if size is not None else f"more than {human_bytes(cap)}"
+    return ModelError(f"The bundle {bundle}: {name} is {told} once unpacked; the loader reads at most "
+                      f"{human_bytes(cap)} of it. A bundle's configs are small and its weights fit in memory: check "
+                      "that this is the right file.")
+
+
+def _read_zip_capped(zf: zipfile.ZipFile, name: str, bundle: Path) -> bytes:
+    """A zip entry read as a stream, refused as soon as it grows past its cap (the declared size may lie)."""
+    cap = _cap(name)
+    info = zf.getinfo(name)
+    if info.file_size > cap:
+        raise _too_big(bundle, name, info.file_size, cap)
+    out = bytearray()
+    try:
+        with zf.open(info) as fh:
+            while True:
+                chunk = fh.read(1 << 20)
+                if not chunk:
+                    break
+                out += chunk
+                if len(out) > cap:
+                    raise _too_big(bundle, name, None, cap)
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
+        raise ModelError(f"The bundle {bundle}: {name} cannot be unpacked ({exc}). Re-download the bundle.") from None
+    return bytes(out)
+
+
+def _read_file_capped(p: Path, name: str, bundle: Path) -> bytes:
+    from .inputs import check_path
+
+    check_path(p, f"bundle file {name}", ModelError)
+    cap = _cap(name)
+    size = p.stat().st_size
+    if size > cap:
+        raise _too_big(bundle, name, size, cap)
+    try:
+        return p.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"Cannot read {p} ({exc.strerror or exc}). Check its permissions.") from None
+
+
 def _parse_config(data: bytes, name: str, bundle: Path) -> dict[str, Any]:
+    from .inputs import MAX_JSON_DEPTH, loads, nesting_depth
+
     try:
         if name.endswith((".yaml", ".yml")):
             try:
@@ -110,10 +171,14 @@ def _parse_config(data: bytes, name: str, bundle: Path) -> dict[str, Any]:
             except ImportError:
                 raise ModelError(f"{bundle}: {name} is YAML and PyYAML is not installed. pip install pyyaml.") from None
             value = yaml.safe_load(data.decode("utf-8"))
+            if nesting_depth(value) > MAX_JSON_DEPTH:
+                raise ModelError(f"{bundle}: {name} is nested more than {MAX_JSON_DEPTH} levels deep; check that this "
+                                 "is the right file.")
         else:
-            value = json.loads(data.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{bundle}: {name} is not valid JSON/YAML ({exc}). Fix or re-download the bundle.") from None
+            value = loads(data.decode("utf-8"), f"{bundle}: {name}", ModelError)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ModelError(f"{bundle}: {name} is not valid JSON/YAML ({type(exc).__name__}: {str(exc)[:200]}). Fix or "
+                         "re-download the bundle.") from None
     if not isinstance(value, dict):
         raise ModelError(f"{bundle}: {name} must hold an object at the top level.")
     return value

@@ -18,6 +18,16 @@ from typing import Any
 
 from .errors import ModelCardError
 
+# Sane ranges: a card outside them is a mistake (or an attack), refused before any tensor is made.
+MAX_CHANNELS = 4096
+MAX_ROI = 4096            # voxels per axis of roi_size
+MAX_ROI_VOXELS = 1 << 28  # voxels of the whole roi (a 1 GiB float32 probe)
+MAX_SIZE_DIVISIBLE = 1024
+MAX_INTENSITY = 1e7       # |image units| (HU are within +-1e4)
+MAX_SPACING = 1e5         # mm
+MAX_DREAM_ITERATIONS = 1_000_000
+MAX_DREAM_STEP = 1e12
+
 REQUIRED_FIELDS = ("spatial_dims", "in_channels", "out_channels", "activation", "target_class", "preprocessing")
 
 CARD_TEMPLATE = {
@@ -62,6 +72,9 @@ class Preprocessing:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ModelCardError(f"preprocessing.{name} must be a finite number, got {value!r}.")
+            if abs(value) > MAX_INTENSITY:
+                raise ModelCardError(f"preprocessing.{name} is {value!r}; it must be within +-{MAX_INTENSITY:g} (image "
+                                     "units).")
             setattr(self, name, float(value))
         if self.type == "window" and not self.max > self.min:
             raise ModelCardError(f"preprocessing.max ({self.max}) must be greater than preprocessing.min ({self.min}).")
@@ -111,10 +124,10 @@ class ModelCard:
 
     def __post_init__(self):
         _int_field(self, "spatial_dims", choices=(2, 3))
-        _int_field(self, "in_channels", minimum=1)
-        _int_field(self, "out_channels", minimum=1)
+        _int_field(self, "in_channels", minimum=1, maximum=MAX_CHANNELS)
+        _int_field(self, "out_channels", minimum=1, maximum=MAX_CHANNELS)
         _int_field(self, "target_class", minimum=0)
-        _int_field(self, "size_divisible", minimum=1)
+        _int_field(self, "size_divisible", minimum=1, maximum=MAX_SIZE_DIVISIBLE)
         if self.activation not in ("sigmoid", "softmax"):
             raise ModelCardError(f"activation is {self.activation!r}; use 'sigmoid' or 'softmax'.")
         if self.activation == "softmax" and self.out_channels < 2:
@@ -138,15 +151,23 @@ class ModelCard:
                     f"roi_size {list(roi)} must hold {self.spatial_dims} positive sizes (one per spatial "
                     "dimension of the model, in [D,] H, W order)."
                 )
+            if max(roi) > MAX_ROI or math.prod(roi) > MAX_ROI_VOXELS:
+                raise ModelCardError(
+                    f"roi_size {list(roi)} is too large: at most {MAX_ROI} voxels per axis and {MAX_ROI_VOXELS} in all "
+                    "(the analysis works on a crop around the seed; 96 to 256 per axis is usual)."
+                )
             self.roi_size = tuple(roi)
         if self.spacing is not None:
             sp = _number_list(self.spacing, "spacing", float)
-            if len(sp) not in (2, 3) or min(sp) <= 0:
+            if len(sp) not in (2, 3) or min(sp) <= 0 or max(sp) > MAX_SPACING:
                 raise ModelCardError(f"spacing {list(sp)} must be 2 or 3 positive numbers (mm, i j [k] order).")
             self.spacing = tuple(sp)
         rng = _number_list(self.intensity_range, "intensity_range", float)
         if len(rng) != 2 or not rng[1] > rng[0]:
             raise ModelCardError(f"intensity_range {list(rng)} must be [low, high] with low < high.")
+        if max(abs(v) for v in rng) > MAX_INTENSITY:
+            raise ModelCardError(f"intensity_range {list(rng)} must lie within +-{MAX_INTENSITY:g} (image units; CT is "
+                                 "[-1024, 3071]).")
         self.intensity_range = (rng[0], rng[1])
         if self.dream is not None:
             if not isinstance(self.dream, dict):
@@ -156,6 +177,14 @@ class ModelCard:
                 if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
                                       or not math.isfinite(v)):
                     raise ModelCardError(f"dream.{key} must be a positive number, got {v!r}.")
+            for key, high in (("iterations", MAX_DREAM_ITERATIONS), ("snapshot_every", MAX_DREAM_ITERATIONS)):
+                v = self.dream.get(key)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                                      or float(v) != int(v) or not 1 <= v <= high):
+                    raise ModelCardError(f"dream.{key} must be a whole number from 1 to {high}, got {v!r}.")
+            step = self.dream.get("step")
+            if isinstance(step, (int, float)) and not isinstance(step, bool) and step > MAX_DREAM_STEP:
+                raise ModelCardError(f"dream.step is {step!r}; it must be at most {MAX_DREAM_STEP:g}.")
         if self.network is not None and (not isinstance(self.network, dict) or "name" not in self.network):
             raise ModelCardError(
                 "network must be an object like {\"name\": \"monai.networks.nets.UNet\", \"args\": {...}}."
@@ -182,13 +211,11 @@ class ModelCard:
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelCard":
+        from .inputs import read_json
+
         p = Path(path)
-        if not p.is_file():
-            raise ModelCardError(f"Model card not found: {p}. Write one (see docs/model-card.md).")
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ModelCardError(f"Model card {p} is not valid JSON ({exc}).") from None
+        data = read_json(p, "model card", ModelCardError, max_bytes=1 << 20,
+                         missing=f"Model card not found: {p}. Write one (see docs/model-card.md).")
         return cls.from_dict(data, source=f"Model card {p.name}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -219,7 +246,7 @@ def find_card(model_path: str | Path) -> Path | None:
     return None
 
 
-def _int_field(card, name, choices=None, minimum=None):
+def _int_field(card, name, choices=None, minimum=None, maximum=None):
     value = getattr(card, name)
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, float) and value.is_integer():
@@ -230,6 +257,8 @@ def _int_field(card, name, choices=None, minimum=None):
         raise ModelCardError(f"{name} is {value}; it must be one of {choices}.")
     if minimum is not None and value < minimum:
         raise ModelCardError(f"{name} is {value}; it must be at least {minimum}.")
+    if maximum is not None and value > maximum:
+        raise ModelCardError(f"{name} is {value}; it must be at most {maximum}.")
     setattr(card, name, value)
 
 

@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -635,8 +636,24 @@ COMMANDS = {"run": cmd_run, "compare": cmd_compare, "study": cmd_study, "referen
             "card-template": cmd_card_template}
 
 
+_NUMBER_LIST = re.compile(r"-\s*\d[\d.,\s\-eE+]*")
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--seed -1,0,0`` -> ``--seed=-1,0,0``: argparse would read ``-1,0,0`` as an option, so the seed's
+    own check (a voxel outside the image) could never say what is wrong."""
+    out = []
+    for i, item in enumerate(argv):
+        if out and out[-1] in ("--seed", "--roi") and _NUMBER_LIST.fullmatch(item):
+            out[-1] = f"{out[-1]}={item}"
+            continue
+        out.append(item)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = _join_negative_values(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     handler = COMMANDS[args.command]

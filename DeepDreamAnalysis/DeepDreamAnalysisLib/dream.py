@@ -166,6 +166,14 @@ class DreamLoop:
                 f"{self.card.out_channels}. Fix out_channels (and target_class) in the model card."
             )
         spatial_seed = self.seed[1:] if self.card.spatial_dims == 2 else self.seed
+        crop = tuple(self.x0.shape[1:]) if self.card.spatial_dims == 2 else tuple(self.x0.shape)
+        if logits.shape[0] != 1 or tuple(logits.shape[2:]) != crop:
+            raise ModelError(  # else the seed's logit would be read from the wrong voxel
+                f"For an input crop of spatial size {list(crop)} the network returned {list(logits.shape)}, not "
+                f"[1, {self.card.out_channels}, {', '.join(str(n) for n in crop)}]: the analysis needs one logit per "
+                "input voxel. Check spatial_dims, roi_size and size_divisible in the model card, or use a network "
+                "whose output has its input's size."
+            )
         z = logits[0]
         if self.card.activation == "sigmoid":
             prob = torch.sigmoid(z[t])

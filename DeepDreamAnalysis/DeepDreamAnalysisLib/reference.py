@@ -129,16 +129,17 @@ class ReferenceStats:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ReferenceStats":
         """Read and validate a statistics file written by :meth:`save` (or by hand, same format)."""
+        from .inputs import read_json
+
         p = Path(path)
-        if not p.is_file():
-            raise ReferenceStatsError(f"Reference statistics file not found: {p}. Check the path, or compute one "
-                                      "with `deepdream-analysis reference`.")
         try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ReferenceStatsError(f"{p} is not valid JSON ({exc}). Recompute it with `deepdream-analysis reference`.") from None
-        except OSError as exc:
-            raise ReferenceStatsError(f"Cannot read {p} ({exc.strerror}).") from None
+            data = read_json(p, "reference statistics file", ReferenceStatsError,
+                             missing=f"Reference statistics file not found: {p}. Check the path, or compute one "
+                                     "with `deepdream-analysis reference`.")
+        except ReferenceStatsError as exc:
+            if "not valid JSON" in str(exc):
+                raise ReferenceStatsError(f"{exc} Recompute it with `deepdream-analysis reference`.") from None
+            raise
         return cls.from_dict(data, source=str(p))
 
     @classmethod
@@ -161,9 +162,21 @@ class ReferenceStats:
             try:
                 mean[name] = _number(entry["mean"])
                 std[name] = _number(entry["std"])
-                n[name] = int(entry["n"])
+                count = entry["n"]
+                if isinstance(count, bool) or not isinstance(count, (int, float)) or not math.isfinite(count) \
+                        or float(count) != int(count) or count < 0:
+                    raise ValueError
+                n[name] = int(count)
             except (TypeError, ValueError, OverflowError):
-                raise ReferenceStatsError(f"{where}: the mean, std and n of {name} must be numbers, got {entry!r}.") from None
+                raise ReferenceStatsError(f"{where}: the mean, std and n of {name} must be numbers (n a whole number "
+                                          f"of lesions), got {entry!r}.") from None
+            for key, v in (("mean", mean[name]), ("std", std[name])):
+                if math.isinf(v) or abs(v) > MAX_STAT:
+                    raise ReferenceStatsError(f"{where}: the {key} of {name} is {v!r}; it must be a finite number "
+                                              f"within +-{MAX_STAT:g}. Recompute the file with `deepdream-analysis "
+                                              "reference`.")
+            if std[name] < 0:
+                raise ReferenceStatsError(f"{where}: the std of {name} is negative ({std[name]!r}).")
         settings, sources, lesions = data.get("settings") or {}, data.get("sources") or [], data.get("lesion_count")
         if not isinstance(settings, dict) or not isinstance(sources, list):
             raise ReferenceStatsError(f"{where}: 'settings' must be an object and 'sources' a list. Recompute it with "
@@ -172,6 +185,9 @@ class ReferenceStats:
             raise ReferenceStatsError(f"{where}: 'lesion_count' must be a whole number, got {lesions!r}.")
         return cls(mean, std, n, settings=dict(settings), sources=list(sources),
                    lesion_count=int(lesions or max(n.values(), default=0)), source=source)
+
+
+MAX_STAT = 1e15  # |mean| and std of a feature; beyond it z-scores overflow
 
 
 def _number(v) -> float:

@@ -114,9 +114,11 @@ def load_model(path, card=None, device="cpu", allow_code_targets: bool = False) 
     Raises :class:`ModelError` (file missing, empty, corrupt, not a model, weights that do not fit)
     or :class:`ModelCardError` (card missing, wrong, or contradicting the network).
     """
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise ModelError(f"Model file not found: {p}. Check the path (and that the file was copied completely).")
+    from ..inputs import check_path
+
+    p = check_path(path, "model", ModelError, folders=True,
+                   missing=f"Model file not found: {Path(path).expanduser()}. Check the path (and that the file was "
+                           "copied completely).")
     notes: list[str] = []
     fmt, detail = detect_format(p)
     expected = EXTENSION_FORMATS.get(p.suffix.lower()) if p.is_file() else None
@@ -431,12 +433,10 @@ def _load_bundle(p: Path, card, allow_code_targets: bool):
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise ModelCardError(f"Model card not found: {path}. Write one (see docs/model-card.md).")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ModelCardError(f"Model card {path} is not valid JSON ({exc}).") from None
+    from ..inputs import read_json
+
+    data = read_json(path, "model card", ModelCardError, max_bytes=1 << 20,
+                     missing=f"Model card not found: {path}. Write one (see docs/model-card.md).")
     if not isinstance(data, dict):
         raise ModelCardError(f"Model card {path} must be a JSON object; see docs/model-card.md.")
     return data
@@ -521,8 +521,8 @@ def probe(network, card: ModelCard, where: str):
     Returns ``(network, notes)``. Raises ModelCardError when the card contradicts the network.
     """
     shape = probe_shape(card)
-    x = torch.zeros(shape)
     try:
+        x = torch.zeros(shape)
         with torch.no_grad():
             y = network(x)
     except Exception as exc:  # RuntimeError from conv, AssertionError from export guards, ...
