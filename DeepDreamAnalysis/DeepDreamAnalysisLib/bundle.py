@@ -415,7 +415,7 @@ def load_weights(files: BundleFiles) -> dict[str, Any]:
     except Exception as exc:
         from .models import pickles
 
-        raise ModelError(pickles.explain_load_error(exc, f"The bundle's {files.weights_name}")) from None
+        raise ModelError(pickles.explain_load_error(exc, f"The bundle's {files.weights_name}", files.weights)) from None
     return state
 
 

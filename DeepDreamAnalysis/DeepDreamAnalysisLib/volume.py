@@ -182,6 +182,7 @@ def _check_nifti(p: Path) -> None:
     missing voxel data (read as 0)."""
     import gzip
     import struct
+    import zlib
 
     name = p.name.lower()
     if not name.endswith((".nii", ".nii.gz")):
@@ -223,7 +224,7 @@ def _check_nifti(p: Path) -> None:
                 return
             fh.seek(vox_offset)
             data = np.frombuffer(fh.read(nbytes), dtype=np.dtype(dtype).newbyteorder(order))
-    except (OSError, EOFError, struct.error, ValueError):
+    except (OSError, EOFError, struct.error, ValueError, zlib.error):
         return  # unreadable here: ITK reports it
     bad = ~np.isfinite(data)
     if bad.any():

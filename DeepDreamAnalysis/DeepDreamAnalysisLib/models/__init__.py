@@ -286,7 +286,7 @@ def _read_state_dict(p: Path) -> dict:
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, RuntimeError (zip), EOFError, ...
-        raise ModelError(pickles.explain_load_error(exc, str(p))) from None
+        raise ModelError(pickles.explain_load_error(exc, str(p), p)) from None
     return obj
 
 

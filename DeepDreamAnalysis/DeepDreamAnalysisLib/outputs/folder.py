@@ -23,7 +23,10 @@ from .manifest import MANIFEST_NAME, read_manifest
 
 
 def _real(path) -> str:
-    return os.path.realpath(os.path.abspath(os.fspath(path)))
+    try:
+        return os.path.realpath(os.path.abspath(os.fspath(path)))
+    except (ValueError, OSError):  # a NUL in the path: the reader's own check names it
+        return os.fspath(path)
 
 
 def _inside(child: str, parent: str) -> bool:
@@ -42,6 +45,26 @@ def inputs_inside(out: str | os.PathLike, inputs: Iterable) -> list[tuple[str, s
             found.append((os.fspath(item), "is inside the output folder"))
         elif _inside(out_real, real):
             found.append((os.fspath(item), "contains the output folder"))
+    return found
+
+
+OUTPUT_NAMES = ("curves.csv", "run.json", "report.html", "curves.png", "strip.png", "sensitivity.csv")
+"""Files a run writes at the top of its folder (snapshots go to ``snapshots/iter_*``)."""
+
+
+def foreign_outputs(path: Path, manifest=None) -> list[str]:
+    """Files in ``path`` that have the name of an output but are not in its manifest (relative paths).
+
+    Checked before the run, so a file in the way is named before any work is done (each write checks
+    again, see :class:`.manifest.ManifestWriter`)."""
+    owned = set(manifest.files) if manifest is not None else set()
+    found = [n for n in OUTPUT_NAMES if os.path.lexists(path / n) and n not in owned]
+    snaps = path / "snapshots"
+    if snaps.is_dir() and not snaps.is_symlink():
+        found += sorted(f"snapshots/{p.name}" for p in snaps.iterdir()
+                        if p.name.startswith("iter_") and f"snapshots/{p.name}" not in owned)
+    elif os.path.lexists(snaps) and "snapshots" not in owned:
+        found.append("snapshots")
     return found
 
 
@@ -108,6 +131,13 @@ def check_output_folder(out: str | os.PathLike, inputs: Iterable = (), overwrite
                     f"{MANIFEST_NAME}). Choose a new or empty folder, or pass --overwrite to write beside those "
                     "files (the tool never replaces or deletes a file it did not write)."
                 )
+        in_the_way = foreign_outputs(path, manifest)
+        if in_the_way:
+            raise OutputError(
+                f"{path / in_the_way[0]} is in the way: the tool did not write it (it is not listed in "
+                f"{path / MANIFEST_NAME}), so it will not replace it. Move that file away, or choose another output "
+                "folder." + (f" ({len(in_the_way)} such files.)" if len(in_the_way) > 1 else "")
+            )
     except BaseException:
         lock.release()
         if created is not None:
