@@ -226,3 +226,25 @@ def test_second_ctrl_c_leaves_no_new_folder(case, tmp_path):
     proc.communicate(timeout=20)
     assert proc.returncode == 130
     assert not (tmp_path / "new").exists()
+
+
+def test_python_api_write_outputs_never_replaces_a_users_file(case, tmp_path):
+    from DeepDreamAnalysisLib.analysis import run_analysis
+    from DeepDreamAnalysisLib.config import AnalysisConfig, DreamConfig, FeatureConfig
+    from DeepDreamAnalysisLib.errors import OutputError
+    from DeepDreamAnalysisLib.report import write_outputs
+    from DeepDreamAnalysisLib.volume import read_volume
+
+    from tiny_models import tiny_model
+
+    volume = read_volume(case["image"])
+    config = AnalysisConfig(dream=DreamConfig(iterations=2, step=400.0, device="cpu"),
+                            features=FeatureConfig(names=("firstorder_Mean",), backend="native"))
+    result = run_analysis(volume, (24, 20, 1), tiny_model(2), config)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text("my notes")
+    with pytest.raises(OutputError, match="run.json is in the way"):
+        write_outputs(result, out, volume)
+    assert (out / "run.json").read_text() == "my notes"
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]
