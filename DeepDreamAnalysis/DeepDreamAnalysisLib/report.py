@@ -31,9 +31,13 @@ reader never sees a half-written file; a failed write leaves no temporary file b
 - ``deepdream-manifest.json``: the files the tool wrote (``"complete": false`` while writing, and
   after an interrupted write).
 - ``strip.png``: like the paper's Fig. 3: columns are those iterations; top row the image (the
-  seed's axial slice, grey window: the model card's intensity window, else the 1st-99th percentiles
-  of the first snapshot) with the seed marked by a
-  red cross in the first column, bottom row the network's probability (black 0, white 1).
+  seed's axial slice; grey window: the model card's intensity window when it shows the image and
+  the dream, else from the data near the seed, see :func:`display_window`; the window is printed
+  on top) with the seed marked by a red cross in the first column; middle row the dream change
+  (image minus the first snapshot) in its own symmetric window (blue darker, red brighter, with a
+  colour bar), so a 10-40 HU dream is visible whatever the grey window; bottom row the network's
+  probability (black 0, white 1). Slices are shown as a radiological viewer shows them (patient's
+  right on the left, anterior at the top), from the image's direction.
 - ``report.html``: self-contained (the PNGs embedded as base64): the note, the quality flags (or a
   line saying none fired), a table of the final values, the snapshot strip, the curves and the metadata.
 """
@@ -269,46 +273,140 @@ def seed_in_crop(result: AnalysisResult, seed_ijk=None) -> tuple[int, int, int] 
     return (k - k0, j - j0, i - i0)
 
 
-def display_window(result: AnalysisResult, first_slice: np.ndarray) -> tuple[float, float]:
-    """Grey window of the strip: the model card's intensity window when it has one (what the network
-    sees), else the 1st-99th percentiles of the first snapshot's slice."""
+CARD_WINDOW_MIN_INSIDE = 0.5
+"""The card's window is used only when at least this share of the slice lies inside it ..."""
+CARD_WINDOW_MIN_CHANGE = 0.1
+"""... and the dream changed the image by at least this share of the window's width."""
+
+
+def display_window(result: AnalysisResult, first_slice: np.ndarray, last_slice: np.ndarray | None = None,
+                   focus: tuple[slice, slice] | None = None) -> tuple[float, float]:
+    """Grey window (lo, hi) of the strip's image row, in image units.
+
+    The model card's intensity window (what the network sees) when it shows this image and this
+    dream: at least :data:`CARD_WINDOW_MIN_INSIDE` of the first slice inside it, and the dream's
+    largest change (``last_slice - first_slice``) at least :data:`CARD_WINDOW_MIN_CHANGE` of its
+    width (a 20 HU dream in a 350 HU window is a 6% grey step, invisible). Otherwise a window from
+    the data: the 1st-99th percentiles of the first and last slices in ``focus`` (the region around
+    the seed and the dream), so both the tissue and the dream span the grey range.
+    """
+    return _display_window(result, first_slice, last_slice, focus)[:2]
+
+
+def _display_window(result, first_slice, last_slice=None, focus=None) -> tuple[float, float, str]:
+    first = np.asarray(first_slice, dtype=float)
+    last = first if last_slice is None else np.asarray(last_slice, dtype=float)
+    change = float(np.abs(last - first).max()) if first.size else 0.0
     pre = (((result.metadata.get("model") or {}).get("card") or {}).get("preprocessing") or {})
     try:
         if pre.get("type") == "window" and float(pre["max"]) > float(pre["min"]):
-            return float(pre["min"]), float(pre["max"])
+            lo, hi = float(pre["min"]), float(pre["max"])
+            inside = float(np.mean((first >= lo) & (first <= hi))) if first.size else 0.0
+            if inside >= CARD_WINDOW_MIN_INSIDE and (change == 0 or change >= CARD_WINDOW_MIN_CHANGE * (hi - lo)):
+                return lo, hi, "the card's window"
     except (KeyError, TypeError, ValueError):
         pass
-    lo, hi = np.percentile(first_slice, [1, 99]) if first_slice.size else (0.0, 1.0)
+    region = (slice(None), slice(None)) if focus is None else focus
+    values = np.concatenate([first[region].ravel(), last[region].ravel()]) if first.size else np.zeros(0)
+    lo, hi = np.percentile(values, [1, 99]) if values.size else (0.0, 1.0)
     if not hi > lo:
-        lo, hi = float(np.min(first_slice)) - 1.0, float(np.max(first_slice)) + 1.0
-    return float(lo), float(hi)
+        lo, hi = float(np.min(values, initial=0.0)) - 1.0, float(np.max(values, initial=0.0)) + 1.0
+    return float(lo), float(hi), "from the data (1st-99th percentiles near the seed)"
+
+
+def display_orientation(direction) -> tuple[bool, bool, bool]:
+    """How to show an axial slice ``[j, i]`` as a radiologist does (patient's right on the screen's
+    left, anterior at the top, as 3D Slicer's axial view): (transpose, flip_rows, flip_columns) for
+    the image's ``direction`` (3x3, columns = the i, j, k axes in LPS; row-major 9 numbers accepted).
+    The identity (i toward the patient's left, j toward posterior) needs nothing."""
+    d = np.asarray(direction if direction is not None else np.eye(3), dtype=float).reshape(3, 3)
+    i_axis, j_axis = d[:, 0], d[:, 1]
+    transpose = abs(i_axis[1]) > abs(i_axis[0]) and abs(j_axis[0]) > abs(j_axis[1])
+    if transpose:  # i runs front-back, j left-right: show j across the screen
+        i_axis, j_axis = j_axis, i_axis
+    return transpose, bool(j_axis[1] < 0), bool(i_axis[0] < 0)
+
+
+def _oriented(slice2d: np.ndarray, orient: tuple[bool, bool, bool]) -> np.ndarray:
+    out = np.asarray(slice2d)
+    transpose, flip_rows, flip_cols = orient
+    if transpose:
+        out = out.T
+    if flip_rows:
+        out = out[::-1, :]
+    if flip_cols:
+        out = out[:, ::-1]
+    return out
+
+
+def _oriented_point(j: int, i: int, shape: tuple[int, int], orient: tuple[bool, bool, bool]) -> tuple[int, int]:
+    """(row, column) on screen of the voxel (j, i) of a slice of ``shape`` [j, i]."""
+    transpose, flip_rows, flip_cols = orient
+    r, c, nr, nc = (i, j, shape[1], shape[0]) if transpose else (j, i, shape[0], shape[1])
+    return (nr - 1 - r if flip_rows else r), (nc - 1 - c if flip_cols else c)
+
+
+def _focus(mask: np.ndarray, seed_kji, shape: tuple[int, int]) -> tuple[slice, slice]:
+    """The region of a slice the data window looks at: the final mask's box grown by its own size
+    (at least 8 voxels), or 33 x 33 voxels around the seed; the whole slice when neither is known."""
+    idx = np.nonzero(mask)
+    if idx[0].size:
+        box = [(int(a.min()), int(a.max())) for a in idx]
+    elif seed_kji is not None:
+        box = [(int(seed_kji[1]), int(seed_kji[1])), (int(seed_kji[2]), int(seed_kji[2]))]
+    else:
+        return (slice(None), slice(None))
+    out = []
+    for (lo, hi), n in zip(box, shape):
+        grow = max(hi - lo + 1, 8) if idx[0].size else 16
+        out.append(slice(max(lo - grow, 0), min(hi + grow + 1, n)))
+    return tuple(out)  # type: ignore[return-value]
 
 
 def strip_figure(result: AnalysisResult, snaps: list, seed_kji=None):
-    """The Fig. 3-like strip: image (top) and probability (bottom) at the chosen iterations."""
+    """The Fig. 3-like strip at the chosen iterations: the image (top), the dream change
+    ``image - start`` with its own symmetric window (middle; blue darker, red brighter) and the
+    probability (bottom). The image's window comes from :func:`display_window`; slices are shown
+    as in a radiological viewer (:func:`display_orientation`)."""
     n = max(len(snaps), 1)
-    fig = _figure(2.3 * n, 4.9)
+    fig = _figure(2.3 * n + 0.6, 7.3)
     if not snaps:
         fig.text(0.5, 0.5, "no snapshots recorded", ha="center")
         return fig
     k = 0
     if seed_kji is not None and 0 <= seed_kji[0] < snaps[0].image.shape[0]:
         k = int(seed_kji[0])
-    lo, hi = display_window(result, np.asarray(snaps[0].image)[k])
-    for c, snap in enumerate(snaps):
-        top = fig.add_subplot(2, n, c + 1)
-        top.imshow(np.asarray(snap.image)[k], cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+    orient = display_orientation((result.metadata.get("input") or {}).get("direction"))
+    start = np.asarray(snaps[0].image, dtype=float)[k]
+    final = np.asarray(snaps[-1].image, dtype=float)[k]
+    focus = _focus(np.asarray(snaps[-1].mask)[k], seed_kji, start.shape)
+    lo, hi, source = _display_window(result, start, final, focus)
+    changes = [np.asarray(s.image, dtype=float)[k] - start for s in snaps]
+    span = float(max(np.percentile(np.abs(c), 99.9) for c in changes)) or 1.0
+    for c, (snap, change) in enumerate(zip(snaps, changes)):
+        top = fig.add_subplot(3, n, c + 1)
+        top.imshow(_oriented(np.asarray(snap.image)[k], orient), cmap="gray", vmin=lo, vmax=hi,
+                   interpolation="nearest")
         top.set_title(f"iteration {snap.iteration}", fontsize=9)
         if c == 0 and seed_kji is not None:
-            top.plot([seed_kji[2]], [seed_kji[1]], marker="x", color="red", ms=10, mew=2)
-        bottom = fig.add_subplot(2, n, n + c + 1)
-        bottom.imshow(np.asarray(snap.probability)[k], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-        for ax in (top, bottom):
+            row, col = _oriented_point(int(seed_kji[1]), int(seed_kji[2]), start.shape, orient)
+            top.plot([col], [row], marker="x", color="red", ms=10, mew=2)
+        middle = fig.add_subplot(3, n, n + c + 1)
+        shown = middle.imshow(_oriented(change, orient), cmap="RdBu_r", vmin=-span, vmax=span,
+                              interpolation="nearest")
+        bottom = fig.add_subplot(3, n, 2 * n + c + 1)
+        bottom.imshow(_oriented(np.asarray(snap.probability)[k], orient), cmap="gray", vmin=0.0, vmax=1.0,
+                      interpolation="nearest")
+        for ax in (top, middle, bottom):
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.text(0.01, 0.73, "image", rotation=90, fontsize=9, va="center")
-    fig.text(0.01, 0.27, "probability", rotation=90, fontsize=9, va="center")
-    fig.tight_layout(rect=(0.025, 0, 1, 1))
+    bar = fig.colorbar(shown, ax=fig.axes[-2], fraction=0.046, pad=0.03)
+    bar.ax.tick_params(labelsize=7)
+    fig.text(0.01, 0.83, "image", rotation=90, fontsize=9, va="center")
+    fig.text(0.01, 0.5, "change (dream - start)", rotation=90, fontsize=9, va="center")
+    fig.text(0.01, 0.17, "probability", rotation=90, fontsize=9, va="center")
+    fig.suptitle(f"image window [{lo:.4g}, {hi:.4g}] ({source}); change window \u00b1{span:.3g}", fontsize=8)
+    fig.tight_layout(rect=(0.025, 0, 1, 0.97))
     return fig
 
 
