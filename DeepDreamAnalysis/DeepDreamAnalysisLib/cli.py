@@ -401,11 +401,34 @@ def cmd_reference(args) -> int:
         raise ConfigError(f"Give one mask per image: {len(args.images)} images but {len(args.masks)} masks.")
     names = tuple(n.strip() for n in args.features.split(",")) if args.features else None
     fs = build_feature_set(FeatureConfig(names=names, backend=args.feature_backend, bin_width=args.bin_width), args.dims)
+    _check_reference_out(Path(args.out), list(args.images) + list(args.masks))
     check_output_dir(Path(args.out).parent if Path(args.out).parent != Path("") else Path("."))
     stats = compute_reference(list(zip(args.images, args.masks)), fs, label=args.label)
     stats.save(args.out)
     print(f"Reference statistics of {stats.lesion_count} lesions, {len(fs.names)} features -> {args.out}")
     return EXIT_OK
+
+
+def _check_reference_out(out: Path, inputs: list) -> None:
+    """The statistics file may not be one of the inputs, nor replace a file that is not statistics."""
+    from .errors import OutputError
+    from .outputs import inputs_inside
+
+    if out.is_dir():
+        raise OutputError(f"--out {out} is a folder; give the path of the statistics JSON file to write.")
+    clash = [item for item, how in inputs_inside(out, inputs) if how == "is inside the output folder"]
+    if clash:
+        raise OutputError(f"--out {out} is the input {clash[0]}; writing the statistics there would replace it. "
+                          "Give a new file name, e.g. stats.json.")
+    if os.path.lexists(out):
+        try:
+            with open(out, "rb") as fh:
+                head = fh.read(4096)
+        except OSError:
+            head = b""
+        if not out.is_file() or b'"features"' not in head:
+            raise OutputError(f"--out {out} exists and is not a statistics file written by this tool; it will not be "
+                              "replaced. Give a new file name, or move that file away.")
 
 
 def cmd_demo(args) -> int:

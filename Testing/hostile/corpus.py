@@ -151,6 +151,8 @@ CODE_TARGETS = [
     "torch.nn.utils.parametrize.register_parametrization", "torch.serialization.load",
     "monai.apps.download_url", "monai.apps.download_and_extract", "monai.bundle.load", "monai.bundle.download",
     "monai.utils.optional_import", "monai.networks.utils.eval_mode", "monai.networks.utils.copy_model_state",
+    "monai.networks.nets.get_pretrained_resnet_medicalnet", "monai.networks.nets.resnet.get_pretrained_resnet_medicalnet",
+    "monai.networks.nets.resnet.torch.hub.load", "monai.networks.nets.densenet.load_state_dict_from_url",
     "monai.transforms.Lambda", "monai.data.Dataset",
     "os.system", "subprocess.run", "builtins.exec", "builtins.open", "importlib.import_module",
     "pathlib.Path.write_text", "shutil.rmtree", "open", "exec", "print", "Lambda",
@@ -802,6 +804,9 @@ OPTION_CASES = {
     "device_unknown": (["--device", "tpu:7"], r"device"),
     "feature_unknown": (["--features", "firstorder_Nonsense"], r"firstorder_Nonsense"),
     "feature_every_zero": (["--feature-every", "0"], r"feature interval must be a positive integer"),
+    "custom_feature_named_probability": (["--custom-feature", "probability=statistics:mean"], r"probability"),
+    "custom_feature_named_iteration": (["--custom-feature", "iteration=statistics:mean"], r"iteration"),
+    "custom_feature_no_target": (["--custom-feature", "probability"], r"NAME=MODULE:FUNCTION"),
 }
 
 for _name, (_extra, _msg) in OPTION_CASES.items():
@@ -810,3 +815,34 @@ for _name, (_extra, _msg) in OPTION_CASES.items():
         # the option given last wins in argparse
         return Case(argv + list(extra), msg)
     case(f"option_{_name}")(_gen_opt)
+
+
+# =============================================================================== reference command
+
+def _reference_argv(ws, out):
+    return ["reference", "--images", str(ws.image), "--masks", str(ws.image), "--dims", "2", "--out", str(out),
+            "--features", "firstorder_Mean"]
+
+
+@case("reference_out_is_the_image")
+def _ref_out_image(ws):
+    return Case(_reference_argv(ws, ws.image), r"is the input .*ct.nii.gz")
+
+
+@case("reference_out_is_a_user_file")
+def _ref_out_user(ws):
+    victim = ws.inputs / "notes.txt"
+    victim.write_text("mine")
+    return Case(_reference_argv(ws, victim), r"not a statistics file written by this tool")
+
+
+@case("reference_out_is_a_folder")
+def _ref_out_folder(ws):
+    return Case(_reference_argv(ws, ws.inputs), r"is a folder")
+
+
+@case("reference_image_fifo")
+def _ref_image_fifo(ws):
+    p = _fifo(ws, "lesion.nii.gz")
+    return Case(["reference", "--images", str(p), "--masks", str(ws.image), "--dims", "2", "--out",
+                 str(ws.root / "stats.json")], r"named pipe")

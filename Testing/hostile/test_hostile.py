@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import resource
 import shutil
 import signal
 import stat
@@ -30,6 +31,7 @@ from DeepDreamAnalysisLib.cli import main  # noqa: E402
 from DeepDreamAnalysisLib.errors import DeepDreamError  # noqa: E402
 
 CASE_TIMEOUT_S = 60  # a sanity bound: a case that hangs fails instead of blocking the suite
+CASE_MEMORY_BYTES = 1 << 30  # a sanity bound on the peak memory a refused case may add
 LEFTOVER = re.compile(r"(^\..*\.tmp|^\.snapshots-new-|^\.snapshots-old-|^deepdream\.lock$|^\.write-test\.)")
 
 
@@ -121,10 +123,13 @@ def test_hostile_case(name, base, tmp_path, capsys, monkeypatch):
         inputs_before = _snapshot(ws.inputs)
         out_before = _snapshot(ws.out)
         leftovers_before = set(_leftovers(tmp_path))  # a lock another process holds is not ours
+        peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
         if case.subprocess:
             code, err = _run_in_child([os.fsdecode(a) if isinstance(a, bytes) else a for a in case.argv])
         else:
             code, err = _run_in_process(case.argv, capsys)
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - peak_before
+        assert grown < CASE_MEMORY_BYTES, f"the case raised the peak memory by {grown / 2**20:.0f} MiB"
         assert code == case.code, err
         assert "Traceback" not in err, err
         assert "error:" in err, err
