@@ -165,6 +165,10 @@ def test_study_command_runs_every_run_and_writes_the_table(first_study, files):
         assert (out / name).stat().st_size > 0, name
     for r in runs:  # each run's own folder as from `run`
         assert (out / r["folder"] / "curves.csv").is_file() and (out / r["folder"] / "report.html").is_file()
+    sens = list(csv.DictReader(open(out / "sensitivity.csv")))
+    unflagged = {r["run_key"] for r in sens if not r["quality_flags"]}
+    ranked = [r for r in csv.DictReader(open(out / "ranking.csv")) if r["feature"] == FEATURES[0]]
+    assert sum(int(r["runs"]) for r in ranked) == len(unflagged)  # flagged dreams are not ranked
     pooled = [r for r in csv.DictReader(open(out / "pooled.csv")) if r["curve"] == "probability"]
     assert {r["seed_points"] for r in pooled} == {"2"} and {r["training_seeds"] for r in pooled} == {"2"}
 

@@ -13,6 +13,9 @@ compared across machines; absolute times are recorded beside them for context.
     memory               peak RSS for 1000 iterations / for 100 iterations        (target <= 1.1)
     responsiveness       the longest gap between two 50 ms main-thread timer ticks during a run
                          with features (seconds)
+    study_overhead       20 study runs through the Ray engine with 1 worker / a plain loop (target <= 1.10)
+    study_scaling        study throughput with 2 workers / 1 worker              (target >= 1.7)
+                         (benchmarks/study_bench.py; needs the study extra)
     gpu (--device cuda)  iterations/s of a 3D MONAI UNet on a 128^3 crop, and the achieved fraction
                          of the GPU's peak rate given the model's forward+backward FLOPs
 
@@ -48,7 +51,8 @@ from DeepDreamAnalysisLib.dream import DreamLoop  # noqa: E402
 from DeepDreamAnalysisLib.runner import AnalysisRunner  # noqa: E402
 from DeepDreamAnalysisLib.volume import Volume  # noqa: E402
 
-TARGETS = {"loop_overhead": 1.05, "feature_cost": 1.15, "scale": 1.1, "memory": 1.1}
+TARGETS = {"loop_overhead": 1.05, "feature_cost": 1.15, "scale": 1.1, "memory": 1.1, "study_overhead": 1.10}
+TARGETS_MIN = {"study_scaling": 1.7}  # higher is better
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,6 +319,13 @@ def bench_gpu(iterations: int) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 
+def _study_benchmarks(runs: int, iterations: int) -> dict:
+    sys.path.insert(0, str(HERE))
+    from study_bench import bench_study
+
+    return bench_study(runs, iterations)
+
+
 def machine() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
@@ -353,7 +364,7 @@ def table(results: dict) -> str:
         else:
             fig = f"{r['ratio']:.3f}"
             det = ", ".join(f"{k}={_short(v)}" for k, v in r.items() if k != "ratio" and not isinstance(v, list))
-        target = f"<= {TARGETS[name]}" if name in TARGETS else ""
+        target = f"<= {TARGETS[name]}" if name in TARGETS else (f">= {TARGETS_MIN[name]}" if name in TARGETS_MIN else "")
         rows.append(f"| {name} | {fig} | {target} | {det} |")
     return "\n".join(rows)
 
@@ -379,19 +390,25 @@ def main(argv=None) -> int:
         "memory": lambda: bench_memory(args.device, 20 if q else 100, 200 if q else 1000),
         "responsiveness": lambda: bench_responsiveness(args.device, 30 if q else 150),
     }
+    plan["study"] = lambda: _study_benchmarks(10 if q else 20, 20 if q else 150)
     if args.device == "cuda":
         plan["gpu"] = lambda: bench_gpu(20 if q else 100)
     results = {}
     for name, fn in plan.items():
-        if args.only and name not in args.only:
+        if args.only and name not in args.only and not (name == "study" and {"study_overhead", "study_scaling"} & set(args.only)):
             continue
         print(f"running {name} ...", file=sys.stderr, flush=True)
         t = time.perf_counter()
         try:
-            results[name] = fn()
+            got = fn()
+            if name == "study":  # one measurement gives two ratios
+                results.update(got)
+            else:
+                results[name] = got
         except Exception as exc:  # noqa: BLE001 - one failing benchmark must not hide the others
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
-        results[name]["wall_s"] = round(time.perf_counter() - t, 2)
+        if name in results:
+            results[name]["wall_s"] = round(time.perf_counter() - t, 2)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     record = {"date": stamp, "device": args.device, "quick": q, "machine": machine(), "results": results}
     out = Path(args.out)

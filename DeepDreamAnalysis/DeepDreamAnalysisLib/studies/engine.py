@@ -67,6 +67,7 @@ class StudyOutcome:
     status: dict[str, dict] = field(default_factory=dict)
     paths: dict[str, Path] = field(default_factory=dict)
     table: object = None
+    keep_flagged: bool = False
 
     def count(self, state: str) -> int:
         return sum(1 for s in self.status.values() if s.get("state") == state)
@@ -112,12 +113,14 @@ def _load_shipped_model(payload: dict):
 
 
 def execute_run(run: RunSpec, model_payload: dict, volume, reference, spec: StudySpec, threads: int | None = 1,
-                heartbeat: str | None = None):
+                heartbeat: str | None = None, write_to: tuple[str, str] | None = None):
     """One run: load (or reuse) the model, build the run's start image and config, dream.
 
-    Returns the :class:`~.result.AnalysisResult`. Restart ``r`` follows :mod:`.compare`: random seed
-    ``dream.random_seed + r`` and, with ``start: image``, the start image plus Gaussian noise of
-    ``restart_noise_std`` inside the crop for ``r >= 1``.
+    Returns the :class:`~.result.AnalysisResult`, or, when ``write_to = (host, folder)`` names this
+    worker's host, writes the run's outputs into ``folder`` itself (so the driver does not write
+    every run in turn) and returns a summary dict. Restart ``r`` follows :mod:`.compare`: random
+    seed ``dream.random_seed + r`` and, with ``start: image``, the start image plus Gaussian noise
+    of ``restart_noise_std`` inside the crop for ``r >= 1``.
     """
     import dataclasses
 
@@ -145,7 +148,20 @@ def execute_run(run: RunSpec, model_payload: dict, volume, reference, spec: Stud
     result.metadata.setdefault("study", {}).update({"run_key": run.key, "model": run.model, "group": run.group,
                                                    "image": run.image, "seed_index": run.seed_index,
                                                    "restart": run.restart, "method": run.method})
+    if write_to is not None and write_to[0] == socket.gethostname():
+        from ..report import write_outputs
+
+        t = time.perf_counter()
+        write_outputs(result, write_to[1], volume, seed_ijk=run.seed)
+        return dict(_summary(result), write_s=round(time.perf_counter() - t, 3))
     return result
+
+
+def _summary(result) -> dict:
+    """What the study records of a finished run (status.json, runs.csv)."""
+    return {"result_status": result.status, "fault": result.metadata.get("fault"),
+            "wall_s": (result.metadata.get("timings_s") or {}).get("total"),
+            "quality_flags": [getattr(f, "code", str(f)) for f in getattr(result, "quality_flags", []) or []]}
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -288,7 +304,7 @@ def run_study_outcome(spec, out=None, address: str | None = None, workers: int |
     hashes = spec.hashes
     runs = expand_runs(spec)
     claim_folder(out, spec)
-    outcome = StudyOutcome(out, runs)
+    outcome = StudyOutcome(out, runs, keep_flagged=spec.keep_flagged)
     todo = []
     for run in runs:
         status = _read_status(out / "runs" / run.key / "status.json")
@@ -316,6 +332,7 @@ def run_study_outcome(spec, out=None, address: str | None = None, workers: int |
     per_run_gpu = (spec.gpus_per_run or 1.0) if gpus > 0 else 0.0
     threads = 1 if per_run_gpu == 0 else None
     local = address is None
+    host = socket.gethostname()
     remote = ray.remote(execute_run).options(num_cpus=1, num_gpus=per_run_gpu, max_retries=0)
     try:
         # each model and image goes into the object store once; runs get references
@@ -337,7 +354,9 @@ def run_study_outcome(spec, out=None, address: str | None = None, workers: int |
             _write_status(folder / "status.json", status)
             outcome.status[run.key] = status
             heartbeat = str(folder / "worker.json") if local else None
-            ref = remote.remote(run, model_refs[run.model], volume_refs[run.image], ref_ref, spec_ref, threads, heartbeat)
+            write_to = (host, str(folder.resolve()))  # a worker on this host writes the run folder itself
+            ref = remote.remote(run, model_refs[run.model], volume_refs[run.image], ref_ref, spec_ref, threads,
+                                heartbeat, write_to)
             inflight[ref] = run
 
         def progress(last=""):
@@ -381,11 +400,10 @@ def run_study_outcome(spec, out=None, address: str | None = None, workers: int |
                 finished_now += 1
                 progress(f"failed {run.label()}: {message}")
                 continue
-            write_outputs(result, folder, volumes[run.image], seed_ijk=run.seed)
-            status = {"state": DONE, "attempts": attempts[run.key], "run": _run_dict(run),
-                      "result_status": result.status, "fault": result.metadata.get("fault"),
-                      "wall_s": (result.metadata.get("timings_s") or {}).get("total"),
-                      "quality_flags": [getattr(f, "code", str(f)) for f in getattr(result, "quality_flags", []) or []]}
+            if not isinstance(result, dict):  # a worker on another machine: write here
+                write_outputs(result, folder, volumes[run.image], seed_ijk=run.seed)
+                result = _summary(result)
+            status = {"state": DONE, "attempts": attempts[run.key], "run": _run_dict(run), **result}
             _write_status(folder / "status.json", status)
             outcome.status[run.key] = status
             finished_now += 1

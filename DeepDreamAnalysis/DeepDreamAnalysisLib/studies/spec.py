@@ -27,7 +27,7 @@ from ..errors import ConfigError
 
 TOP_KEYS = {"name", "models", "images", "restarts", "restart_noise_std", "methods", "dream", "features",
             "feature_backend", "feature_every", "bin_width", "reference", "retries", "snapshot_every",
-            "workers", "gpus_per_run"}
+            "workers", "gpus_per_run", "keep_flagged"}
 MODEL_KEYS = {"name", "path", "card", "group"}
 IMAGE_KEYS = {"name", "path", "seeds", "seed_rule"}
 RULE_KEYS = {"mask", "count", "random_seed", "label"}
@@ -74,6 +74,8 @@ class StudySpec:
     snapshot_every: int = 10
     workers: int | None = None
     gpus_per_run: float | None = None
+    keep_flagged: bool = False
+    """Rank runs with quality flags too (docs/quality-flags.md); by default they are left out of the ranking."""
     source: Path | None = None
     raw: dict = field(default_factory=dict)
     hashes: dict = field(default_factory=dict, repr=False)
@@ -236,7 +238,8 @@ def load_study(path_or_dict, base: str | Path | None = None) -> StudySpec:
         dream=dict(dream), features=features, feature_backend=str(data.get("feature_backend", "auto")),
         feature_every=int(data.get("feature_every", 1)), bin_width=float(data.get("bin_width", 25.0)),
         reference=reference, retries=retries, snapshot_every=int(data.get("snapshot_every", 10)),
-        workers=data.get("workers"), gpus_per_run=data.get("gpus_per_run"), source=source, raw=raw)
+        workers=data.get("workers"), gpus_per_run=data.get("gpus_per_run"),
+        keep_flagged=bool(data.get("keep_flagged", False)), source=source, raw=raw)
     # every run's configuration must be valid before anything starts
     analysis_config(spec, spec.methods[0], None).validate()
     expand_runs(spec)  # duplicate runs are refused here, before anything starts

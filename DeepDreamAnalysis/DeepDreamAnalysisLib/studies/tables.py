@@ -12,7 +12,8 @@ Files in the study folder (docs/studies.md, "The table"):
   method, curve and iteration: the mean over all its runs, a 95 % t-interval over seed points (each
   seed point averaged over restarts and training seeds) and one over training seeds (each model
   averaged over seed points and restarts);
-- ``sensitivity.csv`` (per run and feature) and ``ranking.csv`` / ``ranking.md`` (per group);
+- ``sensitivity.csv`` (per run and feature, with the run's quality flags) and ``ranking.csv`` /
+  ``ranking.md`` (per group; runs with quality flags are left out unless ``keep_flagged: true``);
 - ``report.html``: counts, the pooled figure, the ranking, the runs with links to their folders.
 """
 
@@ -214,8 +215,10 @@ def sensitivity_rows(outcome, use_z: bool):
     from .sensitivity import FIELDS, feature_sensitivity, rank_features
 
     rows, per_group = [], {}
+    keep_flagged = getattr(outcome, "keep_flagged", False)
     for run, curves in _run_curves(outcome):
         its = curves["iteration"]
+        flags = outcome.status.get(run.key, {}).get("quality_flags") or []
         for name in curves:
             if name in ("iteration",) + BASE or name.endswith("_z"):
                 continue
@@ -223,7 +226,9 @@ def sensitivity_rows(outcome, use_z: bool):
             s = feature_sensitivity(its, curves[f"{name}_z"] if z else curves[name], name, bool(z))
             rows.append({"run_key": run.key, "model": run.model, "group": run.group, "image": run.image,
                          "seed_index": run.seed_index, "restart": run.restart, "method": run.method,
-                         **{k: getattr(s, k) for k in FIELDS}})
+                         **{k: getattr(s, k) for k in FIELDS}, "quality_flags": " ".join(flags)})
+            if flags and not keep_flagged:
+                continue  # an untrustworthy dream is not ranked (docs/quality-flags.md)
             label = run.group if len({r.method for r in outcome.runs}) == 1 else f"{run.group} ({run.method})"
             per_group.setdefault(label, []).append(s)
     ranking = [dataclasses.asdict(r) for r in rank_features(per_group)]
