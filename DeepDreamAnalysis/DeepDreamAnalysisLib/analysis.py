@@ -50,6 +50,7 @@ def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None 
     volume.check_finite()
     warnings: list[str] = []
     check_fits(volume, card, config.dream.start, warnings)
+    check_network_dims(model.network, card)
     seed_kji = (seed[2], seed[1], seed[0])
 
     from .features import build_feature_set
@@ -253,6 +254,23 @@ def check_reference_settings(reference, spatial_dims: int, bin_width: float, nam
             f"{where} used a bin width of {ref_bw:g} but this run uses {bin_width:g}; texture and entropy features "
             f"({', '.join(binned[:3])}...) depend on it. Use --bin-width {ref_bw:g}, or recompute the statistics "
             f"with --bin-width {bin_width:g}.")
+
+
+def check_network_dims(network, card) -> None:
+    """Raise ModelError when the network's first convolution is not ``card.spatial_dims``-dimensional.
+
+    torch convolutions accept unbatched input, so a 3D network given a 2D input ``[1, 1, H, W]`` reads it as
+    one channel of depth 1 and returns ``[1, C, H, W]``: the output shape alone cannot show the mismatch, and
+    the seed's logit would come from a network applied to the wrong axes.
+    """
+    from .models import first_conv
+
+    conv_dims = first_conv(network)[1]
+    if conv_dims is not None and conv_dims != card.spatial_dims:
+        raise ModelError(
+            f"The model card says spatial_dims={card.spatial_dims} but the network is {conv_dims}D (its first "
+            f"convolution is conv{conv_dims}d): fix spatial_dims (and roi_size) in the model card."
+        )
 
 
 def check_fits(volume: Volume, card, start: str = "image", warnings: list[str] | None = None) -> None:
