@@ -248,3 +248,20 @@ def test_python_api_write_outputs_never_replaces_a_users_file(case, tmp_path):
         write_outputs(result, out, volume)
     assert (out / "run.json").read_text() == "my notes"
     assert not [p for p in out.rglob("*") if p.name.startswith(".")]
+
+
+def test_compare_keeps_the_users_files_and_lists_its_own(case, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--image", str(case["image"]), "--seed", "24,20,1", "--model", f"a={case['model']}",
+            "--card", str(case["card"]), "--restarts", "1", "--iterations", "2", "--step", "400",
+            "--features", "firstorder_Mean", "--feature-backend", "native", "--out", str(out)]
+    out.mkdir()
+    (out / "mine.txt").write_text("mine")
+    assert main(argv) == 2
+    assert "is not empty (mine.txt)" in capsys.readouterr().err
+    assert main(argv + ["--overwrite"]) == 0
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert "comparison.json" in manifest["files"] and "mine.txt" not in manifest["files"]
+    assert main(argv) == 0  # a rerun: the folder is the tool's now
+    assert (out / "mine.txt").read_text() == "mine"
+    assert not (out / LOCK_NAME).exists()

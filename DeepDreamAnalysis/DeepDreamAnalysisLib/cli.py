@@ -516,6 +516,9 @@ def _add_compare_parser(subparsers) -> None:
                    help="with --start image: std (image units, HU) of the Gaussian noise added to the start image "
                         f"of restarts 1, 2, ... (default {DEFAULT_RESTART_NOISE_STD:g}; 0 runs a single restart)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty folder that holds no results of this tool (files the tool did not "
+                        "write are still never replaced or deleted)")
     p.add_argument("--allow-code-targets", action="store_true",
                    help="let a MONAI bundle config build classes outside monai and torch (runs their code)")
     p.add_argument("--keep-flagged", action="store_true",
@@ -525,10 +528,6 @@ def _add_compare_parser(subparsers) -> None:
 
 def cmd_compare(args) -> int:
     """The ``compare`` subcommand: load the models, run :func:`.studies.compare_models`, write the outputs."""
-    from .models import load_model
-    from .studies import compare_models, write_comparison
-    from .volume import read_volume
-
     specs = _parse_named(args.model, "model")
     named = []
     for name, path in specs:
@@ -551,7 +550,23 @@ def cmd_compare(args) -> int:
             if name not in seen:
                 raise ConfigError(f"--card {name}=...: there is no model named {name!r} (models: {', '.join(seen)}).")
             card_of[name] = path
-    out = check_output_dir(args.out)
+    inputs = [args.image, getattr(args, "reference", None)] + [p for _, p in named] + list(card_of.values())
+    folder = open_output_folder(args.out, inputs, overwrite=getattr(args, "overwrite", False))
+    out = folder.path
+    ok = False
+    try:
+        code = _compare_in(args, named, card_of, out)
+        ok = True
+        return code
+    finally:
+        close_output_folder(folder, remove_if_empty=not ok)
+
+
+def _compare_in(args, named, card_of, out: Path) -> int:
+    from .models import load_model
+    from .studies import compare_models, write_comparison
+    from .volume import read_volume
+
     volume = read_volume(args.image)
     models = {name: load_model(path, card=card_of.get(name), device="cpu", allow_code_targets=args.allow_code_targets)
               for name, path in named}
@@ -569,12 +584,17 @@ def cmd_compare(args) -> int:
 
         reference = ReferenceStats.load(args.reference)
     reporter = _CompareReporter()
-    with _CtrlC() as cancel:
-        comp = compare_models(volume, args.seed, models, config, reference, restarts=args.restarts,
-                              on_progress=reporter, cancel=cancel, restart_noise_std=args.restart_noise_std,
-                              keep_flagged=args.keep_flagged)
-    reporter.close()
-    paths = write_comparison(comp, out)
+    ctrl = _CtrlC()
+    with ctrl as cancel:
+        comp = _run_in_thread(lambda: compare_models(
+            volume, args.seed, models, config, reference, restarts=args.restarts, on_progress=reporter,
+            cancel=cancel, restart_noise_std=args.restart_noise_std, keep_flagged=args.keep_flagged), ctrl)
+        reporter.close()
+        from .outputs import ManifestWriter
+
+        with ManifestWriter(out) as manifest:  # never replaces a file the tool did not write
+            paths = write_comparison(comp, out)
+            manifest.finish()
     print(f"{comp.metadata['status']}: {len(comp.models)} models x {comp.restarts} restarts, "
           f"{len(comp.iterations)} iterations each.")
     if not comp.normalised:
