@@ -389,10 +389,14 @@ class DeepDreamAnalysisLogic(ScriptedLoadableModuleLogic, AnalysisLogicCore):
 
     def run(self, volumeNode, modelPath=None, seed=None, **kwargs):
         """See AnalysisLogicCore.run. Blocking runs keep Slicer's GUI painting between drains;
-        non-blocking runs are drained by a timer (``manualDrain=True``: call handle.processEvents())."""
+        non-blocking runs go to a worker process (``PythonSlicer``; ``process=False``: a thread of
+        Slicer's process, which only runs while Slicer's main thread runs Python) and are drained
+        by this logic's timer (``manualDrain=True``: call handle.processEvents() yourself)."""
         waitForCompletion = kwargs.get("waitForCompletion", True)
         if waitForCompletion:
             kwargs.setdefault("idle", slicer.app.processEvents)
+        elif kwargs.get("model") is None:
+            kwargs.setdefault("process", True)
         from DeepDreamAnalysisLib.slicer_deps import require_torch
 
         require_torch()

@@ -1,65 +1,117 @@
-"""While an analysis with features runs in the worker thread, the main thread stays responsive.
+"""The panel's run, drained from a main loop that holds the GIL as Slicer's does.
 
-A main-thread ticker asks to run every 50 ms, the way Slicer's Qt timer does, and at each tick
-drains the runner into real MRML nodes (scene.py), as the panel does. The worker runs a 3D tiny
-network with the paper's native features at every iteration. No tick may start more than 200 ms
-late. The figures are printed (pytest -s shows them).
+``slicer_main_loop.run_through_loop`` idles in C code holding the GIL and drains every 150 ms, the
+way Slicer's Qt event loop and the module's timer behave (a loop that waits with ``time.sleep``
+releases the GIL and hides the problem). The panel's run goes through a worker process
+(``process=True``), so it keeps its pace; a worker *thread* crawls under such a loop (``make bench``
+prints both, ``slicer_gil``). The bounds here are loose sanity checks on a shared CI machine; the
+targets (>= 0.9x the headless rate, drains <= 200 ms, cancel within one iteration + 2 s) are
+checked by the benchmark.
 """
 
 from __future__ import annotations
 
 import time
 
-import numpy as np
+import pytest
+import torch
 
 from slicer_fixtures import mrml_scene, slicer  # noqa: F401 - fixture
-from tiny_models import liver_like, tiny_model
+from slicer_main_loop import headless_rate, run_through_loop
+from tiny_models import liver_like, tiny_card, tiny_net
 
 from DeepDreamAnalysisLib import scene
 from DeepDreamAnalysisLib.config import AnalysisConfig, DreamConfig, FeatureConfig, paper_features
-from DeepDreamAnalysisLib.runner import AnalysisRunner
-from DeepDreamAnalysisLib.slicer_logic import AnalysisLogicCore, RunHandle, preload_engine
+from DeepDreamAnalysisLib.models import load_model
+from DeepDreamAnalysisLib.slicer_logic import AnalysisLogicCore
 
-TICK_S = 0.050
-LIMIT_S = 0.200
+SEED = (20, 20, 12)
 
 
-def test_main_thread_ticks_stay_on_time_while_the_worker_runs(mrml_scene):
+@pytest.fixture
+def case(mrml_scene, tmp_path):
+    path = tmp_path / "tiny.pt"
+    torch.jit.save(torch.jit.script(tiny_net(3)), str(path))
+    tiny_card(3, roi=[12, 16, 16]).save(tmp_path / "tiny.pt.card.json")
     node = slicer.util.addVolumeFromArray(liver_like((24, 40, 40)), name="input")
     node.SetSpacing(0.8, 0.8, 2.5)
-    volume = scene.volume_from_node(node)
-    model = tiny_model(3, roi=[12, 16, 16])
-    config = AnalysisConfig(dream=DreamConfig(iterations=100000, step=400.0, device="cpu"),
-                            features=FeatureConfig(names=paper_features(3), backend="native"), snapshot_every=2)
-    seed = (20, 20, 12)
-    crop = AnalysisLogicCore.cropFor(volume, seed, model.card, config)
-    updater = scene.SceneUpdater(node, crop, config.features.names, None, total_iterations=None,
-                                 options=scene.SceneOptions(record_every=4))
-    preload_engine()  # as the Logic does before it starts the worker
-    handle = RunHandle(AnalysisRunner(volume, seed, model, config), updater)
-    handle.runner.start()
-    lateness, drain_times = [], []
-    start = time.perf_counter()
-    tick = 0
-    try:
-        while time.perf_counter() - start < 4.0:
-            tick += 1
-            due = start + tick * TICK_S
-            time.sleep(max(0.0, due - time.perf_counter()))
-            lateness.append(time.perf_counter() - due)
-            t0 = time.perf_counter()
-            assert handle.processEvents(), handle.error
-            drain_times.append(time.perf_counter() - t0)
-    finally:
-        handle.cancel()
-        handle.wait(timeout=60, interval=0.05)
-    iterations = len(handle.result.steps)
-    late = np.array(lateness) * 1000
-    drains = np.array(drain_times) * 1000
-    print(f"\nresponsiveness: {len(late)} ticks of {TICK_S * 1000:.0f} ms while the worker ran {iterations} "
-          f"iterations with {len(config.features.names)} features; tick lateness median {np.median(late):.1f} ms, "
-          f"95th percentile {np.percentile(late, 95):.1f} ms, max {late.max():.1f} ms; drain into MRML median "
-          f"{np.median(drains):.1f} ms, max {drains.max():.1f} ms")
-    assert iterations >= 3, "the worker made no progress while the ticker ran"
-    assert handle.nodes.table.GetNumberOfRows() == iterations
-    assert late.max() < LIMIT_S * 1000, f"a main-thread tick waited {late.max():.0f} ms (limit {LIMIT_S * 1000:.0f})"
+    return node, path
+
+
+def config(iterations: int) -> AnalysisConfig:
+    return AnalysisConfig(dream=DreamConfig(iterations=iterations, step=400.0, device="cpu"),
+                          features=FeatureConfig(names=paper_features(3), backend="native"), snapshot_every=2)
+
+
+@pytest.mark.slow
+def test_the_panels_run_keeps_its_pace_under_a_main_loop_that_holds_the_gil(case):
+    node, path = case
+    handle = AnalysisLogicCore().run(node, path, SEED, config=config(40), waitForCompletion=False, process=True)
+    figures = run_through_loop(handle)
+    reference = headless_rate(scene.volume_from_node(node), SEED, load_model(path), config(40))
+    ratio = figures.rate / reference
+    print(f"\nGIL-holding loop: {figures.rate:.1f} it/s vs {reference:.1f} headless (ratio {ratio:.2f}); "
+          f"longest drain {1000 * figures.max_drain_s:.0f} ms; worker start-up {figures.startup_s:.1f} s")
+    assert handle.status == "completed", handle.error
+    assert handle.nodes.table.GetNumberOfRows() == 40
+    assert handle.nodes.metadata.GetAttribute("DeepDreamAnalysis.Status") == "completed"
+    # loose (a worker thread reaches ~0.05 here; the benchmark checks the 0.9 target)
+    assert ratio > 0.25, f"the run went at {ratio:.2f}x its headless rate under the GIL-holding loop"
+    assert figures.max_drain_s < 1.0, f"a drain kept the main thread {figures.max_drain_s:.2f} s"
+
+
+@pytest.mark.slow
+def test_cancel_under_the_loop_ends_the_worker_within_an_iteration_and_the_grace(case):
+    node, path = case
+    handle = AnalysisLogicCore().run(node, path, SEED, config=config(100000), waitForCompletion=False, process=True)
+    figures = run_through_loop(handle, cancel_after=5)
+    assert handle.status == "cancelled"
+    assert figures.cancel_latency_s < figures.iteration_s + 2.0 + 5.0  # loose: a shared CI machine
+    assert handle.runner.process.poll() is not None, "the worker process is still there"
+    rows = handle.nodes.table.GetNumberOfRows()
+    assert rows >= 5 and rows == len(handle.result.steps)
+    assert handle.runner.folder is None  # its temporary files are gone
+
+
+@pytest.mark.slow
+def test_a_killed_worker_gives_a_clear_message_and_keeps_what_was_received(case):
+    node, path = case
+    messages = []
+    handle = AnalysisLogicCore().run(node, path, SEED, config=config(100000), waitForCompletion=False, process=True,
+                                     logCallback=messages.append)
+    end = time.monotonic() + 120
+    while (handle.lastProgress is None or handle.lastProgress.step.iteration < 3) and time.monotonic() < end:
+        handle.processEvents()
+        time.sleep(0.05)
+    received = handle.lastProgress.step.iteration + 1
+    handle.runner.process.kill()  # as the system's out-of-memory killer would
+    handle.runner.process.wait(30)
+    while handle.processEvents():
+        time.sleep(0.05)
+    assert handle.status == "fault"
+    assert "killed" in str(handle.error) and "kept" in str(handle.error)
+    assert any("ended without a result" in m for m in messages)
+    assert handle.nodes.table.GetNumberOfRows() >= received
+    assert handle.nodes.metadata.GetAttribute("DeepDreamAnalysis.Status") == "fault"
+
+
+def test_closing_the_scene_ends_the_worker_process(case, mrml_scene):
+    node, path = case
+    logic = AnalysisLogicCore()
+    handle = logic.run(node, path, SEED, config=config(100000), waitForCompletion=False, process=True)
+    process = handle.runner.process
+    mrml_scene.Clear(0)
+    assert handle.status == "cancelled" and not logic.isRunning
+    process.wait(10)  # terminated at once, without waiting for an iteration
+    assert process.returncode is not None
+    assert mrml_scene.GetFirstNodeByClass("vtkMRMLTableNode") is None
+
+
+def test_a_run_left_by_a_module_reload_is_no_longer_tagged_running(case):
+    node, path = case
+    logic = AnalysisLogicCore()
+    handle = logic.run(node, path, SEED, config=config(100000), waitForCompletion=False, process=True)
+    logic.abandon(timeout=0)
+    handle.runner.process.wait(10)
+    assert handle.nodes.table.GetAttribute("DeepDreamAnalysis.Status") == "cancelled"
+    assert not logic.isRunning

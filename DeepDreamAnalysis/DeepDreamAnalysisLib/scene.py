@@ -422,6 +422,16 @@ class SceneUpdater:
         self._set_attribute_all(ATTR_STATUS, self.status)
         return self.nodes
 
+    def mark_stopped(self, status: str = "cancelled", reason: str = "") -> None:
+        """The run was left (module reload, Slicer quitting) while its nodes stay in the scene: tag
+        them ``status`` instead of ``running``, without creating any node that is missing."""
+        self.status = status
+        self.metadata["status"] = status
+        if reason:
+            self.metadata["cancelled"] = reason
+        self._write_metadata()
+        self._set_attribute_all(ATTR_STATUS, status)
+
     # --- node creation -----------------------------------------------------------------------
 
     def _tag(self, node, role: str) -> None:

@@ -245,6 +245,7 @@ class RunHandle:
         self.abandonReason: str | None = None
         self.started = time.monotonic()
         self._inputGoneSaid = False
+        self.sceneClosing = False
         self._closeTag = None
         scene = updater.scene
         if hasattr(scene, "StartCloseEvent"):
@@ -344,7 +345,15 @@ class RunHandle:
         self.abandoned = True
         self.abandonReason = reason
         self._release()
-        if timeout and timeout > 0:
+        if not self.sceneClosing:  # the nodes stay: say they are no longer running
+            try:
+                self.updater.mark_stopped("cancelled", reason)
+            except Exception:  # noqa: BLE001 - the scene may be going away
+                log.exception("Tagging the output nodes as cancelled failed")
+        terminate = getattr(self.runner, "terminate", None)
+        if terminate is not None:  # a worker process: end it now, nothing more goes into the scene
+            terminate()
+        elif timeout and timeout > 0:
             self.runner.join(timeout)
         self.runner.poll()  # drop what was queued; nothing of it goes into the scene
         if notify:
@@ -354,6 +363,7 @@ class RunHandle:
     def _onSceneStartClose(self, caller=None, event=None) -> None:
         """The scene is closing: cancel, and forget the output nodes (they go with the scene; their
         IDs will be reused by new nodes). Never waits for the worker here, not to hold up the close."""
+        self.sceneClosing = True
         self.updater.nodes.ids.clear()
         self.updater.nodes.series_ids.clear()
         if self.finished:  # ended before, or the panel abandoned it first
@@ -489,7 +499,7 @@ class AnalysisLogicCore:
             device: str = "auto", recordEvery: int = 10, maxRecorded: int = 100, newNodes: bool = False,
             waitForCompletion: bool = True, progressCallback=None, logCallback=None,
             finishedCallback=None, config: AnalysisConfig | None = None, model=None,
-            allowCodeTargets: bool = False, idle: Callable[[], None] | None = None):
+            allowCodeTargets: bool = False, idle: Callable[[], None] | None = None, process: bool = False):
         """Run the analysis of ``volumeNode`` with the model at ``modelPath`` (or a loaded ``model``).
 
         Seed: ``seed`` is a markups point list (its last placed point) or voxel indices
@@ -507,6 +517,10 @@ class AnalysisLogicCore:
         ``waitForCompletion=True`` returns the :class:`~.result.AnalysisResult` (output nodes in
         ``self.handle.nodes``); False returns the :class:`RunHandle` at once (call
         ``handle.processEvents()`` if no timer does). ``config`` overrides every loop setting.
+
+        ``process=True`` runs the loop in a worker process (:mod:`.process_runner`: ``PythonSlicer``
+        in Slicer), which Slicer's main thread cannot starve; it loads the model from ``modelPath``.
+        False runs it in a thread of this process (notebooks, scripts, the blocking form).
         """
         _refuse_if_running()
         if device not in DEVICES and not str(device).startswith("cuda:"):
@@ -536,7 +550,16 @@ class AnalysisLogicCore:
             metadata={"model": str(getattr(loaded, "path", modelPath)), "seed_ijk": list(seed_ijk),
                       "device": device, "features": list(names)})
         try:
-            runner = AnalysisRunner(volume, seed_ijk, loaded, config, reference)
+            if process:
+                from .process_runner import ProcessRunner
+
+                if model is not None and modelPath is None:
+                    raise ConfigError("A run in a worker process loads the model from its file: give modelPath "
+                                      "instead of a loaded model, or pass process=False.")
+                runner = ProcessRunner(volume, seed_ijk, loaded, config, reference, model_path=modelPath,
+                                       reference_path=referencePath, allow_code_targets=allowCodeTargets)
+            else:
+                runner = AnalysisRunner(volume, seed_ijk, loaded, config, reference)
             handle = RunHandle(runner, updater, progressCallback, logCallback, finishedCallback)
             try:
                 runner.start()
@@ -547,7 +570,7 @@ class AnalysisLogicCore:
             scene_mod.remove_run_nodes(self.scene, updater.run_id)
             raise
         self.handle = handle
-        _say(logCallback, f"Running {config.dream.iterations} iterations (step {config.dream.step:g}) at seed "
+        _say(logCallback, f"Running {'in a worker process: ' if process else ''}{config.dream.iterations} iterations (step {config.dream.step:g}) at seed "
                           f"(i,j,k)={seed_ijk} with {len(names)} features.")
         if not waitForCompletion:
             return self.handle

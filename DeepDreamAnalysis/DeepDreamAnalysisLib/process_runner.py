@@ -1,0 +1,324 @@
+"""The analysis in a worker process, drained without ever waiting (the Slicer panel's run).
+
+Inside Slicer a Python thread only runs while the main thread runs Python: the main thread holds
+the GIL while Qt idles in C++, so a worker *thread* crawls (docs/slicer-panel.md, "Why a
+process"). :class:`ProcessRunner` has the interface of :class:`~.runner.AnalysisRunner` (``start``,
+``poll``, ``cancel``, ``done``, ``join``, ``result``, ``error``) but runs
+:mod:`DeepDreamAnalysisLib.worker` in a child process (``PythonSlicer`` in Slicer, else
+``sys.executable``) and talks to it through files in a private temporary folder:
+
+- inputs: the image (``volume.npy``) and the job (geometry, seed, model path, configuration,
+  reference path) written at :meth:`start`;
+- progress: :meth:`poll` reads the frames appended to ``progress.bin`` since the last call and the
+  snapshot files they name (non-blocking file reads; no pipe to wait on, no thread in this process);
+- cancel: a ``cancel`` line on the child's stdin; if it has not ended ``CANCEL_GRACE_S`` later, a
+  later :meth:`poll` or :meth:`join` terminates it. :meth:`terminate` ends it at once (scene close,
+  module reload, Slicer quitting). The child also cancels itself when its stdin closes, so it
+  never outlives Slicer;
+- the end: ``outcome.pkl`` holds the result or the error. A child that dies without one (killed,
+  out of memory, crashed) gives a :class:`WorkerProcessError` naming the exit code and the last
+  lines of its log; the iterations already polled stay with the caller.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .config import AnalysisConfig
+from .errors import DeepDreamError
+from .result import AnalysisResult, Progress, Snapshot
+from .worker import FRAME_HEADER
+
+CANCEL_GRACE_S = 2.0
+"""Seconds a cancelled child gets to end by itself (it stops within one iteration) before it is
+terminated."""
+
+
+class WorkerProcessError(DeepDreamError):
+    """The analysis process ended without a result (killed, out of memory, crashed)."""
+
+    partial = None
+
+
+def python_executable() -> str:
+    """The interpreter for the worker: ``PythonSlicer`` inside Slicer (Slicer's Python with its
+    packages), else this interpreter."""
+    slicer = sys.modules.get("slicer")
+    if slicer is not None and hasattr(slicer, "app"):
+        home = os.path.dirname(sys.executable)
+        for name in ("PythonSlicer", "PythonSlicer.exe"):
+            found = shutil.which(name) or shutil.which(name, path=home)
+            if found:
+                return found
+    return sys.executable
+
+
+def _package_parent() -> str:
+    return str(Path(__file__).resolve().parent.parent)
+
+
+class ProcessRunner:
+    """Run one analysis in a child process. See the module docstring."""
+
+    def __init__(self, volume, seed_ijk, model, config: AnalysisConfig | None = None, reference=None,
+                 *, model_path=None, reference_path=None, allow_code_targets: bool = False,
+                 queue_size: int = 4, python: str | None = None):
+        self.volume = volume
+        self.seed_ijk = tuple(int(v) for v in seed_ijk)
+        self.model = model
+        self.config = config or AnalysisConfig()
+        self.reference = reference
+        path = str(model_path if model_path is not None else getattr(model, "path", "") or "")
+        self.model_path = str(Path(path).resolve()) if path.strip() not in ("", ".") else ""
+        self.reference_path = None if reference_path is None or str(reference_path).strip() in ("", ".") \
+            else str(Path(reference_path).resolve())
+        self.allow_code_targets = bool(allow_code_targets)
+        self.queue_size = queue_size
+        self.python = python or python_executable()
+        self.folder: Path | None = None
+        self.process: subprocess.Popen | None = None
+        self.result: AnalysisResult | None = None
+        self.error: BaseException | None = None
+        self.last_progress: Progress | None = None
+        self.received = 0
+        self._offset = 0
+        self._buffer = b""
+        self._cancel_at: float | None = None
+        self._terminated = False
+        self._collected = False
+        self._log = None
+        self._pending: list[Progress] = []
+
+    # --- AnalysisRunner's interface -----------------------------------------------------------
+
+    @property
+    def crop(self):
+        from .analysis import plan_crop
+
+        return plan_crop(self.volume, self.seed_ijk, self.model.card, self.config)
+
+    def start(self) -> "ProcessRunner":
+        if self.process is not None:
+            raise RuntimeError("This runner was started already; make a new one for another run.")
+        if not self.model_path or not Path(self.model_path).exists():
+            raise DeepDreamError(f"The worker process loads the model from its file, and {self.model_path!r} "
+                                 "does not exist. Give the model's path (not a model object), or run in-process.")
+        self.folder = Path(tempfile.mkdtemp(prefix="deepdream-run-"))
+        np.save(self.folder / "volume.npy", np.ascontiguousarray(self.volume.array, dtype=np.float32))
+        job = {"spacing": tuple(self.volume.spacing), "origin": tuple(self.volume.origin),
+               "direction": np.asarray(self.volume.direction).tolist(), "seed_ijk": self.seed_ijk,
+               "model_path": self.model_path, "allow_code_targets": self.allow_code_targets,
+               "config": self.config, "reference_path": self.reference_path}
+        (self.folder / "job.pkl").write_bytes(pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([_package_parent()] + [p for p in [env.get("PYTHONPATH")] if p])
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self._log = open(self.folder / "worker.log", "wb")
+        kwargs = {}
+        if os.name == "nt":
+            kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)
+        try:
+            self.process = subprocess.Popen(
+                [self.python, "-m", "DeepDreamAnalysisLib.worker", str(self.folder)], stdin=subprocess.PIPE,
+                stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=str(self.folder), **kwargs)
+        except OSError as exc:
+            self._cleanup()
+            raise DeepDreamError(f"Could not start the analysis process ({self.python}): {exc}. "
+                                 "Run in-process instead (process=False).") from None
+        return self
+
+    def poll(self) -> list[Progress]:
+        """Everything the child reported since the last call (non-blocking); enforces the cancel grace."""
+        self._enforce_grace()
+        out, self._pending = self._pending + self._read_frames(), []
+        if out:
+            self.last_progress = out[-1]
+            self.received += len(out)
+        return out
+
+    def cancel(self) -> None:
+        """Ask the child to stop (it ends within one iteration with a ``cancelled`` result); it is
+        terminated if it is still there ``CANCEL_GRACE_S`` later, at the next poll or join."""
+        if self._cancel_at is None:
+            self._cancel_at = time.monotonic()
+        self._send("cancel\n")
+
+    def terminate(self) -> None:
+        """End the child now (nothing more is read from it); the files go."""
+        if self._cancel_at is None:
+            self._cancel_at = time.monotonic()
+        self._terminated = True
+        if self.process is not None and self.process.poll() is None:
+            self._send("cancel\n")
+            self.process.terminate()
+        self._collected = True
+        if self.error is None and self.result is None:
+            self.error = WorkerProcessError("The analysis process was stopped.")
+        self._cleanup_when_gone()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel_at is not None
+
+    @property
+    def is_running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    @property
+    def done(self) -> bool:
+        if self.process is None or self.process.poll() is None:
+            return False
+        self._collect()
+        self._cleanup_when_gone()
+        return True
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the child (up to ``timeout`` s); True when it has ended."""
+        if self.process is None:
+            return False
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.process.poll() is None:
+            self._enforce_grace()
+            left = 0.1 if end is None else min(0.1, end - time.monotonic())
+            if left <= 0:
+                return False
+            try:
+                self.process.wait(left)
+            except subprocess.TimeoutExpired:
+                pass
+        return True
+
+    def wait(self) -> AnalysisResult:
+        self.join()
+        self.done  # noqa: B018 - collects the outcome
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _send(self, text: str) -> None:
+        if self.process is None or self.process.stdin is None:
+            return
+        try:
+            self.process.stdin.write(text.encode())
+            self.process.stdin.flush()
+        except (OSError, ValueError):  # the child is gone already
+            pass
+
+    def _enforce_grace(self) -> None:
+        if self._cancel_at is None or self.process is None or self.process.poll() is not None:
+            return
+        late = time.monotonic() - self._cancel_at
+        if late > CANCEL_GRACE_S + 3.0:
+            self.process.kill()
+        elif late > CANCEL_GRACE_S:
+            self.process.terminate()
+
+    def _read_frames(self) -> list[Progress]:
+        if self.folder is None or self._terminated:
+            return []
+        try:
+            with open(self.folder / "progress.bin", "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except OSError:
+            return []
+        self._offset += len(data)
+        buf = self._buffer + data
+        frames = []
+        pos = 0
+        while len(buf) - pos >= FRAME_HEADER.size:
+            (n,) = FRAME_HEADER.unpack_from(buf, pos)
+            if len(buf) - pos - FRAME_HEADER.size < n:
+                break
+            frames.append(pickle.loads(buf[pos + FRAME_HEADER.size:pos + FRAME_HEADER.size + n]))
+            pos += FRAME_HEADER.size + n
+        self._buffer = buf[pos:]
+        with_snap = [i for i, (_, name) in enumerate(frames) if name]
+        keep = set(with_snap[-self.queue_size:])
+        out = []
+        for i, (progress, name) in enumerate(frames):
+            if name:
+                path = self.folder / name
+                if i in keep:
+                    progress.snapshot = self._load_snapshot(path)
+                try:
+                    path.unlink()
+                except OSError:
+                    pass
+            out.append(progress)
+        return out
+
+    @staticmethod
+    def _load_snapshot(path: Path) -> Snapshot | None:
+        try:
+            with np.load(path) as z:
+                return Snapshot(iteration=int(z["iteration"]), image=z["image"], probability=z["probability"],
+                                mask=z["mask"])
+        except (OSError, ValueError, KeyError):  # deleted by the child (undrained for too long)
+            return None
+
+    def _collect(self) -> None:
+        if self._collected:
+            return
+        self._collected = True
+        self._pending += self._read_frames()  # what the child wrote after the last poll
+        code = self.process.returncode
+        outcome = None
+        try:
+            outcome = pickle.loads((self.folder / "outcome.pkl").read_bytes())
+        except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError):
+            pass
+        if outcome is not None:
+            kind, value = outcome
+            if kind == "result":
+                self.result = value
+            else:
+                self.error = value
+        else:
+            how = {-9: "killed (SIGKILL: often the system running out of memory)",
+                   -15: "terminated (SIGTERM)"}.get(code, f"exit code {code}")
+            if self._cancel_at is not None and code in (-9, -15, 1):
+                how += ", after it was asked to cancel"
+            tail = self._log_tail()
+            self.error = WorkerProcessError(
+                f"The analysis process ended without a result ({how}). The {self.received} iterations received "
+                f"before are kept in the output nodes." + (f" Its last output: {tail}" if tail else "")
+                + " If it ran out of memory, use a smaller crop (roi_size) or the CPU.")
+        self._cleanup_when_gone()
+
+    def _log_tail(self, chars: int = 600) -> str:
+        try:
+            text = (self.folder / "worker.log").read_bytes()[-chars:].decode("utf-8", "replace")
+        except OSError:
+            return ""
+        return " ".join(text.split())
+
+    def _cleanup_when_gone(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            return  # still ending: a later done/join cleans up
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self.process is not None and self.process.stdin is not None:
+            try:
+                self.process.stdin.close()
+            except OSError:
+                pass
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None

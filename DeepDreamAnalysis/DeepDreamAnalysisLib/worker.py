@@ -1,0 +1,120 @@
+"""The analysis in its own process: ``python -m DeepDreamAnalysisLib.worker FOLDER``.
+
+Started by :class:`~.process_runner.ProcessRunner` (in Slicer with ``PythonSlicer``), so the dream
+loop never competes with Slicer's main thread for the GIL. Everything goes through ``FOLDER``:
+
+- in: ``volume.npy`` (the image, float32 [k, j, i]) and ``job.pkl`` (spacing, origin, direction,
+  seed (i, j, k), model path, whether code targets are allowed, the :class:`~.config.AnalysisConfig`,
+  the reference statistics path);
+- out: ``progress.bin``, length-prefixed pickled frames ``(Progress without snapshot, snapshot file
+  name or None)``, appended and flushed after each iteration; ``snap-<iteration>.npz`` (the crop's
+  image, probability and mask, written before the frame that names it); ``outcome.pkl``
+  (``("result", AnalysisResult)`` or ``("error", exception)``), written last by rename.
+
+Control: a line ``cancel`` on stdin, or stdin closing (the parent died or let go), cancels the run;
+it ends within one iteration with a ``cancelled`` result. Imports torch; never Qt, VTK or MRML.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+
+FRAME_HEADER = struct.Struct("<I")
+MAX_UNREAD_SNAPSHOTS = 16
+"""Snapshot files the parent has not read yet beyond which the worker deletes the oldest (bounded
+disk use when the parent drains slowly; the final result still holds every kept snapshot)."""
+
+
+def _watch_stdin(cancel: threading.Event) -> None:
+    for line in sys.stdin:
+        if line.strip() == "cancel":
+            cancel.set()
+    cancel.set()  # stdin closed: the parent is gone or has let go
+
+
+class _Writer:
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.stream = open(folder / "progress.bin", "ab")
+        self.snapshots: list[Path] = []
+
+    def __call__(self, progress) -> None:
+        snap_name = None
+        snap = progress.snapshot
+        if snap is not None:
+            snap_name = f"snap-{snap.iteration}.npz"
+            tmp = self.folder / (snap_name + ".part.npz")
+            np.savez(tmp, iteration=snap.iteration, image=snap.image, probability=snap.probability, mask=snap.mask)
+            os.replace(tmp, self.folder / snap_name)
+            self.snapshots = [p for p in self.snapshots if p.exists()] + [self.folder / snap_name]
+            for stale in self.snapshots[:-MAX_UNREAD_SNAPSHOTS]:
+                try:
+                    stale.unlink()
+                except OSError:
+                    pass
+            self.snapshots = self.snapshots[-MAX_UNREAD_SNAPSHOTS:]
+        light = type(progress)(step=progress.step, snapshot=None, total_iterations=progress.total_iterations,
+                               elapsed_s=progress.elapsed_s, eta_s=progress.eta_s,
+                               late_steps=list(getattr(progress, "late_steps", []) or []))
+        data = pickle.dumps((light, snap_name), protocol=pickle.HIGHEST_PROTOCOL)
+        self.stream.write(FRAME_HEADER.pack(len(data)) + data)
+        self.stream.flush()
+
+
+def _write_outcome(folder: Path, kind: str, value) -> None:
+    try:
+        data = pickle.dumps((kind, value), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - an exception that cannot be pickled still tells its message
+        data = pickle.dumps(("error", RuntimeError(f"{type(value).__name__}: {value}")))
+    tmp = folder / "outcome.pkl.part"
+    tmp.write_bytes(data)
+    os.replace(tmp, folder / "outcome.pkl")
+
+
+def run_job(folder: Path, cancel: threading.Event) -> int:
+    """Load the job in ``folder``, run it, write the outcome; 0 when an outcome was written."""
+    writer = _Writer(folder)
+    try:
+        job = pickle.loads((folder / "job.pkl").read_bytes())
+        from .analysis import run_analysis
+        from .models import load_model
+        from .volume import Volume
+
+        volume = Volume(np.load(folder / "volume.npy"), spacing=job["spacing"], origin=job["origin"],
+                        direction=np.asarray(job["direction"]))
+        model = load_model(job["model_path"], device="cpu", allow_code_targets=job["allow_code_targets"])
+        reference = None
+        if job.get("reference_path"):
+            from .reference import ReferenceStats
+
+            reference = ReferenceStats.load(job["reference_path"])
+        result = run_analysis(volume, tuple(job["seed_ijk"]), model, job["config"], reference,
+                              on_progress=writer, cancel=cancel)
+    except BaseException as exc:  # noqa: BLE001 - handed to the parent
+        _write_outcome(folder, "error", exc)
+        return 0
+    finally:
+        writer.stream.close()
+    _write_outcome(folder, "result", result)
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or not Path(argv[0]).is_dir():
+        print("usage: python -m DeepDreamAnalysisLib.worker FOLDER (started by the Slicer module)", file=sys.stderr)
+        return 2
+    cancel = threading.Event()
+    threading.Thread(target=_watch_stdin, args=(cancel,), daemon=True).start()
+    return run_job(Path(argv[0]), cancel)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""A stand-in for Slicer's main loop that holds the GIL, for tests and ``make bench``.
+
+What it imitates: inside Slicer, Python is embedded without PythonQt's thread support, so the main
+thread keeps the GIL while Qt's event loop waits in C++ for the next event; a Python thread of
+Slicer's process only runs while the main thread itself runs Python (a timer callback, a console
+command). :func:`run_through_loop` idles in C code *holding* the GIL (``ctypes.PyDLL(None).usleep``:
+PyDLL calls do not release it) and calls the panel's drain (``handle.processEvents()``) every
+``tick_s`` (the module's 150 ms ``qt.QTimer``). ``time.sleep`` would release the GIL and hide the
+problem. It is not Slicer: no Qt events are processed and nothing is painted; it measures how fast
+the run goes and how long each drain keeps the main thread busy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from dataclasses import dataclass, field
+
+TICK_S = 0.150
+
+_usleep = ctypes.PyDLL(None).usleep  # PyDLL: the GIL stays held during the call
+_usleep.argtypes = [ctypes.c_uint]
+
+
+def idle_holding_gil(seconds: float) -> None:
+    """Wait ``seconds`` in C code without releasing the GIL (as Qt's event loop in Slicer)."""
+    _usleep(int(seconds * 1e6))
+
+
+@dataclass
+class LoopFigures:
+    """What :func:`run_through_loop` measured. Rates are iterations per second between the first
+    and the last iteration the main thread received (start-up excluded, reported apart)."""
+
+    iterations: int = 0
+    rate: float = float("nan")
+    startup_s: float = float("nan")
+    max_drain_s: float = 0.0
+    cancel_latency_s: float | None = None
+    iteration_s: float = float("nan")
+    status: str = ""
+    receipts: list = field(default_factory=list, repr=False)
+
+
+def run_through_loop(handle, *, tick_s: float = TICK_S, cancel_after: int | None = None, timeout_s: float = 300.0,
+                     hold_gil: bool = True) -> LoopFigures:
+    """Drain ``handle`` (a :class:`~DeepDreamAnalysisLib.slicer_logic.RunHandle`) from a loop that
+    idles ``tick_s`` between drains, holding the GIL (``hold_gil``) or not (``time.sleep``).
+    ``cancel_after``: call ``handle.cancel()`` at the first drain that has received that many
+    iterations, and measure how long until the run has ended."""
+    figures = LoopFigures()
+    started = time.perf_counter()
+    cancelled_at = None
+    seen = 0
+    while True:
+        if hold_gil:
+            idle_holding_gil(tick_s)
+        else:
+            time.sleep(tick_s)
+        t0 = time.perf_counter()
+        going = handle.processEvents()
+        now = time.perf_counter()
+        figures.max_drain_s = max(figures.max_drain_s, now - t0)
+        last = handle.lastProgress
+        if last is not None and last.step.iteration + 1 > seen:
+            seen = last.step.iteration + 1
+            figures.receipts.append((now, seen))
+        if not going:
+            break
+        if cancel_after is not None and cancelled_at is None and seen >= cancel_after:
+            handle.cancel()
+            cancelled_at = time.perf_counter()
+        if now - started > timeout_s:
+            handle.cancel()
+            handle.wait(timeout=30)
+            raise TimeoutError(f"the run did not end within {timeout_s} s")
+    end = time.perf_counter()
+    figures.status = handle.status
+    figures.iterations = seen
+    if figures.receipts:
+        figures.startup_s = figures.receipts[0][0] - started
+    if len(figures.receipts) >= 2:
+        (t_a, n_a), (t_b, n_b) = figures.receipts[0], figures.receipts[-1]
+        if t_b > t_a:
+            figures.rate = (n_b - n_a) / (t_b - t_a)
+            figures.iteration_s = 1.0 / figures.rate if figures.rate > 0 else float("nan")
+    if cancelled_at is not None:
+        figures.cancel_latency_s = end - cancelled_at
+    return figures
+
+
+def headless_rate(volume, seed_ijk, model, config) -> float:
+    """Iterations per second of the same run with no GUI loop at all (``run_analysis`` called
+    directly), between the first and the last iteration, as :func:`run_through_loop` counts."""
+    from DeepDreamAnalysisLib.analysis import run_analysis
+
+    times: list[tuple[float, int]] = []
+    run_analysis(volume, seed_ijk, model, config,
+                 on_progress=lambda p: times.append((time.perf_counter(), p.step.iteration + 1)))
+    (t_a, n_a), (t_b, n_b) = times[0], times[-1]
+    return (n_b - n_a) / (t_b - t_a)
