@@ -268,3 +268,19 @@ def test_ctrl_c_marks_runs_in_progress_and_the_same_command_resumes(files, tmp_p
     assert rerun.returncode == 0, rerun.stderr
     assert "8 of 8 runs done, 0 failed" in rerun.stdout
     assert {k: (out / "runs" / k / "curves.csv").stat().st_mtime_ns for k in finished} == stamps
+
+
+def test_compare_on_the_study_engine_gives_the_same_comparison(cluster, files, tmp_path, capsys):
+    base = ["compare", "--image", str(files["ct"]), "--seed", "24,20,0", "--model", f"a={files['a']}",
+            "--model", f"b={files['b']}", "--restarts", "2", "--iterations", "4", "--step", "15",
+            "--normalize-gradient", "--features", ",".join(FEATURES), "--feature-backend", "native"]
+    assert cli.main(base + ["--out", str(tmp_path / "serial")]) == 0
+    assert cli.main(base + ["--out", str(tmp_path / "ray"), "--workers", "2"]) == 0
+    capsys.readouterr()
+    serial = list(csv.DictReader(open(tmp_path / "serial" / "comparison.csv")))
+    on_ray = list(csv.DictReader(open(tmp_path / "ray" / "comparison.csv")))
+    assert [(r["model"], r["restart"], r["iteration"], r["feature"]) for r in on_ray] == \
+        [(r["model"], r["restart"], r["iteration"], r["feature"]) for r in serial]
+    assert np.allclose([float(r["value"] or "nan") for r in on_ray], [float(r["value"] or "nan") for r in serial],
+                       rtol=1e-5, equal_nan=True)
+    assert len(list((tmp_path / "ray" / "study" / "runs").iterdir())) == 4  # each run's own folder

@@ -523,6 +523,9 @@ def _add_compare_parser(subparsers) -> None:
                    help="let a MONAI bundle config build classes outside monai and torch (runs their code)")
     p.add_argument("--keep-flagged", action="store_true",
                    help="rank runs with quality flags too (default: left out of the ranking; docs/quality-flags.md)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="run the runs in parallel on the study engine (a local Ray with this many workers; docs/studies.md)")
+    p.add_argument("--address", default=None, help="run the runs on a Ray cluster (auto or ray://HOST:10001)")
     _add_dream_options(p)
 
 
@@ -583,18 +586,26 @@ def _compare_in(args, named, card_of, out: Path) -> int:
         from .reference import ReferenceStats
 
         reference = ReferenceStats.load(args.reference)
-    reporter = _CompareReporter()
-    ctrl = _CtrlC()
-    with ctrl as cancel:
-        comp = _run_in_thread(lambda: compare_models(
-            volume, args.seed, models, config, reference, restarts=args.restarts, on_progress=reporter,
-            cancel=cancel, restart_noise_std=args.restart_noise_std, keep_flagged=args.keep_flagged), ctrl)
-        reporter.close()
-        from .outputs import ManifestWriter
+    if args.workers is not None or args.address is not None:  # the same runs on the study engine
+        from .studies import compare_on_study, print_progress
 
-        with ManifestWriter(out) as manifest:  # never replaces a file the tool did not write
-            paths = write_comparison(comp, out)
-            manifest.finish()
+        files = {name: (path, card_of.get(name)) for name, path in named}
+        comp = compare_on_study(args.image, args.seed, files, config, args.reference, restarts=args.restarts,
+                                restart_noise_std=args.restart_noise_std, out=out / "study", address=args.address,
+                                workers=args.workers, keep_flagged=args.keep_flagged, on_progress=print_progress())
+    else:
+        reporter = _CompareReporter()
+        ctrl = _CtrlC()
+        with ctrl as cancel:
+            comp = _run_in_thread(lambda: compare_models(
+                volume, args.seed, models, config, reference, restarts=args.restarts, on_progress=reporter,
+                cancel=cancel, restart_noise_std=args.restart_noise_std, keep_flagged=args.keep_flagged), ctrl)
+            reporter.close()
+    from .outputs import ManifestWriter
+
+    with ManifestWriter(out) as manifest:  # never replaces a file the tool did not write
+        paths = write_comparison(comp, out)
+        manifest.finish()
     print(f"{comp.metadata['status']}: {len(comp.models)} models x {comp.restarts} restarts, "
           f"{len(comp.iterations)} iterations each.")
     if not comp.normalised:

@@ -11,6 +11,7 @@ from .compare import (
     Comparison,
     CompareProgress,
     compare_models,
+    compare_on_study,
     plot_comparison,
     restart_seeds,
     write_comparison,
@@ -27,6 +28,7 @@ from .sensitivity import feature_sensitivity, rank_features, result_sensitivity
 from .spec import RunSpec, StudySpec, StudySpecError, expand_runs, load_study
 
 __all__ = ["BASE_CURVES", "DEFAULT_RESTART_NOISE_STD", "Comparison", "CompareProgress", "compare_models",
+           "compare_on_study",
            "plot_comparison", "restart_seeds", "write_comparison", "feature_sensitivity", "rank_features",
            "result_sensitivity", "run_study", "run_study_outcome", "StudyEngineError", "StudyOutcome", "StudyProgress",
            "print_progress", "RunSpec", "StudySpec", "StudySpecError", "expand_runs", "load_study"]

@@ -283,6 +283,14 @@ def compare_models(volume: Volume, seed_ijk, models: dict, config: AnalysisConfi
     if done == 0:
         raise DeepDreamError("The comparison was cancelled before any run finished for every model; nothing to show.")
     results = {n: v[:done] for n, v in results.items()}
+    return _comparison(names, results, models, volume, seed_ijk, config, reference, restarts, seeds, status,
+                       restart_noise_std, keep_flagged, t0)
+
+
+def _comparison(names, results, models, volume, seed_ijk, config, reference, restarts, seeds, status,
+                restart_noise_std, keep_flagged, t0) -> Comparison:
+    """The :class:`Comparison` of finished runs, with its metadata."""
+    done = min(len(v) for v in results.values())
     comp = _assemble(names, results, reference)
     comp.keep_flagged = bool(keep_flagged)
     comp.metadata.update({
@@ -303,6 +311,64 @@ def compare_models(volume: Volume, seed_ijk, models: dict, config: AnalysisConfi
                       "quality_flags": [f.code for f in getattr(res, "quality_flags", None) or []]} for res in v]
                  for n, v in results.items()},
     })
+    return comp
+
+
+def compare_on_study(image_path, seed_ijk, model_files: dict, config: AnalysisConfig, reference_path=None,
+                     restarts: int = 3, restart_noise_std: float = DEFAULT_RESTART_NOISE_STD, out=None,
+                     address: str | None = None, workers: int | None = None, keep_flagged: bool = False,
+                     on_progress=None) -> Comparison:
+    """:func:`compare_models` on the study engine (Ray, :mod:`.engine`): the same runs (same restart
+    seeds and start images, hence the same numbers), run in parallel, each in ``out/runs/<key>/``.
+
+    ``model_files``: name -> (model path, card path or None). ``config`` must not use custom
+    features (a study file names features only). Returns the :class:`Comparison`; the study's own
+    files (table, pooled figure, report) are in ``out`` too.
+    """
+    from ..models import load_model
+    from ..reference import ReferenceStats
+    from ..volume import read_volume
+    from .engine import run_study_outcome
+    from .spec import load_study
+
+    config.validate()
+    if config.features.custom:
+        raise ConfigError("Custom features are not available through the study engine yet; run compare without "
+                          "--workers/--address to use them.")
+    seeds = restart_seeds(config, restarts, restart_noise_std)
+    dream = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config.dream).items()
+             if k not in ("method",)}
+    if getattr(config.dream, "method", None) is not None:
+        methods = [config.dream.method]
+    else:
+        methods = ["default"]
+    seed = [int(v) for v in seed_ijk]
+    spec = {"name": "compare", "models": [{"name": n, "path": str(p), **({"card": str(c)} if c else {})}
+                                          for n, (p, c) in model_files.items()],
+            "images": [{"name": "image", "path": str(image_path), "seeds": [seed]}],
+            "restarts": len(seeds), "restart_noise_std": float(restart_noise_std), "methods": methods, "dream": dream,
+            "features": list(config.features.names) if config.features.names is not None else None,
+            "feature_backend": config.features.backend, "feature_every": config.features.every,
+            "bin_width": config.features.bin_width, "snapshot_every": config.snapshot_every,
+            "keep_flagged": bool(keep_flagged)}
+    if reference_path:
+        spec["reference"] = str(reference_path)
+    t0 = time.perf_counter()
+    outcome = run_study_outcome(load_study(spec), out, address=address, workers=workers, on_progress=on_progress,
+                                keep_results=True)
+    names = list(model_files)
+    results = {n: [] for n in names}
+    for run in sorted(outcome.runs, key=lambda r: r.restart):
+        if run.key not in outcome.results:
+            raise DeepDreamError(f"The run {run.label()} failed: {outcome.status[run.key].get('message')} "
+                                 f"(see {outcome.out}/runs.csv).")
+        results[run.model].append(outcome.results[run.key])
+    volume = read_volume(image_path)
+    models = {n: load_model(p, card=c) for n, (p, c) in model_files.items()}
+    reference = ReferenceStats.load(reference_path) if reference_path else None
+    comp = _comparison(names, results, models, volume, seed, config, reference, restarts, seeds, "completed",
+                       restart_noise_std, keep_flagged, t0)
+    comp.metadata["study_folder"] = str(outcome.out)
     return comp
 
 
@@ -480,5 +546,5 @@ def _json_default(o):
     return str(o)
 
 
-__all__ = ["Comparison", "CompareProgress", "compare_models", "write_comparison", "plot_comparison",
+__all__ = ["Comparison", "CompareProgress", "compare_models", "compare_on_study", "write_comparison", "plot_comparison",
            "restart_seeds", "DEFAULT_RESTART_NOISE_STD", "BASE_CURVES"]

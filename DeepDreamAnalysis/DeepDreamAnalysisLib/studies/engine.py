@@ -68,6 +68,7 @@ class StudyOutcome:
     paths: dict[str, Path] = field(default_factory=dict)
     table: object = None
     keep_flagged: bool = False
+    results: dict = field(default_factory=dict)
 
     def count(self, state: str) -> int:
         return sum(1 for s in self.status.values() if s.get("state") == state)
@@ -282,8 +283,12 @@ def run_study(spec, out=None, address: str | None = None, workers: int | None = 
 
 def run_study_outcome(spec, out=None, address: str | None = None, workers: int | None = None,
                       on_progress: Callable[[StudyProgress], None] | None = None,
-                      connect_timeout_s: float = 10.0, cancel: threading.Event | None = None) -> StudyOutcome:
+                      connect_timeout_s: float = 10.0, cancel: threading.Event | None = None,
+                      keep_results: bool = False) -> StudyOutcome:
     """:func:`run_study`, returning the table with the run statuses and written paths.
+
+    ``keep_results``: run every run again (even ``done`` ones) and keep each run's
+    :class:`~.result.AnalysisResult` in ``outcome.results`` by run key (what ``compare`` uses).
 
     ``cancel`` (a threading.Event), or Ctrl-C in the main thread, stops the study: the runs in
     progress are marked ``interrupted`` and KeyboardInterrupt is raised; the same call resumes.
@@ -309,7 +314,7 @@ def run_study_outcome(spec, out=None, address: str | None = None, workers: int |
     for run in runs:
         status = _read_status(out / "runs" / run.key / "status.json")
         outcome.status[run.key] = status
-        if status.get("state") != DONE:
+        if status.get("state") != DONE or keep_results:
             todo.append(run)
     if not todo:
         outcome.paths, outcome.table = tables.write_study_outputs(spec, outcome)
@@ -354,7 +359,8 @@ def run_study_outcome(spec, out=None, address: str | None = None, workers: int |
             _write_status(folder / "status.json", status)
             outcome.status[run.key] = status
             heartbeat = str(folder / "worker.json") if local else None
-            write_to = (host, str(folder.resolve()))  # a worker on this host writes the run folder itself
+            # a worker on this host writes the run folder itself (unless the results come back here)
+            write_to = None if keep_results else (host, str(folder.resolve()))
             ref = remote.remote(run, model_refs[run.model], volume_refs[run.image], ref_ref, spec_ref, threads,
                                 heartbeat, write_to)
             inflight[ref] = run
@@ -400,8 +406,10 @@ def run_study_outcome(spec, out=None, address: str | None = None, workers: int |
                 finished_now += 1
                 progress(f"failed {run.label()}: {message}")
                 continue
-            if not isinstance(result, dict):  # a worker on another machine: write here
+            if not isinstance(result, dict):  # a worker on another machine, or results wanted: write here
                 write_outputs(result, folder, volumes[run.image], seed_ijk=run.seed)
+                if keep_results:
+                    outcome.results[run.key] = result
                 result = _summary(result)
             status = {"state": DONE, "attempts": attempts[run.key], "run": _run_dict(run), **result}
             _write_status(folder / "status.json", status)

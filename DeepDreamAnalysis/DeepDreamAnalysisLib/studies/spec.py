@@ -31,7 +31,7 @@ TOP_KEYS = {"name", "models", "images", "restarts", "restart_noise_std", "method
 MODEL_KEYS = {"name", "path", "card", "group"}
 IMAGE_KEYS = {"name", "path", "seeds", "seed_rule"}
 RULE_KEYS = {"mask", "count", "random_seed", "label"}
-DREAM_KEYS = {f.name for f in dataclasses.fields(DreamConfig)} - {"random_seed", "method"}
+DREAM_KEYS = {f.name for f in dataclasses.fields(DreamConfig)} - {"method"}  # methods: the top-level list
 
 
 class StudySpecError(ConfigError):
@@ -336,7 +336,9 @@ def analysis_config(spec: StudySpec, method: str, card, random_seed: int | None 
         d["roi_size"] = tuple(d["roi_size"])
     if method != "default" and any(f.name == "method" for f in dataclasses.fields(DreamConfig)):
         d["method"] = method
-    base_seed = int(spec.dream.get("random_seed", 0)) if isinstance(spec.dream.get("random_seed", 0), int) else 0
+    base_seed = d.pop("random_seed", 0)
+    if isinstance(base_seed, bool) or not isinstance(base_seed, int):
+        raise _fail("dream.random_seed", f"must be an integer, got {base_seed!r}", "Write random_seed: 0.")
     dream = DreamConfig(iterations=iterations, step=step, random_seed=base_seed if random_seed is None else random_seed, **d)
     fc = FeatureConfig(names=tuple(spec.features) if spec.features is not None else None, backend=spec.feature_backend,
                        every=spec.feature_every, bin_width=spec.bin_width)

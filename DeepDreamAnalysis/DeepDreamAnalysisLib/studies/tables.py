@@ -274,7 +274,11 @@ def write_study_outputs(spec, outcome):
         paths["sensitivity"] = _write_csv(out / "sensitivity.csv", sens)
         paths["ranking"] = _write_csv(out / "ranking.csv", ranking)
         paths["ranking_md"] = out / "ranking.md"
-        write_text_atomic(paths["ranking_md"], ranking_markdown([RankedFeature(**r) for r in ranking]))
+        flagged = len({r["run_key"] for r in sens if r["quality_flags"]})
+        note = (f"\n{flagged} run(s) with quality flags are left out of this ranking (docs/quality-flags.md; "
+                "`keep_flagged: true` in the study file ranks them).\n") if flagged and not spec.keep_flagged else ""
+        text = ranking_markdown([RankedFeature(**r) for r in ranking]) if ranking else "No run could be ranked.\n"
+        write_text_atomic(paths["ranking_md"], text + note)
     paths["html"] = out / "report.html"
     write_text_atomic(paths["html"], report_html(spec, run_rows, paths, ranking))
     return paths, table
