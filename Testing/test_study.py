@@ -284,3 +284,4 @@ def test_compare_on_the_study_engine_gives_the_same_comparison(cluster, files, t
     assert np.allclose([float(r["value"] or "nan") for r in on_ray], [float(r["value"] or "nan") for r in serial],
                        rtol=1e-5, equal_nan=True)
     assert len(list((tmp_path / "ray" / "study" / "runs").iterdir())) == 4  # each run's own folder
+    assert cli.main(base + ["--out", str(tmp_path / "ray"), "--workers", "2"]) == 0  # a rerun replaces it
