@@ -214,3 +214,11 @@ def test_compare_leaves_flagged_runs_out_of_the_ranking_with_a_visible_note(volu
     kept = compare_models(volume, SEED, models, _config(iterations=12), restarts=1, keep_flagged=True)
     assert {r.model for r in kept.ranking()} == {"clean", "flagged"}
     assert "are ranked (--keep-flagged)" in kept.ranking_note()[0]
+
+
+def test_status_line_names_the_codes():
+    from DeepDreamAnalysisLib.engine.quality import status_line
+
+    assert status_line([]) == "Quality: no flag, the dream passed every check."
+    line = status_line([QualityFlag("no_dream", "m"), QualityFlag("checkerboard", "m")])
+    assert "2 flag(s)" in line and "no_dream, checkerboard" in line

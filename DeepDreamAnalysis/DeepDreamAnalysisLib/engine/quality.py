@@ -175,6 +175,15 @@ class QualityMonitor:
         return sorted(self.flags.values(), key=lambda f: order.index(f.code) if f.code in order else len(order))
 
 
+def status_line(flags) -> str:
+    """One line for a status bar (the Slicer panel, a notebook): which checks fired, or that none did."""
+    flags = list(flags or [])
+    if not flags:
+        return "Quality: no flag, the dream passed every check."
+    return (f"Quality: {len(flags)} flag(s), the dream may not be trustworthy: "
+            + ", ".join(f.code for f in flags) + " (see the report or docs/quality-flags.md).")
+
+
 def touches_border(mask: np.ndarray, spatial_dims: int = 3) -> bool:
     """True when ``mask`` ([k, j, i]) has a voxel on a face of the array; a 2D model's crop
     (``k`` size 1) is checked on its in-plane border only, as is any axis of size 1."""
@@ -313,5 +322,5 @@ def seed_class_probabilities(network, network_input, image, seed_kji, card) -> n
     return torch.softmax(z.float(), dim=0).cpu().numpy()
 
 
-__all__ = ["QualityFlag", "QualityThresholds", "QualityMonitor", "CODES", "checkerboard_index", "crop_flag",
+__all__ = ["QualityFlag", "QualityThresholds", "QualityMonitor", "CODES", "checkerboard_index", "crop_flag", "status_line",
            "touches_border", "wrong_class_flag", "seed_class_probabilities"]
