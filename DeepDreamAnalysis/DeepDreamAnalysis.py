@@ -9,7 +9,7 @@ from Slicer, and torch comes from the PyTorch extension only when the user press
 
 import logging
 import os
-import pathlib
+import sys
 from typing import Annotated
 
 import qt
@@ -26,8 +26,21 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from DeepDreamAnalysisLib.config import PAPER_FEATURES_2D, PAPER_FEATURES_3D
-from DeepDreamAnalysisLib.slicer_logic import AnalysisLogicCore, features_for_dims, model_card_hints, status_text
+MIN_PYTHON = (3, 10)
+"""The engine is tested on Python 3.10 and later: Slicer 5.10 and later. Older Slicers (5.6 and 5.8
+ship Python 3.9) get the module with a message instead of the panel."""
+PYTHON_OK = sys.version_info[:2] >= MIN_PYTHON
+TOO_OLD_MESSAGE = (
+    "DeepDream Analysis needs Slicer 5.10 or later (Python {need}); this Slicer runs Python {have}. "
+    "Install a current Slicer from download.slicer.org.").format(
+        need=".".join(map(str, MIN_PYTHON)), have=".".join(map(str, sys.version_info[:2])))
+
+if PYTHON_OK:
+    from DeepDreamAnalysisLib.config import PAPER_FEATURES_2D, PAPER_FEATURES_3D
+    from DeepDreamAnalysisLib.slicer_logic import AnalysisLogicCore, features_for_dims, model_card_hints, status_text
+else:  # the names the class statements below need; nothing of the engine is imported
+    PAPER_FEATURES_2D = PAPER_FEATURES_3D = ()
+    AnalysisLogicCore = object
 
 TIMER_INTERVAL_MS = 150
 
@@ -55,6 +68,9 @@ class DeepDreamAnalysis(ScriptedLoadableModule):
             "Implements V. Couteaux, O. Nempont, G. Pizaine, I. Bloch: 'Towards Interpretability of "
             "Segmentation Networks by Analyzing DeepDreams' (iMIMIC 2019)."
         )
+        if not PYTHON_OK:
+            logging.error(TOO_OLD_MESSAGE)
+            self.parent.helpText = TOO_OLD_MESSAGE
 
 
 #
@@ -66,20 +82,22 @@ class DeepDreamAnalysis(ScriptedLoadableModule):
 class DeepDreamAnalysisParameterNode:
     """The panel's settings, saved with the scene.
 
-    features: comma-separated pyradiomics names (the checkable list; empty means the paper's features).
+    modelPath, referencePath: text ('' when none; a ``pathlib.Path`` parameter would show an empty
+    path as '.'), synced with the path pickers by the widget. features: the ticked feature names
+    (empty: not chosen yet, the paper's features are ticked).
     """
 
     inputVolume: slicer.vtkMRMLScalarVolumeNode
     seed: slicer.vtkMRMLMarkupsFiducialNode
-    modelPath: pathlib.Path
-    referencePath: pathlib.Path
+    modelPath: str = ""
+    referencePath: str = ""
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
     iterations: Annotated[int, WithinRange(1, 100000)] = 300
     step: Annotated[float, WithinRange(0.0001, 100000.0)] = 1.0
     recordEvery: Annotated[int, WithinRange(1, 10000)] = 10
     newOutputs: bool = False
     allowCodeTargets: bool = False
-    features: str = ""
+    features: list[str]
 
 
 #
@@ -94,63 +112,80 @@ class DeepDreamAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._timer = None
+        self._cleanedUp = False
         self._modelDims = None  # the chosen model's spatial_dims (2, 3) from its card; None: not known
         self._hintedModelPath = None  # the model path whose card settings were last applied
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
+        if not PYTHON_OK:
+            self.layout.addWidget(qt.QLabel(TOO_OLD_MESSAGE))
+            self.logic = None
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/DeepDreamAnalysis.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = DeepDreamAnalysisLogic()
-        self._timer = qt.QTimer()
-        self._timer.setInterval(TIMER_INTERVAL_MS)
-        self._timer.timeout.connect(self.onTimer)
 
         self.ui.seedPlaceWidget.setMRMLScene(slicer.mrmlScene)
         self.ui.seedPlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceSingleMarkup
+        # only the Place button: hiding the buttons hides it too, so show it again (Slicer's own pattern)
+        self.ui.seedPlaceWidget.buttonsVisible = False
+        self.ui.seedPlaceWidget.placeButton().show()
         self.ui.modelPathLineEdit.filters = ctkPathFilters()
         self.ui.referencePathLineEdit.nameFilters = ["Reference statistics (*.json)"]
         self._fillFeatureTree()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        slicer.app.connect("aboutToQuit()", self.cleanup)
+        slicer.app.connect("aboutToQuit()", self.cleanup)  # disconnected in cleanup
 
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.seedSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSeedNodeChanged)
         self.ui.featureTree.connect("itemChanged(QTreeWidgetItem*,int)", self.onFeatureItemChanged)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
+        self.ui.referencePathLineEdit.connect("currentPathChanged(QString)", self.onReferencePathChanged)
+        self.ui.modelFolderButton.connect("clicked()", self.onModelFolderButton)
         self.initializeParameterNode()
 
     # --- life cycle ---------------------------------------------------------------------------
 
     def cleanup(self) -> None:
-        """Module reload or application exit: stop the run without touching the scene."""
-        if self._timer is not None:
-            self._timer.stop()
+        """Module reload or application exit: end the run's worker process at once (its nodes stay,
+        tagged cancelled) without waiting. Runs once, however often it is called."""
+        if self._cleanedUp:
+            return
+        self._cleanedUp = True
+        slicer.app.disconnect("aboutToQuit()", self.cleanup)
         if self.logic is not None:
-            self.logic.abandon()
+            self.logic.abandon(timeout=0)
         self.removeObservers()
 
+    def onReload(self) -> None:
+        """Reload the module and DeepDreamAnalysisLib with it (Slicer reloads only this file)."""
+        self.cleanup()
+        for name in [n for n in sys.modules if n == "DeepDreamAnalysisLib" or n.startswith("DeepDreamAnalysisLib.")]:
+            del sys.modules[name]
+        ScriptedLoadableModuleWidget.onReload(self)
+
     def enter(self) -> None:
-        self.initializeParameterNode()
+        if self.logic is not None:
+            self.initializeParameterNode()
 
     def exit(self) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._syncPaths)
 
     def onSceneStartClose(self, caller, event) -> None:
         # The run handle observes the scene close too and cancels itself (console runs included);
         # here the panel only stops its timer, without waiting for the worker.
         if self.logic is not None and self.logic.isRunning:
             self.logic.abandon(timeout=0)
-            self._timer.stop()
             self._updateRunState()
             self.ui.statusLabel.text = _("Cancelled: the scene was closed.")
         self.setParameterNode(None)
@@ -166,21 +201,24 @@ class DeepDreamAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             if first:
                 self._parameterNode.inputVolume = first
         if not self._parameterNode.seed:
-            seed = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "DeepDream seed")
-            seed.SetMaximumNumberOfControlPoints(1)
-            self._parameterNode.seed = seed
+            from DeepDreamAnalysisLib.scene import find_or_make_seed_node
+
+            self._parameterNode.seed = find_or_make_seed_node()  # the module's list if there is one
 
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._syncPaths)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             # a path restored with the scene keeps the scene's iterations and step (no card override)
             self._hintedModelPath = str(self._parameterNode.modelPath)
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-            self.ui.seedPlaceWidget.setCurrentNode(self._parameterNode.seed)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._syncPaths)
+            self._syncPaths()
+            self.onSeedNodeChanged(self._parameterNode.seed)
             self._checkFeatureItems(self._parameterNode.features)
             self._checkCanApply()
 
@@ -204,7 +242,7 @@ class DeepDreamAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                 item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
                 item.setData(0, qt.Qt.UserRole, name)
                 item.setCheckState(0, qt.Qt.Unchecked)
-        self._checkFeatureItems("")
+        self._checkFeatureItems([])
 
     def _featureItems(self, visibleOnly: bool = False):
         tree = self.ui.featureTree
@@ -223,9 +261,9 @@ class DeepDreamAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             group = tree.topLevelItem(g)
             group.setHidden(group.data(0, qt.Qt.UserRole) == hidden)
 
-    def _checkFeatureItems(self, features: str) -> None:
-        """Tick ``features`` (comma-separated; empty: the paper's), in the model's dimensionality."""
-        names = [f.strip() for f in (features or "").split(",") if f.strip()]
+    def _checkFeatureItems(self, features) -> None:
+        """Tick ``features`` (a list of names; empty: the paper's), in the model's dimensionality."""
+        names = [f for f in (features or []) if f]
         if not names:
             names = list(PAPER_FEATURES_2D) + list(PAPER_FEATURES_3D)
         if self._modelDims in (2, 3):
@@ -241,19 +279,52 @@ class DeepDreamAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             return
         self._saveFeatures()
 
-    def _saveFeatures(self) -> None:
+    def _tickedFeatures(self) -> list:
         """The ticked names of the groups shown (a hidden shape group's ticks are not the user's)."""
-        checked = [i.data(0, qt.Qt.UserRole) for i in self._featureItems(visibleOnly=True)
-                   if i.checkState(0) == qt.Qt.Checked]
-        self._parameterNode.features = ",".join(checked)
+        return [i.data(0, qt.Qt.UserRole) for i in self._featureItems(visibleOnly=True)
+                if i.checkState(0) == qt.Qt.Checked]
+
+    def _saveFeatures(self) -> None:
+        self._parameterNode.features = self._tickedFeatures()
 
     def onSeedNodeChanged(self, node) -> None:
+        """The seed list stays uncapped (a full list makes Slicer start a new one on the next click);
+        each placed point replaces the previous one."""
         self.ui.seedPlaceWidget.setCurrentNode(node)
+        self.removeObservers(self.onSeedPointPlaced)
         if node is not None:
-            node.SetMaximumNumberOfControlPoints(1)
+            self.addObserver(node, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onSeedPointPlaced)
+
+    def onSeedPointPlaced(self, caller, event) -> None:
+        from DeepDreamAnalysisLib.scene import keep_last_point
+
+        keep_last_point(caller)
+
+    def _syncPaths(self, caller=None, event=None) -> None:
+        """Parameter node -> path pickers (the pickers' changes come back through their signals)."""
+        p = self._parameterNode
+        if p is None:
+            return
+        for widget, value in ((self.ui.modelPathLineEdit, p.modelPath), (self.ui.referencePathLineEdit, p.referencePath)):
+            if widget.currentPath != value:
+                widget.currentPath = value
+
+    def onReferencePathChanged(self, path) -> None:
+        if self._parameterNode is not None and self._parameterNode.referencePath != path:
+            self._parameterNode.referencePath = path
+
+    def onModelFolderButton(self) -> None:
+        """Pick a MONAI bundle folder (the path picker's browse button opens a file dialog)."""
+        start = os.path.dirname(self._parameterNode.modelPath) if self._parameterNode and self._parameterNode.modelPath else ""
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Choose a MONAI bundle folder"), start)
+        if folder:
+            self.ui.modelPathLineEdit.currentPath = folder
 
     def onModelPathChanged(self, path) -> None:
         from DeepDreamAnalysisLib.slicer_deps import model_format_note
+
+        if self._parameterNode is not None and self._parameterNode.modelPath != path:
+            self._parameterNode.modelPath = path
 
         note = model_format_note(path)
         self.ui.modelFormatNoteLabel.text = note
@@ -286,7 +357,7 @@ class DeepDreamAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         if self.logic is not None and self.logic.isRunning:
             return
         p = self._parameterNode
-        ready = bool(p and p.inputVolume and p.seed and str(p.modelPath) not in ("", "."))
+        ready = bool(p and p.inputVolume and p.seed and p.modelPath.strip())
         self.ui.applyButton.enabled = ready
         self.ui.applyButton.toolTip = _("Run the analysis") if ready else _(
             "Select an input volume, a model and place a seed point")
@@ -313,7 +384,12 @@ class DeepDreamAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             if not ensure_dependencies(askConfirmation=True):
                 return
             p = self._parameterNode
-            features = [f for f in p.features.split(",") if f] or None
+            features = self._tickedFeatures()
+            if not features:
+                from DeepDreamAnalysisLib.errors import FeatureError
+
+                raise FeatureError(_("No feature is ticked. Tick at least one feature under Features (the "
+                                     "paper's seven are ticked by default)."))
             self.ui.progressBar.value = 0
             self.ui.progressBar.maximum = p.iterations
             self.logic.run(
@@ -321,16 +397,9 @@ class DeepDreamAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                 features=features, referencePath=p.referencePath, device=p.device,
                 recordEvery=p.recordEvery, newNodes=p.newOutputs, allowCodeTargets=p.allowCodeTargets,
                 waitForCompletion=False, progressCallback=self.onProgress, logCallback=self.onLog,
-                finishedCallback=self.onFinished)
+                finishedCallback=self.onFinished)  # a worker process, drained by the logic's one timer
             self._showOutputs()
-            self._timer.start()
         self._updateRunState()
-
-    def onTimer(self) -> None:
-        handle = self.logic.handle
-        if handle is None or not handle.processEvents():
-            self._timer.stop()
-            self._updateRunState()
 
     def onProgress(self, progress) -> None:
         self.ui.progressBar.maximum = progress.total_iterations
@@ -342,7 +411,12 @@ class DeepDreamAnalysisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.statusLabel.text = message
 
     def onFinished(self, handle) -> None:
-        self.ui.statusLabel.text = handle.statusText()
+        text = handle.statusText()
+        flags = getattr(handle.result, "quality_flags", None) or []
+        if flags:
+            text += " " + _("Check the dream: {flags}.").format(
+                flags="; ".join(getattr(f, "message", str(f)) for f in flags))
+        self.ui.statusLabel.text = text
         if handle.error is not None:
             slicer.util.errorDisplay(str(handle.error), windowTitle=_("DeepDream Analysis"))
         self._updateRunState()
@@ -444,6 +518,14 @@ class DeepDreamAnalysisTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        import importlib.util
+
+        if not PYTHON_OK:
+            self.delayDisplay(f"Skipped: {TOO_OLD_MESSAGE}")
+            return
+        if importlib.util.find_spec("torch") is None:  # extension build machines, fresh installs
+            self.delayDisplay("Skipped: PyTorch is not installed (install the PyTorch extension to run this test).")
+            return
         self.setUp()
         self.test_run_through_logic()
         self.setUp()

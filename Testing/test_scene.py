@@ -498,3 +498,18 @@ def test_logic_compares_models_from_files_and_shows_them(mrml_scene, tmp_path):
     assert comp is None and logic.comparisonNodes is None  # cancelled before any model had finished a run
     assert mrml_scene.GetFirstNodeByClass("vtkMRMLPlotChartNode") is None and not logic.isRunning
     assert threading.active_count() == threads  # the comparison's worker has ended
+
+
+def test_placing_the_seed_again_moves_it_and_the_seed_list_is_found_again(mrml_scene):
+    """The panel's seed list is uncapped (a full list makes Slicer start a new one on the next
+    click); keep_last_point leaves only the newest point, and the list is reused, not made anew."""
+    volume = slicer.util.addVolumeFromArray(np.zeros((4, 10, 10), np.float32), name="v")
+    seed = scene.find_or_make_seed_node()
+    assert seed.GetMaximumNumberOfControlPoints() <= 0  # no cap
+    seed.AddControlPoint(2.0, 3.0, 1.0)
+    seed.AddControlPoint(5.0, 6.0, 2.0)  # a second click
+    scene.keep_last_point(seed)
+    assert seed.GetNumberOfControlPoints() == 1
+    assert scene.seed_ijk_from_markups(seed, volume) == scene.seed_ijk_from_ras((5.0, 6.0, 2.0), volume) != (2, 3, 1)
+    assert scene.find_or_make_seed_node() is seed
+    assert mrml_scene.GetNumberOfNodesByClass("vtkMRMLMarkupsFiducialNode") == 1

@@ -76,8 +76,60 @@ def test_every_bound_widget_matches_a_parameter_of_a_type_it_can_show():
     for param, cls in bound.items():
         assert param in params, f"the .ui binds {param!r}, which the parameter node does not have"
         assert cls in BINDABLE[params[param]], f"{param} ({params[param]}) cannot be shown by a {cls}"
-    # everything a user sets in the panel is bound, except the feature list (a tree, synced by hand)
-    assert set(params) - set(bound) == {"features"}
+    # everything a user sets in the panel is bound, except the feature list (a tree: no connector) and
+    # the two paths (a ctkPathLineEdit binds only pathlib.Path, which shows an empty path as ".")
+    assert set(params) - set(bound) == {"features", "modelPath", "referencePath"}
+    assert params["features"] == "list[str]"
+
+
+# Q_PROPERTY names of the Slicer/CTK widgets the .ui uses (Slicer 5.10 sources), beyond QWidget's.
+QWIDGET_PROPERTIES = {"geometry", "toolTip", "visible", "enabled", "styleSheet", "sizePolicy", "minimumSize",
+                      "maximumSize", "whatsThis", "statusTip"}
+SLICER_WIDGET_PROPERTIES = {
+    "qSlicerMarkupsPlaceWidget": {"buttonsVisible", "deleteAllControlPointsOptionVisible",
+                                  "unsetLastControlPointOptionVisible", "unsetAllControlPointsOptionVisible",
+                                  "placeMultipleMarkups", "placeModeEnabled", "placeModePersistency"},
+    "qMRMLNodeComboBox": {"nodeTypes", "showHidden", "showChildNodeTypes", "hideChildNodeTypes", "baseName",
+                          "noneEnabled", "addEnabled", "removeEnabled", "editEnabled", "renameEnabled",
+                          "selectNodeUponCreation", "noneDisplay", "interactionNodeSingletonTag", "sizeAdjustPolicy"},
+    "ctkPathLineEdit": {"label", "nameFilters", "filters", "options", "showBrowseButton", "showHistoryButton",
+                        "sizeAdjustPolicy", "minimumContentsLength", "settingKey", "currentPath"},
+    "ctkCollapsibleButton": {"text", "collapsed", "collapsedHeight", "contentsFrameShape", "contentsFrameShadow",
+                             "contentsLineWidth", "contentsMidLineWidth", "buttonTextAlignment", "indicatorAlignment",
+                             "checkable", "checked", "icon"},
+    "qMRMLWidget": set(),
+}
+
+
+def test_no_unknown_property_on_the_slicer_widgets_of_the_ui_file():
+    """A property a Slicer widget does not have (such as placeButtonVisible on the markups place
+    widget) is silently ignored by Slicer: the panel then misbehaves without any error."""
+    seen = set()
+    for name, widget in _ui_widgets().items():
+        cls = widget.get("class")
+        if cls not in SLICER_WIDGET_PROPERTIES:
+            continue
+        seen.add(cls)
+        for prop in widget.findall("property"):
+            key = prop.get("name")
+            if prop.get("stdset") == "0":  # a dynamic property (SlicerParameterName)
+                continue
+            assert key in SLICER_WIDGET_PROPERTIES[cls] | QWIDGET_PROPERTIES, f"{cls} {name!r} has no property {key!r}"
+    assert {"qSlicerMarkupsPlaceWidget", "qMRMLNodeComboBox", "ctkPathLineEdit"} <= seen
+    code = MODULE_PY.read_text(encoding="utf-8")
+    # only the Place button: hide the buttons, then show the place button again
+    assert code.index("seedPlaceWidget.buttonsVisible = False") < code.index("seedPlaceWidget.placeButton().show()")
+
+
+def test_every_raw_url_of_the_extension_names_a_file_of_the_repository():
+    """The Extensions Index checker downloads the icon and every screenshot."""
+    top = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    fields = dict(re.findall(r'set\((EXTENSION_\w+) "([^"]*)"\)', top))
+    urls = [fields["EXTENSION_ICONURL"]] + fields["EXTENSION_SCREENSHOTURLS"].split()
+    for url in urls:
+        m = re.match(r"https://raw\.githubusercontent\.com/[^/]+/SlicerDeepDreamAnalysis/main/(.+)$", url)
+        assert m, f"not a raw URL of the repository: {url}"
+        assert (ROOT / m.group(1)).is_file(), f"{url} names {m.group(1)}, which is not in the repository"
 
 
 def test_module_file_compiles_and_imports_nothing_heavy_at_top_level():

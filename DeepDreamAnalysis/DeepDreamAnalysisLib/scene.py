@@ -163,8 +163,8 @@ def seed_ijk_from_markups(markupsNode, volumeNode, index: int | None = None) -> 
     """Voxel (i, j, k) under a markups control point: world -> volume RAS (through the volume's
     parent transforms) -> IJK, rounded, checked against the extent.
 
-    ``index`` picks a control point; by default the last defined one (the seed list is limited to
-    one point in the panel).
+    ``index`` picks a control point; by default the last defined one (the panel keeps only the
+    last placed point: :func:`keep_last_point`).
     """
     if markupsNode is None:
         raise SeedError("No seed point list. Place one seed point with the markups place button.")
@@ -179,6 +179,39 @@ def seed_ijk_from_markups(markupsNode, volumeNode, index: int | None = None) -> 
     world = [0.0, 0.0, 0.0]
     markupsNode.GetNthControlPointPositionWorld(index, world)
     return seed_ijk_from_ras(world, volumeNode, world=True)
+
+
+SEED_ROLE = "seed"
+"""``DeepDreamAnalysis.Role`` of the point list the panel made for the seed (found again, not
+made anew, on the next module enter)."""
+
+
+def find_or_make_seed_node(scene=None):
+    """The panel's seed point list: the one tagged as the module's seed if the scene has one,
+    else a new one. Uncapped: a point list full at its cap makes Slicer start a new list on the next
+    click, so the panel keeps the list open and :func:`keep_last_point` moves the seed instead."""
+    scene = _scene(scene)
+    for n in range(scene.GetNumberOfNodesByClass("vtkMRMLMarkupsFiducialNode")):
+        node = scene.GetNthNodeByClass(n, "vtkMRMLMarkupsFiducialNode")
+        if node.GetAttribute(ATTR_ROLE) == SEED_ROLE:
+            return node
+    node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "DeepDream seed")
+    node.SetAttribute(ATTR_ROLE, SEED_ROLE)
+    return node
+
+
+def keep_last_point(markupsNode) -> None:
+    """Remove every control point but the last placed one: placing the seed again moves it."""
+    if markupsNode is None:
+        return
+    defined = [n for n in range(markupsNode.GetNumberOfControlPoints())
+               if markupsNode.GetNthControlPointPositionStatus(n) == markupsNode.PositionDefined]
+    if not defined:
+        return
+    keep = defined[-1]
+    for n in reversed(range(markupsNode.GetNumberOfControlPoints())):
+        if n != keep and markupsNode.GetNthControlPointPositionStatus(n) == markupsNode.PositionDefined:
+            markupsNode.RemoveNthControlPoint(n)
 
 
 def ras_from_ijk(ijk, volumeNode, world: bool = True) -> np.ndarray:

@@ -5,8 +5,9 @@ Inside Slicer:
 - torch comes only through the PyTorch extension (``PyTorchUtils``): it knows the right CUDA build
   for the machine and asks before installing.
 - monai and the other packages of ``Resources/requirements.txt`` (``>=`` bounds) are installed on
-  the first Apply, after asking once per session, with Slicer's own numpy, SimpleITK and vtk pinned
-  through a pip constraints file so that they are never replaced.
+  the first Apply, after asking (again after a no; once a yes is given, not again this session),
+  with Slicer's own numpy, SimpleITK and vtk and the PyTorch extension's torch pinned through a pip
+  constraints file so that they are never replaced.
 - pyradiomics is optional (the SlicerRadiomics extension provides it; it has no wheel for every
   platform). Without it the run uses the native features and says which ones it left out.
 
@@ -26,10 +27,12 @@ from .config import PAPER_FEATURES_2D, PAPER_FEATURES_3D
 from .errors import DeepDreamError
 
 REQUIREMENTS = Path(__file__).resolve().parent.parent / "Resources" / "requirements.txt"
-PROTECTED = ("numpy", "SimpleITK", "vtk")
-"""Packages Slicer ships and pip must never replace."""
+PROTECTED = ("numpy", "SimpleITK", "vtk", "torch")
+"""Packages pip must never replace: Slicer's own, and torch (the PyTorch extension's build for this
+machine's CUDA; monai would otherwise let pip pull a PyPI torch over it)."""
 
-_asked_this_session = False
+_approved_this_session = False
+"""The user said yes to installing the requirements (asked again after a no, never after a yes)."""
 
 
 class DependencyError(DeepDreamError):
@@ -41,8 +44,10 @@ class DependencyError(DeepDreamError):
 _REQ = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:>=\s*([0-9][0-9A-Za-z.]*))?\s*$")
 
 
-def read_requirements(path: Path | str = REQUIREMENTS) -> list[tuple[str, str | None]]:
-    """``(name, minimum version or None)`` per line of a requirements file (``name>=version``)."""
+def read_requirements(path: Path | str | None = None) -> list[tuple[str, str | None]]:
+    """``(name, minimum version or None)`` per line of a requirements file (``name>=version``;
+    default: the module's ``Resources/requirements.txt``)."""
+    path = REQUIREMENTS if path is None else path
     out = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         line = line.split("#", 1)[0].strip()
@@ -111,7 +116,7 @@ def require_torch():
 
 def ensure_dependencies(askConfirmation: bool = True) -> bool:
     """Inside Slicer: make torch and the requirements importable. False if the user declined."""
-    global _asked_this_session
+    global _approved_this_session
     import slicer
 
     try:
@@ -135,15 +140,18 @@ def ensure_dependencies(askConfirmation: bool = True) -> bool:
     missing = missing_requirements(read_requirements())
     if not missing:
         return True
-    if askConfirmation and not _asked_this_session:
-        _asked_this_session = True
+    if askConfirmation and not _approved_this_session:
         if not slicer.util.confirmOkCancelDisplay(
                 "DeepDream Analysis needs these Python packages: " + ", ".join(missing) + ". Install them now?",
                 windowTitle="DeepDream Analysis"):
-            return False
+            return False  # asked again on the next Apply
+    _approved_this_session = True
     constraints = Path(tempfile.mkdtemp()) / "constraints.txt"
     constraints.write_text(constraints_text(), encoding="utf-8")
-    packaging = getattr(slicer, "packaging", None)
+    try:  # a submodule: not imported with slicer itself
+        import slicer.packaging as packaging
+    except ImportError:
+        packaging = None
     if packaging is not None and hasattr(packaging, "pip_ensure"):  # Slicer 5.12 and later
         from packaging.requirements import Requirement
 
