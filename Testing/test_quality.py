@@ -222,3 +222,21 @@ def test_status_line_names_the_codes():
     assert status_line([]) == "Quality: no flag, the dream passed every check."
     line = status_line([QualityFlag("no_dream", "m"), QualityFlag("checkerboard", "m")])
     assert "2 flag(s)" in line and "no_dream, checkerboard" in line
+
+
+def test_a_dream_merging_with_false_positives_is_flagged_as_exploded():
+    # a bright band 8 rows below the seed is segmented already (false positives); the mask is the
+    # component at the seed, so it is small until the growing dream touches the band, then jumps
+    array = liver_like((3, 60, 60), std=5.0)
+    array[:, 38:, :] = 300.0
+    volume = Volume(array, spacing=(0.8, 0.8, 2.5))
+    config = _config(iterations=25, step=40.0, roi_size=(60, 60))
+    result = run_analysis(volume, (30, 30, 1), _model(**DREAMS, roi=(60, 60)), config)
+    sizes = [s.mask_voxels for s in result.steps]
+    flag = next(f for f in result.quality_flags if f.code == "mask_exploded")
+    before, after = sizes[flag.iteration - 1], sizes[flag.iteration]
+    assert 20 <= before < 200 and after > 10 * before and flag.value == pytest.approx(after / before)
+    assert "false positives" in flag.message and "--update-radius" in flag.message
+    healthy = Volume(liver_like((3, 60, 60), std=5.0), spacing=(0.8, 0.8, 2.5))
+    clean = run_analysis(healthy, (30, 30, 1), _model(**DREAMS, roi=(60, 60)), config)
+    assert "mask_exploded" not in codes(clean)

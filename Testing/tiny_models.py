@@ -73,7 +73,8 @@ class BlurThenClasses(torch.nn.Module):
 
 def blur_model(weights, biases, blur=True, **card):
     card.setdefault("out_channels", len(weights))
-    return TinyModel(BlurThenClasses(weights, biases, blur), tiny_card(2, roi=(24, 24), **card))
+    card.setdefault("roi", (24, 24))
+    return TinyModel(BlurThenClasses(weights, biases, blur), tiny_card(2, **card))
 
 
 def liver_like(shape=(1, 40, 48), seed: int = 0, mean: float = 110.0, std: float = 15.0) -> np.ndarray:
