@@ -53,7 +53,7 @@ train-demo: setup
 	$(PY) scripts/train_demo.py
 
 reproduce: setup
-	$(PY) scripts/reproduce.py --out results/reproduce
+	$(PY) scripts/reproduce.py --out results/reproduce --workers $$(nproc)
 
 clean:
 	rm -rf $(VENV) results data

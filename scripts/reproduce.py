@@ -13,7 +13,7 @@ Dreams and statistics. Every dream starts on held-out healthy slice 44, at each 
 demo seed, the liver voxel deepest inside the liver, then farthest-point sampling among the liver
 voxels at least MIN_DEPTH voxels inside the liver and 16 from the image border), with
 ``--restarts`` (2) random restarts each (DeepDreamAnalysisLib.compare.compare_models, one call per
-seed point; restart noise 10 HU on the healthy slice, a fresh white noise per restart and seed
+seed point, or the same runs on the study engine with ``--workers N``/``--address``, docs/studies.md; restart noise 10 HU on the healthy slice, a fresh white noise per restart and seed
 point for the noise start). Every network of a comparison sees the same start images. The unit of
 the statistics is the seed point (its restarts are averaged): per network and feature, the mean
 over the seed points and its 95 % Student-t confidence interval. A claim "A above B" is judged on
@@ -115,6 +115,10 @@ class Settings:
     snapshot_every: int = 10
     feature_every: int = 2
     markings: tuple = ("thin", "antialiased")
+    workers: int | None = None
+    """Run the dreams on the study engine (Ray) with this many local workers; None: in this process."""
+    address: str | None = None
+    """Or on this Ray cluster (auto, ray://HOST:10001)."""
 
 
 def log(msg: str) -> None:
@@ -261,6 +265,38 @@ def _f(v, fmt="+.3f") -> str:
     return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
 
 
+_INPUTS: dict = {}
+
+
+def _compare(out: Path, settings: Settings, tag: str, volume, seed, models: dict, cfg, reference, restarts: int,
+             restart_noise_std: float):
+    """compare_models, or, with --workers/--address, the same runs on the study engine (docs/studies.md):
+    the same numbers, every core busy, each run in out/studies/<tag>/runs/<key>/."""
+    from DeepDreamAnalysisLib.studies import compare_models, compare_on_study
+
+    if settings.workers is None and settings.address is None:
+        return compare_models(volume, seed, models, cfg, reference, restarts=restarts,
+                              restart_noise_std=restart_noise_std)
+    import SimpleITK as sitk
+
+    from DeepDreamAnalysisLib.volume import volume_to_sitk
+
+    inputs = out / "inputs"
+    inputs.mkdir(parents=True, exist_ok=True)
+    if id(volume) not in _INPUTS:
+        path = inputs / f"start_{len(_INPUTS)}.nii.gz"
+        sitk.WriteImage(volume_to_sitk(volume), str(path))
+        _INPUTS[id(volume)] = path
+    ref_path = None
+    if reference is not None:
+        ref_path = inputs / f"reference_{tag.split('_')[0]}.json"
+        reference.save(ref_path)
+    files = {name: (str(m.path), None) for name, m in models.items()}
+    return compare_on_study(_INPUTS[id(volume)], seed, files, cfg, ref_path, restarts=restarts,
+                            restart_noise_std=restart_noise_std, out=out / "studies" / tag,
+                            address=settings.address, workers=settings.workers)
+
+
 def _dream_config(settings: Settings, features, start: str, random_seed: int):
     from DeepDreamAnalysisLib.config import AnalysisConfig, DreamConfig, FeatureConfig
 
@@ -297,8 +333,6 @@ def section_31(out: Path, settings: Settings, train_h, val_h, demo_volume, point
                variant: str = "thin") -> dict:
     """Section 3.1 with the marking ``variant`` (a key of MARKINGS): train G_p, measure Dice, dream
     every network at every seed point from both starts; write tables, per-run CSV and the figure."""
-    from DeepDreamAnalysisLib.compare import compare_models
-
     width = MARKINGS[variant]
     suffix = "" if variant == "thin" else "_aa"
     d = out / ("section3.1" if variant == "thin" else f"section3.1_{variant}")
@@ -322,8 +356,8 @@ def section_31(out: Path, settings: Settings, train_h, val_h, demo_volume, point
         for s, (i, j) in enumerate(points):
             seed = (i, j, 0)
             cfg = _dream_config(settings, FEATURES_31, start, random_seed=1000 * s)
-            comp = compare_models(demo_volume, seed, models, cfg, None, restarts=settings.restarts,
-                                  restart_noise_std=RESTART_NOISE)
+            comp = _compare(out, settings, f"s31{suffix}_{start}_sp{s}", demo_volume, seed, models, cfg, None,
+                            settings.restarts, RESTART_NOISE)
             for name, results in comp.results.items():
                 for r, res in enumerate(results):
                     crop_seed = (seed[1] - res.crop.start[1], seed[0] - res.crop.start[2])
@@ -522,7 +556,7 @@ CLAIMS_32 = {
 
 def section_32(out: Path, settings: Settings, volume, train_h, val_h, train_r, val_r, val_k, demo_volume, points,
                reuse: bool) -> dict:
-    from DeepDreamAnalysisLib.compare import _assemble, compare_models, plot_comparison, write_comparison
+    from DeepDreamAnalysisLib.compare import _assemble, plot_comparison, write_comparison
 
     d = out / "section3.2"
     d.mkdir(parents=True, exist_ok=True)
@@ -548,8 +582,8 @@ def section_32(out: Path, settings: Settings, volume, train_h, val_h, train_r, v
     runs, pooled = [], {n: [] for n in nets}
     for s, (i, j) in enumerate(points):
         cfg = _dream_config(settings, FEATURES_32, "healthy", random_seed=1000 * s)
-        comp = compare_models(demo_volume, (i, j, 0), nets, cfg, reference, restarts=settings.restarts,
-                              restart_noise_std=RESTART_NOISE)
+        comp = _compare(out, settings, f"s32_sp{s}", demo_volume, (i, j, 0), nets, cfg, reference,
+                        settings.restarts, RESTART_NOISE)
         sens = comp.sensitivities()
         for name in nets:
             pooled[name].extend(comp.results[name])
@@ -676,8 +710,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)")
     ap.add_argument("--reuse", action="store_true", help="reuse networks already trained in --out/models")
     ap.add_argument("--only", choices=("3.1", "3.2"), default=None)
+    ap.add_argument("--workers", type=int, default=None,
+                    help="dream on the study engine (a local Ray) with this many workers (`make reproduce`: one per core)")
+    ap.add_argument("--address", default=None, help="dream on this Ray cluster instead (auto, ray://HOST:10001)")
     args = ap.parse_args(argv)
-    s = Settings(threads=args.threads)
+    s = Settings(threads=args.threads, workers=args.workers, address=args.address)
     if args.quick:
         s = dataclasses.replace(s, epochs=2, iterations=20, restarts=2, seed_points=2, snapshot_every=5, feature_every=1)
     for k in ("epochs", "iterations", "step", "restarts", "seed_points"):
@@ -689,6 +726,10 @@ def main(argv=None) -> int:
         if unknown or not s.markings:
             ap.error(f"--markings: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(MARKINGS)}")
     torch.set_num_threads(s.threads)
+    if s.workers is not None or s.address is not None:  # one Ray for every comparison of the run
+        from DeepDreamAnalysisLib.studies.engine import _start_ray, require_ray
+
+        _start_ray(require_ray(), s.address, s.workers, 10.0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
