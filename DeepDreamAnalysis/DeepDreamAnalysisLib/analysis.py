@@ -93,7 +93,7 @@ def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None 
                 mask = seed_component(prob_np, seed_in_crop, config.dream.threshold)
                 step = Step(it, state.objective, state.probability_at_seed, int(mask.sum()), {})
                 steps.append(step)
-                monitor.observe(it, mask, state.probability_at_seed)
+                monitor.observe(it, mask, state.probability_at_seed, step.mask_voxels)
                 watch.see(state)
                 context = dataclasses.replace(base_context, iteration=it, start_image=watch.start)
                 tf = time.perf_counter()

@@ -114,12 +114,13 @@ class QualityMonitor:
     def _add(self, flag: QualityFlag) -> None:
         self.flags.setdefault(flag.code, flag)
 
-    def observe(self, iteration: int, mask: np.ndarray, probability_at_seed: float) -> None:
-        """Check one iteration's mask (bool ``[k, j, i]``, the component at the seed)."""
+    def observe(self, iteration: int, mask: np.ndarray, probability_at_seed: float, voxels: int | None = None) -> None:
+        """Check one iteration's mask (bool ``[k, j, i]``, the component at the seed; ``voxels``: its
+        size when already known)."""
         self.iterations += 1
         if probability_at_seed > self.best_p:
             self.best_p, self.best_it = float(probability_at_seed), int(iteration)
-        n = int(mask.sum())
+        n = int(mask.sum()) if voxels is None else int(voxels)
         prev, self.previous = self.previous, n
         if n == 0:
             return
