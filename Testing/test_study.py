@@ -99,6 +99,8 @@ def test_study_file_errors_name_the_entry_and_the_fix(files, tmp_path):
     assert "same run" in msg and "Remove the duplicate" in msg
     msg = err(_spec(files, images=[{"path": str(files["ct"]), "seeds": [[24, 20, 0], [24, 20, 0]]}]))
     assert "appears twice" in msg
+    msg = err(_spec(files, methods=["fancy"]))
+    assert "methods" in msg and "fancy" in msg
 
 
 def test_yaml_study_file_with_a_seed_rule_and_relative_paths(files, tmp_path):
