@@ -189,3 +189,21 @@ def test_bad_card_dream_settings_are_refused(case, tmp_path, capsys):
     (tmp_path / "c.json").write_text(json.dumps(card))
     code = _run(case, tmp_path / "o", "--card", str(tmp_path / "c.json"))
     _expect_error(capsys, code, "dream.step must be a positive number")
+
+
+def test_method_and_its_options_reach_run_json(case, tmp_path):
+    out = tmp_path / "o"
+    assert _run(case, out, "--method", "robust+spectral", "--method-option", "copies=3",
+                "--method-option", "decay=1.5", "--noise-std", "7") == 0
+    dream = json.loads((out / "run.json").read_text())["configuration"]["dream"]
+    assert dream["method"] == "robust+spectral" and dream["method_options"] == {"copies": 3, "decay": 1.5}
+    assert dream["objective"] == "auto" and dream["noise_std"] == 7.0
+
+
+@pytest.mark.parametrize("extra, text", [
+    (("--method", "deepest"), "Unknown dream method 'deepest'"),
+    (("--method", "robust", "--method-option", "decay=2"), "'decay' belongs to the 'spectral' method"),
+    (("--method", "robust", "--method-option", "jitter=-3"), "jitter=-3 is out of range"),
+])
+def test_unknown_method_or_option_is_a_clear_error(case, tmp_path, capsys, extra, text):
+    _expect_error(capsys, _run(case, tmp_path / "o", *extra), text)

@@ -147,4 +147,4 @@ def test_bad_configuration_values_are_refused():
                       (DreamConfig(threshold=1.5), "threshold"), (DreamConfig(device="tpu"), "device")]:
         with pytest.raises(ConfigError, match=text):
             cfg.validate()
-    assert math.isfinite(DreamConfig().step)
+    assert DreamConfig().step is None  # automatic: 1.0 for paper, else 1% of the intensity window

@@ -57,12 +57,14 @@ def test_wrong_class_when_another_class_rises_faster_and_log_odds_fixes_it(volum
     # class 1 is the target; class 2 rises three times as fast with the image: the logit objective
     # dreams class 2, log-odds does not
     net = dict(weights=[0.0, 1.0, 3.0], biases=[0.0, -2.0, -6.0])
-    result = run_analysis(volume, SEED, _model(**net), _config(iterations=40, step=30.0))
+    result = run_analysis(volume, SEED, _model(**net), _config(iterations=40, step=30.0, objective="logit"))
     assert "wrong_class" in codes(result)
     flag = next(f for f in result.quality_flags if f.code == "wrong_class")
     assert "class 2 wins" in flag.message and "--objective log_odds" in flag.message and flag.value > 0.5
     fixed = run_analysis(volume, SEED, _model(**net), _config(iterations=40, step=30.0, objective="log_odds"))
     assert "wrong_class" not in codes(fixed)
+    auto = run_analysis(volume, SEED, _model(**net), _config(iterations=40, step=30.0))  # auto: 3 classes -> log-odds
+    assert [s.probability for s in auto.steps] == [s.probability for s in fixed.steps]
 
 
 def test_change_outside_the_update_region_is_flagged(volume):

@@ -52,23 +52,61 @@ def _parse_roi(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"--roi must be integers separated by commas, got {text!r}") from None
 
 
+def _method_help() -> str:
+    from .dreaming import list_methods
+
+    return "; ".join(f"{m.name}" + (f" ({', '.join(f'{k}={v:g}' for k, v in m.options.items())})" if m.options else "")
+                     for m in list_methods())
+
+
+def _parse_method_option(text: str) -> tuple[str, float]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--method-option takes KEY=VALUE (e.g. copies=4), got {text!r}")
+    key, value = (t.strip() for t in text.split("=", 1))
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--method-option {key}: the value must be a number, got {value!r}") from None
+    return key, int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
+
+
 def _add_dream_options(p: argparse.ArgumentParser, iterations: int | None = None, step: float | None = None) -> None:
-    g = p.add_argument_group("dream")
+    """The dream options. Each one left out comes from the model card's ``dream`` block, else the
+    default (config.dream_settings: given > card > default)."""
+    g = p.add_argument_group("dream (each option left out: the model card's dream block, else the default)")
+    g.add_argument("--method", default=None,
+                   help="how to dream: a method or methods joined with '+', e.g. robust+spectral (default: the "
+                        "card's dream.method, else paper; docs/dream-methods.md). Methods and their options: "
+                        + _method_help().replace("%", "%%"))
+    g.add_argument("--method-option", action="append", default=[], type=_parse_method_option, metavar="KEY=VALUE",
+                   help="an option of the method's components, e.g. copies=8 or decay=1.5; repeatable")
     g.add_argument("--iterations", type=int, default=iterations,
                    help="gradient-ascent iterations (default: the model card's dream.iterations, else 300)")
     g.add_argument("--step", type=float, default=step,
-                   help="step size alpha in X <- X + alpha*grad (image units per unit gradient; default: the model "
-                        "card's dream.step, else 1.0)")
-    g.add_argument("--normalize-gradient", action="store_true", help="use alpha*g/max|g|: step is then the largest change per voxel")
-    g.add_argument("--objective", choices=("logit", "log_odds"), default="logit")
-    g.add_argument("--start", choices=("image", "noise"), default="image", help="start from the image or white noise")
+                   help="paper: alpha in X <- X + alpha*grad (image units per unit gradient; default 1.0). Every other "
+                        "method: the largest change of any voxel per iteration, in image units (HU for CT; default "
+                        "1%% of the card's intensity window, e.g. 3.5 HU for a [-100, 250] window). Default: the "
+                        "model card's dream.step, else those")
+    g.add_argument("--normalize-gradient", action="store_true", default=None,
+                   help="paper only: use alpha*g/max|g|, so --step is the largest change per voxel")
+    g.add_argument("--objective", choices=("auto", "logit", "log_odds"), default=None,
+                   help="what to raise at the seed: logit (the target class's logit), log_odds (logit minus "
+                        "logsumexp of the other classes: the target must win, not only rise) or auto (default): "
+                        "log_odds for a softmax network with more than two classes, logit otherwise")
+    g.add_argument("--start", choices=("image", "noise"), default=None, help="start from the image (default) or white noise")
+    g.add_argument("--noise-mean", type=float, default=None,
+                   help="--start noise: mean in image units (default: the middle of the card's window, or its mean)")
+    g.add_argument("--noise-std", type=float, default=None,
+                   help="--start noise: standard deviation in image units (default: a sixth of the window, or its std)")
     g.add_argument("--update-radius", type=float, default=None, help="only change voxels within this many voxels of the seed")
     g.add_argument("--stop-probability", type=float, default=None, help="stop once p(seed) stayed above this for --stop-patience steps")
-    g.add_argument("--stop-patience", type=int, default=10)
+    g.add_argument("--stop-patience", type=int, default=None, help="(default 10)")
     g.add_argument("--roi", type=_parse_roi, default=None, help="crop size around the seed, [D,]H,W (default: the card's roi_size)")
-    g.add_argument("--threshold", type=float, default=0.5, help="probability threshold of the mask (default 0.5)")
-    g.add_argument("--random-seed", type=int, default=0)
+    g.add_argument("--threshold", type=float, default=None, help="probability threshold of the mask (default 0.5)")
+    g.add_argument("--random-seed", type=int, default=None, help="(default 0)")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads torch may use (default: torch's choice, usually all cores)")
     f = p.add_argument_group("features")
     f.add_argument("--features", default=None, help="comma-separated pyradiomics names (default: the paper's seven features; 'none': no radiomics features, only the custom features given with --custom-feature, if any)")
     f.add_argument("--feature-backend", choices=("auto", "native", "pyradiomics"), default="auto")
@@ -76,7 +114,8 @@ def _add_dream_options(p: argparse.ArgumentParser, iterations: int | None = None
     f.add_argument("--bin-width", type=float, default=25.0, help="grey-level bin width (image units)")
     f.add_argument("--custom-feature", action="append", default=[], metavar="NAME=MODULE:FUNCTION",
                    help="a user feature f(image, mask, spacing[, context]) -> float (docs/features.md); repeatable, kept with --features none")
-    p.add_argument("--snapshot-every", type=int, default=10, help="keep image and mask every N-th iteration")
+    p.add_argument("--snapshot-every", type=int, default=None,
+                   help="keep image and mask every N-th iteration (default: the card's dream.snapshot_every, else 10)")
     p.add_argument("--reference", default=None, help="reference statistics JSON (deepdream-analysis reference)")
 
 
@@ -168,15 +207,30 @@ def _analysis_config(args, spatial_dims: int, card=None):
     fc = _feature_config(args)
     if fc.custom and fc.names is None:
         fc.names = tuple(paper_features(spatial_dims)) + tuple(fc.custom)
-    defaults = dream_defaults(card)
-    dream = DreamConfig(
-        iterations=args.iterations if args.iterations is not None else defaults["iterations"],
-        step=args.step if args.step is not None else defaults["step"],
-        normalize_gradient=args.normalize_gradient, objective=args.objective, start=args.start,
-        update_radius=args.update_radius, stop_probability=args.stop_probability,
-        stop_patience=args.stop_patience, roi_size=args.roi, threshold=args.threshold,
-        random_seed=args.random_seed, device=args.device)
-    return AnalysisConfig(dream=dream, features=fc, snapshot_every=args.snapshot_every)
+    settings = dream_settings_from_args(args, card)
+    dream = settings.config(roi_size=args.roi, device=args.device)
+    dream.validate()
+    snapshot_every = args.snapshot_every if args.snapshot_every is not None else int(settings.values["snapshot_every"])
+    return AnalysisConfig(dream=dream, features=fc, snapshot_every=snapshot_every)
+
+
+def dream_settings_from_args(args, card):
+    """Every dream setting from the command line, else the card's dream block, else the default."""
+    from .config import dream_settings
+
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"--threads must be a positive number of CPU threads, got {threads}.")
+        import torch
+
+        torch.set_num_threads(int(threads))
+    options = dict(getattr(args, "method_option", None) or []) or None
+    user = {k: getattr(args, k, None) for k in (
+        "method", "objective", "normalize_gradient", "start", "noise_mean", "noise_std", "update_radius",
+        "stop_probability", "stop_patience", "threshold", "random_seed")}
+    return dream_settings(card, getattr(args, "iterations", None), getattr(args, "step", None),
+                          method_options=options, **user)
 
 
 def check_output_dir(path: str | Path) -> Path:
@@ -346,7 +400,7 @@ def step_hint(result) -> str | None:
     moved = steps[-1].objective - steps[0].objective
     return (f"the probability at the seed never passed 0.5 in {n} iterations (objective {steps[0].objective:+.3f} -> "
             f"{steps[-1].objective:+.3f}). " + ("The step is too small for this network: " if abs(moved) < 1.0 else "")
-            + f"try a larger --step (now {step:g}; the gradient is per image unit, so a windowed input needs "
+            + f"try a larger --step (now {step if step is None else format(step, 'g')}; the gradient is per image unit, so a windowed input needs "
             "hundreds), more --iterations, or --normalize-gradient with --step in image units per iteration "
             "(e.g. 5). A card's dream.step sets the default (docs/model-card.md).")
 

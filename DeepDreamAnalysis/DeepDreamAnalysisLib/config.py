@@ -15,7 +15,18 @@ from typing import Any
 
 from numpy import bool_ as np_bool
 
-from .errors import ConfigError
+from .dreaming.registry import resolve_options
+from .errors import ConfigError, ModelCardError
+
+OBJECTIVES = ("auto", "logit", "log_odds")
+
+
+def resolve_objective(objective: str, card) -> str:
+    """``auto`` -> ``log_odds`` for a softmax network with more than two classes (another class may
+    rise faster than the target: only the log-odds make the target win), else ``logit``."""
+    if objective != "auto":
+        return objective
+    return "log_odds" if card.activation == "softmax" and card.out_channels > 2 else "logit"
 
 PAPER_FEATURES_3D = (
     "firstorder_RootMeanSquared",
@@ -48,10 +59,19 @@ class DreamConfig:
     """The gradient-ascent loop (DESIGN.md, "One analysis, step by step")."""
 
     iterations: int = 300
-    step: float = 1.0
-    objective: str = "logit"
-    """``logit`` (the target class's logit at the seed) or ``log_odds`` (logit minus logsumexp of
-    the other classes' logits; the same for a sigmoid model)."""
+    step: float | None = None
+    """``paper``: alpha in X <- X + alpha * dI/dX (None: 1.0). Every other method: the largest change
+    of any voxel per iteration in image units (HU for CT); None: 1% of the card's intensity window
+    (:func:`DeepDreamAnalysisLib.dreaming.default_step`)."""
+    objective: str = "auto"
+    """``logit`` (the target class's logit at the seed), ``log_odds`` (logit minus logsumexp of
+    the other classes' logits; the same for a sigmoid model) or ``auto``: log-odds for a softmax
+    network with more than two classes, the logit otherwise."""
+    method: str = "paper"
+    """How to dream (docs/dream-methods.md, :func:`DeepDreamAnalysisLib.dreaming.list_methods`):
+    ``paper`` or components joined with ``+`` (``robust+spectral``)."""
+    method_options: dict = field(default_factory=dict)
+    """Options of the method's components (``{"copies": 4, "decay": 1.0}``), validated per method."""
     normalize_gradient: bool = False
     update_radius: float | None = None
     """Only voxels within this distance (voxels) of the seed change; None: the whole crop."""
@@ -76,10 +96,13 @@ class DreamConfig:
     def validate(self) -> None:
         if not _is_int(self.iterations) or self.iterations < 1:
             raise ConfigError(f"iterations must be a positive integer, got {self.iterations!r}.")
-        if not _finite_positive(self.step):
+        if self.step is not None and not _finite_positive(self.step):
             raise ConfigError(f"step must be a positive number, got {self.step!r}.")
-        if not isinstance(self.objective, str) or self.objective not in ("logit", "log_odds"):
-            raise ConfigError(f"objective must be 'logit' or 'log_odds', got {self.objective!r}.")
+        if not isinstance(self.objective, str) or self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective must be 'auto', 'logit' or 'log_odds', got {self.objective!r}.")
+        if not isinstance(self.method_options, dict):
+            raise ConfigError(f"method_options must be a dict such as {{'copies': 4}}, got {self.method_options!r}.")
+        resolve_options(self.method, self.method_options)
         if not isinstance(self.start, str) or self.start not in ("image", "noise"):
             raise ConfigError(f"start must be 'image' or 'noise', got {self.start!r}.")
         if not _in_unit_interval(self.threshold):
@@ -184,32 +207,86 @@ def _finite_positive(v) -> bool:
 
 DEFAULT_ITERATIONS = 300
 DEFAULT_STEP = 1.0
+"""The paper method's default alpha (per unit gradient)."""
+
+DREAM_KEYS = ("method", "method_options", "objective", "step", "iterations", "normalize_gradient", "start",
+              "noise_mean", "noise_std", "update_radius", "stop_probability", "stop_patience", "threshold",
+              "random_seed", "snapshot_every")
+"""Every key a model card's ``dream`` block may hold (all DreamConfig fields but roi_size/device, plus
+snapshot_every)."""
 
 
 def card_dream_settings(card) -> dict:
-    """The model card's recommended dream settings (``{"step": ..., "iterations": ...}``; {} if none)."""
+    """The model card's recommended dream settings (its ``dream`` block; {} if none).
+
+    An unknown key raises ModelCardError naming the valid ones.
+    """
     if card is None:
         return {}
     rec = getattr(card, "dream", None) or (getattr(card, "extra", None) or {}).get("dream") or {}
-    return dict(rec) if isinstance(rec, dict) else {}
+    if not isinstance(rec, dict):
+        return {}
+    unknown = [k for k in rec if k not in DREAM_KEYS]
+    if unknown:
+        raise ModelCardError(f"The model card's dream block has unknown key(s) {unknown}; valid keys: "
+                             f"{', '.join(DREAM_KEYS)} (docs/model-card.md).")
+    return dict(rec)
 
 
-def dream_settings(card, iterations=None, step=None) -> tuple[int, float, str]:
-    """(iterations, step, where they came from): the caller's values, else the card's
-    recommendation, else 300 iterations at step 1.0."""
+class DreamSettings(tuple):
+    """``(iterations, step, sources)`` as before, plus ``values`` (every dream setting that was picked:
+    ``{"method": ..., "step": ...}``) and ``sources`` per key; :meth:`config` builds the DreamConfig."""
+
+    values: dict
+    origin: dict
+
+    def config(self, **fields) -> DreamConfig:
+        """A DreamConfig from the picked values; ``fields`` (roi_size, device...) are added."""
+        values = {k: v for k, v in self.values.items() if k != "snapshot_every"}
+        return DreamConfig(**{**values, **fields})
+
+
+def dream_settings(card, iterations=None, step=None, **user) -> DreamSettings:
+    """Pick each dream setting: the caller's value (not None), else the card's ``dream`` block, else
+    the default (DreamConfig's; the step's default depends on the method: 1.0 for ``paper``, else
+    None = 1% of the card's intensity window).
+
+    Returns ``(iterations, step, where they came from)`` (the step may be None: automatic); the
+    result's ``values`` holds every setting, given or from the card, and its ``origin`` says where
+    each came from.
+    """
     rec = card_dream_settings(card)
-    sources = []
-
-    def pick(name, given, default):
-        if given is not None:
-            value, src = given, "as given"
-        elif rec.get(name) is not None:
-            value, src = rec[name], "from the model card"
+    unknown = [k for k in user if k not in DREAM_KEYS]
+    if unknown:
+        raise ConfigError(f"Unknown dream setting(s) {unknown}; valid: {', '.join(DREAM_KEYS)}.")
+    user = {**user, "iterations": iterations, "step": step}
+    defaults = {f: getattr(DreamConfig(), f) for f in DREAM_KEYS if f in DreamConfig.__dataclass_fields__}
+    defaults["snapshot_every"] = 10
+    values, origin = {}, {}
+    for key in DREAM_KEYS:
+        if user.get(key) is not None:
+            values[key], origin[key] = user[key], "as given"
+        elif rec.get(key) is not None:
+            values[key], origin[key] = rec[key], "from the model card"
         else:
-            value, src = default, "from the default"
-        sources.append(f"{name} {value:g} {src}")
-        return value
+            values[key], origin[key] = defaults[key], "from the default"
+    method = values["method"]
+    if values["step"] is None and method == "paper":
+        values["step"] = DEFAULT_STEP
+    values["iterations"] = int(values["iterations"])
+    if values["step"] is not None:
+        values["step"] = float(values["step"])
+    if isinstance(values["method_options"], dict):
+        values["method_options"] = dict(values["method_options"])
 
-    iterations = int(pick("iterations", None if iterations is None else int(iterations), DEFAULT_ITERATIONS))
-    step = float(pick("step", None if step is None else float(step), DEFAULT_STEP))
-    return int(iterations), float(step), ", ".join(sources)
+    def say(key):
+        v = values[key]
+        shown = "auto" if v is None else (f"{v:g}" if isinstance(v, float) else str(v))
+        return f"{key} {shown} {origin[key]}"
+
+    parts = [say("iterations"), say("step")] + [say(k) for k in DREAM_KEYS
+                                                  if k not in ("iterations", "step", "snapshot_every")
+                                                  and origin[k] != "from the default"]
+    out = DreamSettings((values["iterations"], values["step"], ", ".join(parts)))
+    out.values, out.origin = values, origin
+    return out

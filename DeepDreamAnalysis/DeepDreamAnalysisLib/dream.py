@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from .card import ModelCard
-from .config import DreamConfig
+from .config import DreamConfig, resolve_objective
+from .dreaming.method import DreamMethod
 from .errors import ConfigError, ModelError, RunFault, SeedError
 from .result import Crop
 
@@ -128,7 +129,10 @@ class DreamLoop:
     """
 
     def __init__(self, network: torch.nn.Module, card: ModelCard, start: np.ndarray,
-                 seed_in_crop: tuple[int, int, int], config: DreamConfig, device: torch.device):
+                 seed_in_crop: tuple[int, int, int], config: DreamConfig, device: torch.device,
+                 spacing: tuple[float, float, float] | None = None):
+        """``spacing``: the voxel spacing in mm, (i, j, k) order as :class:`Volume`; default the card's,
+        else 1 mm (only the millimetre-aware methods, robust, spectral and accentuate, use it)."""
         self.network = network
         self.card = card
         self.config = config
@@ -138,19 +142,41 @@ class DreamLoop:
             raise SeedError(f"Seed {self.seed} lies outside the crop of shape {start.shape}.")
         self.x0 = torch.as_tensor(np.ascontiguousarray(start), dtype=torch.float32, device=device)
         self.low, self.high = card.intensity_range
-        self.region = self._update_region(start.shape) if config.update_radius else None
+        if spacing is None:
+            spacing = tuple(card.spacing) + (1.0,) * (3 - len(card.spacing)) if card.spacing else (1.0, 1.0, 1.0)
+        self.spacing_kji = tuple(float(v) for v in tuple(spacing)[::-1])
+        self.objective = resolve_objective(config.objective, card)
+        self.method = DreamMethod(config, card, tuple(start.shape), self.seed, self.spacing_kji, device, self.x0)
         self.stopped_early = False
 
-    def _update_region(self, shape) -> torch.Tensor:
-        grids = torch.meshgrid(*[torch.arange(n, device=self.device, dtype=torch.float32) for n in shape], indexing="ij")
-        dist2 = sum((g - s) ** 2 for g, s in zip(grids, self.seed))
-        return (dist2 <= float(self.config.update_radius) ** 2).float()
+    @property
+    def update_region(self) -> torch.Tensor | None:
+        """Where the image may change: a float tensor [k, j, i] over the crop (1 inside, soft weights for
+        ``accentuate``), or None for the whole crop."""
+        return self.method.update_region
+
+    @property
+    def region(self) -> torch.Tensor | None:
+        return self.method.update_region
 
     def _network_input(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.card.preprocessing
         y = x * pre.scale + pre.offset
         y = y[0] if self.card.spatial_dims == 2 else y
         return y.unsqueeze(0).unsqueeze(0)
+
+    def _batch_input(self, batch: torch.Tensor) -> torch.Tensor:
+        """``[K, (k,) j, i]`` image-unit copies -> the network's ``[K, C=1, ...]`` input."""
+        pre = self.card.preprocessing
+        return (batch * pre.scale + pre.offset).unsqueeze(1)
+
+    def forward(self, x: torch.Tensor):
+        """(objective averaged over the method's copies, probability map [k, j, i] of copy 0): ONE
+        forward pass of the network on a batch of K copies (K = 1 for the paper)."""
+        if self.method.is_paper:
+            return self._objective_and_probability(self.network(self._network_input(x)))
+        logits = self.network(self._batch_input(self.method.batch(x)))
+        return self._objective_and_probability(logits)
 
     def _objective_and_probability(self, logits: torch.Tensor):
         t = self.card.target_class
@@ -167,13 +193,23 @@ class DreamLoop:
             )
         spatial_seed = self.seed[1:] if self.card.spatial_dims == 2 else self.seed
         crop = tuple(self.x0.shape[1:]) if self.card.spatial_dims == 2 else tuple(self.x0.shape)
-        if logits.shape[0] != 1 or tuple(logits.shape[2:]) != crop:
+        if logits.shape[0] != self.method.copies or tuple(logits.shape[2:]) != crop:
             raise ModelError(  # else the seed's logit would be read from the wrong voxel
                 f"For an input crop of spatial size {list(crop)} the network returned {list(logits.shape)}, not "
-                f"[1, {self.card.out_channels}, {', '.join(str(n) for n in crop)}]: the analysis needs one logit per "
+                f"[{self.method.copies}, {self.card.out_channels}, {', '.join(str(n) for n in crop)}]: the analysis needs one logit per "
                 "input voxel. Check spatial_dims, roi_size and size_divisible in the model card, or use a network "
                 "whose output has its input's size."
             )
+        if not self.method.is_paper:
+            at_seed = logits[(slice(None), slice(None)) + spatial_seed]  # [K, C]
+            objective = at_seed[:, t]
+            if self.card.activation == "softmax" and self.objective == "log_odds":
+                others = torch.cat([at_seed[:, :t], at_seed[:, t + 1:]], dim=1)
+                objective = objective - torch.logsumexp(others, dim=1)
+            objective = objective.mean()
+            z = logits[0].detach()
+            prob = torch.sigmoid(z[t]) if self.card.activation == "sigmoid" else torch.softmax(z, dim=0)[t]
+            return objective, (prob.unsqueeze(0) if self.card.spatial_dims == 2 else prob)
         z = logits[0]
         if self.card.activation == "sigmoid":
             prob = torch.sigmoid(z[t])
@@ -181,7 +217,7 @@ class DreamLoop:
         else:
             prob = torch.softmax(z, dim=0)[t]
             objective = z[t][spatial_seed]
-            if self.config.objective == "log_odds":
+            if self.objective == "log_odds":
                 others = torch.cat([z[:t], z[t + 1:]])[(slice(None),) + spatial_seed]
                 objective = objective - torch.logsumexp(others, dim=0)
         if self.card.spatial_dims == 2:
@@ -196,6 +232,9 @@ class DreamLoop:
         if cfg.tv_weight:
             tv = sum((torch.diff(x, dim=d).abs().mean() for d in range(x.dim()) if x.shape[d] > 1), torch.zeros((), device=x.device))
             total = total - cfg.tv_weight * tv
+        penalty = self.method.penalty(x)
+        if penalty is not None:
+            total = total - penalty
         return total
 
     def initial_image(self) -> torch.Tensor:
@@ -223,8 +262,7 @@ class DreamLoop:
         for it in range(cfg.iterations):
             x.requires_grad_(True)
             try:
-                logits = self.network(self._network_input(x))
-                objective, prob = self._objective_and_probability(logits)
+                objective, prob = self.forward(x)
                 total = self._regularised(objective, x)
                 (grad,) = torch.autograd.grad(total, x)
             except (ModelError, RunFault):
@@ -256,9 +294,4 @@ class DreamLoop:
                 if above >= cfg.stop_patience:
                     self.stopped_early = True
                     return
-            with torch.no_grad():
-                if cfg.normalize_gradient:
-                    grad = grad / grad.abs().max().clamp_min(1e-12)
-                if self.region is not None:
-                    grad = grad * self.region
-                x = (x + cfg.step * grad).clamp_(self.low, self.high)
+            x = self.method.update(x, grad)

@@ -1,0 +1,83 @@
+"""One dream method assembled from its components for one crop (see :mod:`.registry`).
+
+The loop asks it for the batch to forward (:meth:`DreamMethod.batch`), the penalty to subtract
+from the objective (:meth:`DreamMethod.penalty`) and the next image (:meth:`DreamMethod.update`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .accentuate import pulled_to_start, soft_ball
+from .adam import Adam
+from .paper import paper_update
+from .registry import parse_method, resolve_options
+from .spectral import SpectralPreconditioner
+from .step import default_step, intensity_scale, normalised
+from .transforms import RandomTransforms
+
+
+def ball_region(shape, seed, radius_voxels: float, device=None) -> torch.Tensor:
+    """1 within ``radius_voxels`` of the seed, 0 elsewhere (float tensor [k, j, i])."""
+    grids = torch.meshgrid(*[torch.arange(n, device=device, dtype=torch.float32) for n in shape], indexing="ij")
+    dist2 = sum((g - s) ** 2 for g, s in zip(grids, seed))
+    return (dist2 <= float(radius_voxels) ** 2).float()
+
+
+class DreamMethod:
+    """The components of ``config.method`` with their options, for a crop of ``crop_shape`` [k, j, i]."""
+
+    def __init__(self, config, card, crop_shape, seed, spacing_kji, device, x0: torch.Tensor):
+        self.components = parse_method(config.method)
+        self.options = resolve_options(config.method, config.method_options)
+        self.config, self.card, self.x0 = config, card, x0
+        self.low, self.high = card.intensity_range
+        self.is_paper = self.components == ("paper",)
+        self.scale = intensity_scale(card)
+        if self.is_paper:
+            self.step = float(config.step) if config.step is not None else 1.0
+        else:
+            self.step = float(config.step) if config.step is not None else default_step(card)
+        o = self.options
+        region = ball_region(crop_shape, seed, config.update_radius, device) if config.update_radius else None
+        if "accentuate" in self.components:
+            ball = soft_ball(crop_shape, seed, spacing_kji, o["sigma_mm"], device)
+            region = ball if region is None else region * ball
+        self.update_region = region
+        self.transforms = RandomTransforms(
+            crop_shape, seed, spacing_kji, card.spatial_dims, o["copies"], o["jitter"], o["scale"], o["rotate"],
+            o["noise"] * self.scale, config.random_seed, device) if "robust" in self.components else None
+        self.adam = Adam(o["beta1"], o["beta2"]) if "adam" in self.components else None
+        self.spectral = SpectralPreconditioner(crop_shape, spacing_kji, o["decay"], card.spatial_dims, device) \
+            if "spectral" in self.components and o["decay"] > 0 else None
+
+    @property
+    def copies(self) -> int:
+        return self.transforms.copies if self.transforms is not None else 1
+
+    def batch(self, x: torch.Tensor) -> torch.Tensor:
+        """The images to forward in one pass, ``[K, (k,) j, i]``; copy 0 is ``x`` itself."""
+        if self.transforms is not None:
+            return self.transforms.batch(x)
+        return (x[0] if self.card.spatial_dims == 2 else x).unsqueeze(0)
+
+    def penalty(self, x: torch.Tensor):
+        """A term to subtract from the objective (None: the components pull in :meth:`update` instead)."""
+        return None
+
+    def update(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """The next image: ``x`` moved along the method's direction, at most ``step`` image units per voxel."""
+        if self.is_paper:
+            return paper_update(x, grad, self.step, self.config.normalize_gradient, self.update_region,
+                                self.low, self.high)
+        with torch.no_grad():
+            direction = grad
+            if "accentuate" in self.components and self.options["l2"] > 0:
+                direction = pulled_to_start(grad, x, self.x0, self.options["l2"], self.scale)
+            if self.adam is not None:
+                direction = self.adam.direction(direction)
+            if self.spectral is not None:
+                direction = self.spectral(direction)
+            if self.update_region is not None:
+                direction = direction * self.update_region
+            return (x + self.step * normalised(direction)).clamp_(self.low, self.high)
