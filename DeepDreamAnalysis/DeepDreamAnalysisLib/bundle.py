@@ -105,6 +105,8 @@ def read_bundle(path: Path) -> BundleFiles:
 
 MAX_CONFIG_BYTES = 16 << 20
 MAX_WEIGHTS_BYTES = 16 << 30
+MAX_RATIO = 100             # uncompressed / compressed size of a zip entry beyond which it is a bomb ...
+MAX_PLAIN_BYTES = 32 << 20  # ... once it is larger than this
 
 
 def _cap(name: str) -> int:
@@ -130,8 +132,17 @@ def _read_zip_capped(zf: zipfile.ZipFile, name: str, bundle: Path) -> bytes:
     """A zip entry read as a stream, refused as soon as it grows past its cap (the declared size may lie)."""
     cap = _cap(name)
     info = zf.getinfo(name)
+    if info.file_size > MAX_PLAIN_BYTES and info.file_size > MAX_RATIO * max(info.compress_size, 1):
+        from .inputs import human_bytes
+
+        raise ModelError(
+            f"The bundle {bundle}: {name} inflates {info.file_size // max(info.compress_size, 1)} times (to "
+            f"{human_bytes(info.file_size)}); real weights and configs barely compress, so this is a zip bomb or a "
+            "damaged file. Re-download the bundle from its source."
+        )
     if info.file_size > cap:
         raise _too_big(bundle, name, info.file_size, cap)
+    cap = min(cap, info.file_size)  # the declared size may lie: never read more than it
     out = bytearray()
     try:
         with zf.open(info) as fh:
