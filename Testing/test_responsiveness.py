@@ -115,3 +115,16 @@ def test_a_run_left_by_a_module_reload_is_no_longer_tagged_running(case):
     handle.runner.process.wait(10)
     assert handle.nodes.table.GetAttribute("DeepDreamAnalysis.Status") == "cancelled"
     assert not logic.isRunning
+
+
+def test_the_worker_stops_by_itself_when_slicer_goes_away(case):
+    """Slicer killed or crashed: the worker's stdin closes, it cancels and ends (no orphan process)."""
+    node, path = case
+    handle = AnalysisLogicCore().run(node, path, SEED, config=config(100000), waitForCompletion=False, process=True)
+    process = handle.runner.process
+    process.stdin.close()  # what the operating system does when the parent dies
+    process.wait(120)
+    assert process.returncode == 0  # it wrote its (cancelled) outcome and left
+    while handle.processEvents():
+        time.sleep(0.05)
+    assert handle.status == "cancelled"
