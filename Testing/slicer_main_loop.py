@@ -27,10 +27,26 @@ def idle_holding_gil(seconds: float) -> None:
     _usleep(int(seconds * 1e6))
 
 
+WARMUP_ITERATIONS = 5
+"""Iterations left out of a rate (first-call costs: lazy imports, allocations)."""
+
+
+def _rate(stamps) -> float:
+    """Iterations per second from ``(elapsed_s, iterations done)`` stamps of the run's own clock,
+    from the first stamp past the warm-up to the last."""
+    stamps = [s for s in stamps if s[1] > WARMUP_ITERATIONS] or list(stamps)
+    if len(stamps) < 2 or stamps[-1][0] <= stamps[0][0]:
+        return float("nan")
+    (t_a, n_a), (t_b, n_b) = stamps[0], stamps[-1]
+    return (n_b - n_a) / (t_b - t_a)
+
+
 @dataclass
 class LoopFigures:
-    """What :func:`run_through_loop` measured. Rates are iterations per second between the first
-    and the last iteration the main thread received (start-up excluded, reported apart)."""
+    """What :func:`run_through_loop` measured. ``rate``: iterations per second of the run, from the
+    run's own clock (``Progress.elapsed_s``) of the iterations the main thread received, past the
+    warm-up (a starved worker thread shows as a slow clock; the drain's 150 ms ticks do not blur it).
+    ``startup_s``: from the start to the first iteration received (a worker process's start-up)."""
 
     iterations: int = 0
     rate: float = float("nan")
@@ -64,7 +80,9 @@ def run_through_loop(handle, *, tick_s: float = TICK_S, cancel_after: int | None
         last = handle.lastProgress
         if last is not None and last.step.iteration + 1 > seen:
             seen = last.step.iteration + 1
-            figures.receipts.append((now, seen))
+            if not figures.receipts:
+                figures.startup_s = now - started
+            figures.receipts.append((last.elapsed_s, seen))
         if not going:
             break
         if cancel_after is not None and cancelled_at is None and seen >= cancel_after:
@@ -77,13 +95,9 @@ def run_through_loop(handle, *, tick_s: float = TICK_S, cancel_after: int | None
     end = time.perf_counter()
     figures.status = handle.status
     figures.iterations = seen
-    if figures.receipts:
-        figures.startup_s = figures.receipts[0][0] - started
-    if len(figures.receipts) >= 2:
-        (t_a, n_a), (t_b, n_b) = figures.receipts[0], figures.receipts[-1]
-        if t_b > t_a:
-            figures.rate = (n_b - n_a) / (t_b - t_a)
-            figures.iteration_s = 1.0 / figures.rate if figures.rate > 0 else float("nan")
+    figures.rate = _rate(figures.receipts)
+    if figures.rate > 0:
+        figures.iteration_s = 1.0 / figures.rate
     if cancelled_at is not None:
         figures.cancel_latency_s = end - cancelled_at
     return figures
@@ -91,11 +105,10 @@ def run_through_loop(handle, *, tick_s: float = TICK_S, cancel_after: int | None
 
 def headless_rate(volume, seed_ijk, model, config) -> float:
     """Iterations per second of the same run with no GUI loop at all (``run_analysis`` called
-    directly), between the first and the last iteration, as :func:`run_through_loop` counts."""
+    directly), counted as :func:`run_through_loop` counts."""
     from DeepDreamAnalysisLib.analysis import run_analysis
 
-    times: list[tuple[float, int]] = []
+    stamps: list[tuple[float, int]] = []
     run_analysis(volume, seed_ijk, model, config,
-                 on_progress=lambda p: times.append((time.perf_counter(), p.step.iteration + 1)))
-    (t_a, n_a), (t_b, n_b) = times[0], times[-1]
-    return (n_b - n_a) / (t_b - t_a)
+                 on_progress=lambda p: stamps.append((p.elapsed_s, p.step.iteration + 1)))
+    return _rate(stamps)

@@ -128,3 +128,13 @@ def test_the_worker_stops_by_itself_when_slicer_goes_away(case):
     while handle.processEvents():
         time.sleep(0.05)
     assert handle.status == "cancelled"
+
+
+def test_the_worker_leaves_no_temporary_files(case):
+    node, path = case
+    logic = AnalysisLogicCore()
+    handle = logic.run(node, path, SEED, config=config(100000), waitForCompletion=False, process=True)
+    folder = handle.runner.folder
+    assert (folder / "job.pkl").is_file()
+    logic.abandon(timeout=0)
+    assert not folder.exists()

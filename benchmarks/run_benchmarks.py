@@ -334,11 +334,13 @@ def bench_slicer_gil(device: str, iterations: int, cancel_after: int = 10) -> di
     handle = logic.run(node, path, seed, config=config(100000, names, device=device), waitForCompletion=False,
                        process=True)
     f = run_through_loop(handle, cancel_after=cancel_after)
+    out["cancel_status"] = f.status if f.cancel_latency_s is not None else f"{f.status}: {handle.error}"
     head = max(rates["headless"])
     out.update(ratio=max(rates["process"]) / head, thread_ratio=max(rates["thread"]) / head,
                headless_it_s=head, process_it_s=max(rates["process"]), thread_it_s=max(rates["thread"]),
                max_drain_s=max(drains), worker_startup_s=min(startups), cancel_s=f.cancel_latency_s,
-               iteration_s=f.iteration_s, cancel_within_target=f.cancel_latency_s <= f.iteration_s + 2.0)
+               iteration_s=f.iteration_s, cancel_within_target=f.cancel_latency_s is not None and
+               f.cancel_latency_s <= f.iteration_s + 2.0)
     return out
 
 
@@ -419,7 +421,7 @@ def table(results: dict) -> str:
             fig = f"{r['ratio']:.2f}x headless"
             det = (f"worker process {r['process_it_s']:.1f} it/s vs headless {r['headless_it_s']:.1f} it/s; a worker "
                    f"thread {r['thread_ratio']:.2f}x; longest drain {1000 * r['max_drain_s']:.0f} ms; cancel "
-                   f"{r['cancel_s']:.2f} s (iteration {r['iteration_s']:.2f} s); start-up {r['worker_startup_s']:.1f} s")
+                   f"{r['cancel_s'] or float('nan'):.2f} s (iteration {r['iteration_s']:.2f} s); start-up {r['worker_startup_s']:.1f} s")
         elif name == "gpu":
             fig = f"{r['iterations_per_s']:.1f} it/s"
             det = f"{r['gpu']}, {r['achieved_tflops']:.2f} TFLOP/s" + (

@@ -13,7 +13,8 @@ process"). :class:`ProcessRunner` has the interface of :class:`~.runner.Analysis
   snapshot files they name (non-blocking file reads; no pipe to wait on, no thread in this process);
 - cancel: a ``cancel`` line on the child's stdin; if it has not ended ``CANCEL_GRACE_S`` later, a
   later :meth:`poll` or :meth:`join` terminates it. :meth:`terminate` ends it at once (scene close,
-  module reload, Slicer quitting). The child also cancels itself when its stdin closes, so it
+  module reload, Slicer quitting; it waits at most 1 s for the process to be gone, so that its
+  temporary files can be removed). The child also cancels itself when its stdin closes, so it
   never outlives Slicer;
 - the end: ``outcome.pkl`` holds the result or the error. A child that dies without one (killed,
   out of memory, crashed) gives a :class:`WorkerProcessError` naming the exit code and the last
@@ -160,6 +161,14 @@ class ProcessRunner:
         if self.process is not None and self.process.poll() is None:
             self._send("cancel\n")
             self.process.terminate()
+            try:  # it ends in milliseconds; a short wait lets its files go now
+                self.process.wait(0.5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                try:
+                    self.process.wait(0.5)
+                except subprocess.TimeoutExpired:
+                    pass
         self._collected = True
         if self.error is None and self.result is None:
             self.error = WorkerProcessError("The analysis process was stopped.")

@@ -89,6 +89,7 @@ def run_job(folder: Path, cancel: threading.Event) -> int:
 
         volume = Volume(np.load(folder / "volume.npy"), spacing=job["spacing"], origin=job["origin"],
                         direction=np.asarray(job["direction"]))
+        (folder / "volume.npy").unlink()  # read: the image's copy leaves the disk at once
         model = load_model(job["model_path"], device="cpu", allow_code_targets=job["allow_code_targets"])
         reference = None
         if job.get("reference_path"):
