@@ -161,3 +161,27 @@ def test_paper_is_the_papers_update_exactly():
     z = net((x * pre.scale + pre.offset)[0][None, None])
     (g,) = torch.autograd.grad(z[0, 1, 12, 12], x)
     assert torch.equal(states[1], (x.detach() + 40.0 * g).clamp(*card.intensity_range))
+
+
+def _result(objectives, probabilities, flags=(), method="robust+spectral", step=None):
+    from DeepDreamAnalysisLib.engine.quality import QualityFlag
+    from DeepDreamAnalysisLib.result import AnalysisResult, Crop, Step
+
+    steps = [Step(i, o, p, 0, {}) for i, (o, p) in enumerate(zip(objectives, probabilities))]
+    return AnalysisResult(steps, [], Crop((0, 0, 0), (1, 8, 8)), (), metadata={
+        "configuration": {"dream": {"method": method, "step": step}}},
+        quality_flags=[QualityFlag(code, "x") for code in flags])
+
+
+def test_hints_name_the_cause():
+    from DeepDreamAnalysisLib.cli import step_hint
+
+    wrong = step_hint(_result([0.0, 5.0], [0.1, 0.3], flags=("wrong_class",)))
+    assert "another class wins" in wrong and "--objective log_odds" in wrong
+    exploded = step_hint(_result([0.0, 5.0], [0.1, 0.9], flags=("mask_exploded",)))
+    assert "--update-radius" in exploded and "--threshold" in exploded
+    still = step_hint(_result([-3.0, -3.0001], [0.05, 0.05], method="paper", step=2.0))
+    assert "Nothing moved" in still and "now 2; try 200" in still
+    slow = step_hint(_result([-6.0, -2.0], [0.01, 0.2], step=3.5))
+    assert "more --iterations" in slow
+    assert step_hint(_result([0.0, 5.0], [0.1, 0.9])) is None

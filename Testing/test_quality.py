@@ -19,6 +19,7 @@ from tiny_models import TinyModel, blur_model as _model, liver_like, tiny_card, 
 
 
 def _config(iterations=30, step=20.0, **dream):
+    dream.setdefault("method", "paper")  # the cases below are made with the paper's update
     return AnalysisConfig(dream=DreamConfig(iterations=iterations, step=step, normalize_gradient=True, **dream),
                           features=FeatureConfig(names=("firstorder_Mean",)), snapshot_every=10)
 

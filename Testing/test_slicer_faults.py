@@ -438,7 +438,8 @@ def test_the_cards_dream_settings_are_used_when_none_are_given(mrml_scene, tmp_p
 
 
 def test_without_a_recommendation_the_defaults_apply(tmp_path):
-    assert dream_settings(tiny_card(2), None, None) == (300, 1.0, "iterations 300 from the default, step 1 from the default")
+    # the default method's step is automatic (1% of the card's window, docs/dream-methods.md)
+    assert dream_settings(tiny_card(2), None, None) == (300, None, "iterations 300 from the default, step auto from the default")
     assert dream_settings(None, 5, 2.0)[:2] == (5, 2.0)
     assert dream_settings(tiny_card(2, dream={"step": 250.0}), None, None)[:2] == (300, 250.0)
     path = _model_with_card(tmp_path / "b")

@@ -54,7 +54,8 @@ from DeepDreamAnalysisLib.dream import DreamLoop  # noqa: E402
 from DeepDreamAnalysisLib.runner import AnalysisRunner  # noqa: E402
 from DeepDreamAnalysisLib.volume import Volume  # noqa: E402
 
-TARGETS = {"loop_overhead": 1.05, "feature_cost": 1.15, "scale": 1.1, "memory": 1.1, "study_overhead": 1.10}
+TARGETS = {"loop_overhead": 1.05, "feature_cost": 1.15, "scale": 1.1, "memory": 1.1, "study_overhead": 1.10,
+           "method robust": 1.5}  # issue 9: K=4 batched copies cost at most 1.5x one copy (CPU)
 TARGETS_MIN = {"study_scaling": 1.7, "slicer_gil": 0.9}  # higher is better
 
 
@@ -106,7 +107,7 @@ def seed_of(volume: Volume):
 
 
 def config(iterations, names=(), step=2000.0, device="cpu", every=1, backend="auto"):
-    return AnalysisConfig(dream=DreamConfig(iterations=iterations, step=step, device=device),
+    return AnalysisConfig(dream=DreamConfig(iterations=iterations, step=step, device=device, method="paper"),
                           features=FeatureConfig(names=tuple(names), every=every, backend=backend),
                           snapshot_every=10)
 
@@ -127,7 +128,7 @@ def bench_loop_overhead(device: str, iterations: int) -> dict:
     dev = torch.device(device)
 
     def ours():
-        loop = DreamLoop(net, c, start, seed, DreamConfig(iterations=iterations, step=10.0), dev)
+        loop = DreamLoop(net, c, start, seed, DreamConfig(iterations=iterations, step=10.0, method="paper"), dev)
         for _ in loop:
             pass
 
@@ -149,6 +150,36 @@ def bench_loop_overhead(device: str, iterations: int) -> dict:
     return {"ratio": t_ours / t_bare, "ours_ms_per_iteration": 1000 * t_ours / iterations,
             "bare_ms_per_iteration": 1000 * t_bare / iterations, "iterations": iterations,
             "model": c.name, "crop": list(shape)}
+
+
+BENCH_METHODS = ("ascent", "robust", "spectral", "accentuate", "adam", "robust+spectral")
+
+
+def bench_methods(device: str, iterations: int) -> dict:
+    """One line per dream method: time per iteration against ``paper`` on the same demo crop
+    (docs/dream-methods.md). ``robust`` runs its K=4 copies as one batched forward."""
+    model = demo_model()
+    net = model.network.to(device)
+    c = model.card
+    roi = c.roi_size or (96, 96)
+    shape = (1,) + tuple(roi) if c.spatial_dims == 2 else tuple(roi)
+    start = np.random.default_rng(0).normal(110.0, 15.0, shape).astype(np.float32)
+    seed = tuple(n // 2 for n in shape)
+    dev = torch.device(device)
+
+    def runner(method):
+        def run():
+            for _ in DreamLoop(net, c, start, seed, DreamConfig(iterations=iterations, method=method), dev):
+                pass
+        return run
+
+    out = {}
+    for method in BENCH_METHODS:
+        t_method, t_paper = _best_of(runner(method), runner("paper"), device, repeats=3)
+        out[f"method {method}"] = {"ratio": t_method / t_paper, "ms_per_iteration": 1000 * t_method / iterations,
+                                   "paper_ms_per_iteration": 1000 * t_paper / iterations, "iterations": iterations,
+                                   "model": c.name}
+    return out
 
 
 def _best_of(a, b, device, repeats=3):
@@ -457,6 +488,7 @@ def main(argv=None) -> int:
         "slicer_gil": lambda: bench_slicer_gil(args.device, 30 if q else 150),
     }
     plan["study"] = lambda: _study_benchmarks(10 if q else 20, 20 if q else 150)
+    plan["methods"] = lambda: bench_methods(args.device, 10 if q else 50)
     if args.device == "cuda":
         plan["gpu"] = lambda: bench_gpu(20 if q else 100)
     results = {}
@@ -467,13 +499,13 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         try:
             got = fn()
-            if name == "study":  # one measurement gives two ratios
+            if name in ("study", "methods"):  # one measurement gives several ratios
                 results.update(got)
             else:
                 results[name] = got
         except Exception as exc:  # noqa: BLE001 - one failing benchmark must not hide the others
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
-        if name in results:
+        if name in results and isinstance(results[name], dict):
             results[name]["wall_s"] = round(time.perf_counter() - t, 2)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     record = {"date": stamp, "device": args.device, "quick": q, "machine": machine(), "results": results}

@@ -78,7 +78,7 @@ def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None 
     t_features = 0.0
     total = config.dream.iterations
     every = config.features.every
-    loop = DreamLoop(network, card, start, seed_in_crop, config.dream, device)
+    loop = DreamLoop(network, card, start, seed_in_crop, config.dream, device, spacing=volume.spacing)
     monitor = quality.QualityMonitor(crop.size, card.spatial_dims, config.dream.threshold)
     watch = _QualityWatch(loop, card, seed_in_crop)
     base_context = FeatureContext(spacing=tuple(volume.spacing), seed_kji=tuple(seed_in_crop), seed_ijk=tuple(seed),

@@ -76,7 +76,8 @@ def _add_dream_options(p: argparse.ArgumentParser, iterations: int | None = None
     g = p.add_argument_group("dream (each option left out: the model card's dream block, else the default)")
     g.add_argument("--method", default=None,
                    help="how to dream: a method or methods joined with '+', e.g. robust+spectral (default: the "
-                        "card's dream.method, else paper; docs/dream-methods.md). Methods and their options: "
+                        "card's dream.method, else robust+spectral, the measured best; paper is the paper's exact update; "
+                        "docs/dream-methods.md). Methods and their options: "
                         + _method_help().replace("%", "%%"))
     g.add_argument("--method-option", action="append", default=[], type=_parse_method_option, metavar="KEY=VALUE",
                    help="an option of the method's components, e.g. copies=8 or decay=1.5; repeatable")
@@ -391,18 +392,39 @@ def print_quality(result, stream=None) -> None:
 
 
 def step_hint(result) -> str | None:
-    """Advice when the dream did not take off: the probability at the seed never passed 0.5."""
+    """Advice that names the likely cause when a run did not give a clean dream (None when it did):
+    another class won at the seed -> log-odds; the mask exploded -> a region or a higher threshold;
+    nothing moved -> a larger step, with the number to try; it moved but too slowly -> iterations."""
     steps = result.steps
-    if result.status not in ("completed", "stopped") or not steps or result.first_iteration_above(0.5) is not None:
+    if result.status not in ("completed", "stopped") or not steps:
         return None
+    codes = {getattr(f, "code", None) for f in (getattr(result, "quality_flags", None) or [])}
     dream = result.metadata.get("configuration", {}).get("dream", {})
-    step, n = dream.get("step"), len(steps)
+    method, step, n = dream.get("method", "paper"), dream.get("step"), len(steps)
+    if "wrong_class" in codes:
+        return ("another class wins at the seed: the objective rose but a neighbouring class rose faster. Use "
+                "--objective log_odds (the target must win, not only rise; --objective auto does it for softmax "
+                "networks with more than two classes).")
+    if codes & {"mask_exploded", "mask_covers_half_crop", "mask_touches_border"}:
+        return ("the dreamed mask spread over the crop (merged with the network's other detections): restrict the "
+                "change with --update-radius (voxels, e.g. 10) or --method accentuate, raise --threshold (e.g. 0.7), "
+                "or pick a seed farther from what the network already segments.")
+    if result.first_iteration_above(0.5) is not None:
+        return None
     moved = steps[-1].objective - steps[0].objective
-    return (f"the probability at the seed never passed 0.5 in {n} iterations (objective {steps[0].objective:+.3f} -> "
-            f"{steps[-1].objective:+.3f}). " + ("The step is too small for this network: " if abs(moved) < 1.0 else "")
-            + f"try a larger --step (now {step if step is None else format(step, 'g')}; the gradient is per image unit, so a windowed input needs "
-            "hundreds), more --iterations, or --normalize-gradient with --step in image units per iteration "
-            "(e.g. 5). A card's dream.step sets the default (docs/model-card.md).")
+    shown = "auto" if step is None else format(step, "g")
+    head = (f"the probability at the seed never passed 0.5 in {n} iterations (objective {steps[0].objective:+.3f} -> "
+            f"{steps[-1].objective:+.3f}). ")
+    if abs(moved) < 1.0:
+        if method == "paper":
+            target = (step or 1.0) * (100.0 if abs(moved) < 1e-3 else min(100.0, max(4.0, 4.0 / abs(moved))))
+            return head + (f"Nothing moved: the step is too small for this network: try a larger --step (now {shown}; "
+                           f"try {target:g}), or --method ascent with --step in image units per iteration (its default "
+                           "is 1% of the card's window). A card's dream.step sets the default (docs/model-card.md).")
+        return head + (f"Nothing moved: try a larger --step (now {shown} image units per iteration; try 4 times that) "
+                       "or more --iterations. A card's dream.step sets the default (docs/dream-methods.md).")
+    return head + (f"It moved but not far enough: try more --iterations (now {n}) or a larger --step (now {shown}). "
+                   "A card's dream block sets the defaults (docs/model-card.md).")
 
 
 def cmd_run(args) -> int:

@@ -67,7 +67,7 @@ class DreamConfig:
     """``logit`` (the target class's logit at the seed), ``log_odds`` (logit minus logsumexp of
     the other classes' logits; the same for a sigmoid model) or ``auto``: log-odds for a softmax
     network with more than two classes, the logit otherwise."""
-    method: str = "paper"
+    method: str = "robust+spectral"
     """How to dream (docs/dream-methods.md, :func:`DeepDreamAnalysisLib.dreaming.list_methods`):
     ``paper`` or components joined with ``+`` (``robust+spectral``)."""
     method_options: dict = field(default_factory=dict)
@@ -270,6 +270,9 @@ def dream_settings(card, iterations=None, step=None, **user) -> DreamSettings:
             values[key], origin[key] = rec[key], "from the model card"
         else:
             values[key], origin[key] = defaults[key], "from the default"
+    if user.get("method") is None and rec.get("step") is not None and rec.get("method") is None:
+        # a card written before the methods: its step is the paper's alpha, so the card means the paper
+        values["method"], origin["method"] = "paper", "from the model card (a dream.step without dream.method)"
     method = values["method"]
     if values["step"] is None and method == "paper":
         values["step"] = DEFAULT_STEP

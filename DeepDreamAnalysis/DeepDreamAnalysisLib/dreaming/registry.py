@@ -137,7 +137,8 @@ register(Component(
         Option("beta2", 0.999, "Adam's second-moment decay", fraction, "a number from 0 to below 1"),
     )))
 
-DEFAULT_METHOD = "paper"
+DEFAULT_METHOD = "robust+spectral"
+"""The default (DreamConfig.method): chosen by measurement, docs/dream-methods.md."""
 
 
 @dataclass(frozen=True)
