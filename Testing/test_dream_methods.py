@@ -185,3 +185,12 @@ def test_hints_name_the_cause():
     slow = step_hint(_result([-6.0, -2.0], [0.01, 0.2], step=3.5))
     assert "more --iterations" in slow
     assert step_hint(_result([0.0, 5.0], [0.1, 0.9])) is None
+
+
+def test_a_card_step_without_a_method_is_the_papers_alpha():
+    old_card = tiny_card(2, dream={"step": 500.0, "iterations": 300})
+    s = dream_settings(old_card)
+    assert (s.values["method"], s.values["step"]) == ("paper", 500.0)
+    # another method does not take 500 as image units per iteration: its own default step applies
+    robust = dream_settings(old_card, method="robust")
+    assert robust.values["step"] is None and "for paper" in robust.origin["step"]

@@ -302,7 +302,8 @@ def _dream_config(settings: Settings, features, start: str, random_seed: int):
 
     noise = start == "noise"
     return AnalysisConfig(
-        dream=DreamConfig(iterations=settings.iterations, step=settings.step, start="noise" if noise else "image",
+        dream=DreamConfig(iterations=settings.iterations, step=settings.step, method="paper",  # the paper's update
+                          start="noise" if noise else "image",
                           noise_mean=NOISE_MEAN if noise else None, noise_std=NOISE_STD if noise else None,
                           random_seed=random_seed, device="cpu"),
         features=FeatureConfig(names=features, every=settings.feature_every),

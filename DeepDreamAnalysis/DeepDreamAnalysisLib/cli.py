@@ -530,12 +530,14 @@ def _demo(args, res: Path, model_path: Path, out: Path) -> int:
     volume, seed = demo_case()
     ref_path = res / "demo_reference.json"
     reference = ReferenceStats.load(ref_path) if ref_path.is_file() else None
-    dream = DreamConfig(iterations=args.iterations or int(settings["iterations"]), step=float(settings["step"]),
-                        device=args.device)
+    from .config import dream_settings
+
+    dream = dream_settings(model.card, args.iterations or None).config(device=args.device)
     config = AnalysisConfig(dream=dream, features=FeatureConfig(backend=args.feature_backend),
                             snapshot_every=int(settings.get("snapshot_every", 10)))
     print(f"Demo: {model.card.name} on a healthy liver slice of LiTS volume 117 (CC BY-NC-SA 4.0), "
-          f"seed (i,j,k)={seed}, {dream.iterations} iterations, step {dream.step}.")
+          f"seed (i,j,k)={seed}, {dream.iterations} iterations, method {dream.method}, step "
+          f"{'auto' if dream.step is None else dream.step}.")
     return _run_and_write(volume, seed, model, config, reference, out)
 
 

@@ -274,6 +274,10 @@ def dream_settings(card, iterations=None, step=None, **user) -> DreamSettings:
         # a card written before the methods: its step is the paper's alpha, so the card means the paper
         values["method"], origin["method"] = "paper", "from the model card (a dream.step without dream.method)"
     method = values["method"]
+    card_method = rec.get("method") or ("paper" if rec.get("step") is not None else None)
+    if origin["step"] == "from the model card" and (card_method == "paper") != (method == "paper"):
+        # the card's step is in its method's units (paper: per unit gradient; others: image units)
+        values["step"], origin["step"] = None, f"from the default (the card's step is for {card_method})"
     if values["step"] is None and method == "paper":
         values["step"] = DEFAULT_STEP
     values["iterations"] = int(values["iterations"])

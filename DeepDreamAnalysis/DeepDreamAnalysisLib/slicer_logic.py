@@ -530,10 +530,11 @@ class AnalysisLogicCore:
         loaded = model if model is not None else self.loadModel(modelPath, device, allowCodeTargets)
         card = loaded.card
         if config is None:
-            iterations, step, source = dream_settings(card, iterations, step)
+            settings = dream_settings(card, iterations, step)
+            iterations, step, source = settings
             _say(logCallback, f"Dream settings: {source}.")
             # Snapshots (live display) at least every 5 iterations; the sequences keep every recordEvery-th.
-            config = AnalysisConfig(dream=DreamConfig(iterations=iterations, step=step, device=device),
+            config = AnalysisConfig(dream=settings.config(device=device),
                                     features=FeatureConfig(names=None),
                                     snapshot_every=max(1, min(int(recordEvery), 5)))
         else:
@@ -650,9 +651,10 @@ class AnalysisLogicCore:
             cards = [m.card for m in loaded.values()]
             # the cards' recommendation only where every model's card gives the same one
             shared = cards[0] if all(card_dream_settings(c) == card_dream_settings(cards[0]) for c in cards) else None
-            iterations, step, source = dream_settings(shared, iterations, step)
+            settings = dream_settings(shared, iterations, step)
+            iterations, step, source = settings
             _say(logCallback, f"Dream settings: {source}.")
-            config = AnalysisConfig(dream=DreamConfig(iterations=iterations, step=step, device=device),
+            config = AnalysisConfig(dream=settings.config(device=device),
                                     features=FeatureConfig(names=None))
         else:
             config = copy.deepcopy(config)

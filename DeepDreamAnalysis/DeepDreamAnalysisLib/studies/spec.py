@@ -330,15 +330,17 @@ def _no_duplicates(items: list[str], where: str, what: str) -> None:
 def analysis_config(spec: StudySpec, method: str, card, random_seed: int | None = None) -> AnalysisConfig:
     """The :class:`AnalysisConfig` of one run: the study's dream settings over the card's recommendation."""
     d = dict(spec.dream)
-    iterations, step, _ = dream_settings(card, d.pop("iterations", None), d.pop("step", None))
+    # each setting: the study's (or its method's), else the card's dream block, else the default
+    chosen = {"method": method} if method != "default" else {}
+    settings = dream_settings(card, d.pop("iterations", None), d.pop("step", None), **chosen)
     if "roi_size" in d and d["roi_size"] is not None:
         d["roi_size"] = tuple(d["roi_size"])
-    if method != "default" and any(f.name == "method" for f in dataclasses.fields(DreamConfig)):
-        d["method"] = method
     base_seed = d.pop("random_seed", 0)
     if isinstance(base_seed, bool) or not isinstance(base_seed, int):
         raise _fail("dream.random_seed", f"must be an integer, got {base_seed!r}", "Write random_seed: 0.")
-    dream = DreamConfig(iterations=iterations, step=step, random_seed=base_seed if random_seed is None else random_seed, **d)
+    values = {k: v for k, v in settings.values.items() if k not in ("snapshot_every", "random_seed")}
+    values.update(d)
+    dream = DreamConfig(**{**values, "random_seed": base_seed if random_seed is None else random_seed})
     fc = FeatureConfig(names=tuple(spec.features) if spec.features is not None else None, backend=spec.feature_backend,
                        every=spec.feature_every, bin_width=spec.bin_width)
     return AnalysisConfig(dream=dream, features=fc, snapshot_every=spec.snapshot_every)
