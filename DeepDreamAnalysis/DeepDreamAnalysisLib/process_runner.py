@@ -63,6 +63,12 @@ def python_executable() -> str:
     return sys.executable
 
 
+def _torch_threads() -> int | None:
+    """This process's torch thread count (the worker uses the same), or None before torch is imported."""
+    torch = sys.modules.get("torch")
+    return int(torch.get_num_threads()) if torch is not None else None
+
+
 def _package_parent() -> str:
     return str(Path(__file__).resolve().parent.parent)
 
@@ -118,7 +124,8 @@ class ProcessRunner:
         job = {"spacing": tuple(self.volume.spacing), "origin": tuple(self.volume.origin),
                "direction": np.asarray(self.volume.direction).tolist(), "seed_ijk": self.seed_ijk,
                "model_path": self.model_path, "allow_code_targets": self.allow_code_targets,
-               "config": self.config, "reference_path": self.reference_path}
+               "config": self.config, "reference_path": self.reference_path,
+               "torch_threads": _torch_threads()}
         (self.folder / "job.pkl").write_bytes(pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([_package_parent()] + [p for p in [env.get("PYTHONPATH")] if p])

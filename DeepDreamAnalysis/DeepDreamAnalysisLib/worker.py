@@ -5,7 +5,7 @@ loop never competes with Slicer's main thread for the GIL. Everything goes throu
 
 - in: ``volume.npy`` (the image, float32 [k, j, i]) and ``job.pkl`` (spacing, origin, direction,
   seed (i, j, k), model path, whether code targets are allowed, the :class:`~.config.AnalysisConfig`,
-  the reference statistics path);
+  the reference statistics path, the parent's torch thread count);
 - out: ``progress.bin``, length-prefixed pickled frames ``(Progress without snapshot, snapshot file
   name or None)``, appended and flushed after each iteration; ``snap-<iteration>.npz`` (the crop's
   image, probability and mask, written before the frame that names it); ``outcome.pkl``
@@ -83,6 +83,10 @@ def run_job(folder: Path, cancel: threading.Event) -> int:
     writer = _Writer(folder)
     try:
         job = pickle.loads((folder / "job.pkl").read_bytes())
+        if job.get("torch_threads"):  # as many as the parent (Slicer) uses
+            import torch
+
+            torch.set_num_threads(int(job["torch_threads"]))
         from .analysis import run_analysis
         from .models import load_model
         from .volume import Volume
