@@ -63,9 +63,24 @@ def default_methods() -> list[str]:
     return ["default"] + names + extra
 
 
+DEMO = "demo_unet (LiTS 117)"
+
+
+def load_case(folder: Path):
+    """``(model, volume, seeds (i, j, k))`` of a held-out folder, or of the demo network when ``folder`` is
+    :data:`DEMO` (its shipped card, the demo's healthy LiTS slice, the demo seed and three points near it)."""
+    if str(folder) == DEMO:
+        from DeepDreamAnalysisLib.lits import demo_case
+        volume, (i, j, k) = demo_case()
+        model = load_model(Path(__file__).resolve().parents[1] / "Resources" / "DemoModel" / "demo_unet.pt")
+        return model, volume, [[i, j, k], [i - 6, j + 4, k], [i + 5, j - 5, k], [i + 3, j + 7, k]]
+    seeds = json.loads((folder / "seeds.json").read_text())["seeds_ijk"]
+    return (load_model(folder / "model.pt", card=folder / "model.card.json"), read_volume(folder / "healthy.nii.gz"),
+            seeds)
+
+
 def evaluate_run(folder: Path, seed_ijk, method: str) -> dict:
-    model = load_model(folder / "model.pt", card=folder / "model.card.json")
-    volume = read_volume(folder / "healthy.nii.gz")
+    model, volume, _ = load_case(folder)
     dream = DreamConfig(device="cpu") if method == "default" else DreamConfig(method=method, device="cpu")
     config = AnalysisConfig(dream=dream, features=FeatureConfig(names=("firstorder_Mean",), backend="native"))
     t0 = time.perf_counter()
@@ -90,7 +105,7 @@ def evaluate_run(folder: Path, seed_ijk, method: str) -> dict:
     final_p = float(result.steps[-1].probability)
     share = float(inner.sum() / crop_voxels)
     row = {
-        "network": folder.name, "method": method, "seed_ijk": " ".join(map(str, seed_ijk)),
+        "network": Path(folder).name, "method": method, "seed_ijk": " ".join(map(str, seed_ijk)),
         "success": final_p > 0.5, "final_probability": round(final_p, 3),
         "first_above": "" if first is None else first, "component_share": round(share, 4),
         "mask_share": round(float((prob > 0.5).sum() / crop_voxels), 4), "touches_border": border,
@@ -152,12 +167,12 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     methods = args.methods or default_methods()
-    folders = sorted(p for p in Path(args.data).iterdir() if (p / "model.card.json").exists())
+    folders = [Path(DEMO)] + sorted(p for p in Path(args.data).iterdir() if (p / "model.card.json").exists())
     if args.networks:
-        folders = [f for f in folders if f.name in args.networks]
+        folders = [f for f in folders if f.name in args.networks or (f.name == DEMO and "demo" in args.networks)]
     rows = []
     for folder in folders:
-        seeds = json.loads((folder / "seeds.json").read_text())["seeds_ijk"][: args.seeds]
+        seeds = load_case(folder)[2][: args.seeds]
         for method in methods:
             for seed in seeds:
                 row = evaluate_run(folder, seed, method)
