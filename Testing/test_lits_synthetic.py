@@ -247,12 +247,14 @@ def test_demo_model_loads_safely_and_sees_no_lesion_at_the_demo_seed():
     with torch.no_grad():
         prob = torch.softmax(net(x), dim=1)[0, card.target_class]
     assert prob[j, i] < 0.1
-    # and the card's demo step raises it above 0.5 by plain gradient ascent on the target logit
+    # and the paper's step recorded at training raises it above 0.5 by plain gradient ascent on the target logit
     import train_demo
 
     demo = raw["dream"]
+    assert demo["method"] == "robust+spectral"  # the card's default for the demo (docs/dream-methods.md)
+    step = json.loads((DEMO / "training_log.json").read_text())["demo_check"]["step"]
     for p in net.parameters():
         p.requires_grad_(False)
-    probs = train_demo.dream_trajectory(net, raw, vol.array[0], (i, j), demo["step"], iterations=demo["iterations"])
+    probs = train_demo.dream_trajectory(net, raw, vol.array[0], (i, j), step, iterations=demo["iterations"])
     assert probs[0] < 0.1 and probs[-1] > 0.5
     assert train_demo.first_above(probs) <= demo["iterations"] // 2
