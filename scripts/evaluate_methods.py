@@ -17,8 +17,8 @@ the row ``(default)`` gives none at all). Recorded per run:
 - ``flags``: the run's quality flag codes;
 - ``s_per_iter``: wall time per iteration on this machine.
 
-A run is a **good dream** when it succeeds, its component is at most 10% of the crop, does not touch
-the border, and no ``wrong_class`` / ``no_dream`` / ``mask_exploded`` flag fired.
+A run is a **clean dream** (``good``) when it succeeds, its component is at most 10% of the crop, does
+not touch the border, and no quality flag fired (issue #9: "p > 0.5, no quality flag").
 
 Usage::
 
@@ -46,7 +46,6 @@ from DeepDreamAnalysisLib.mask import seed_component
 from DeepDreamAnalysisLib.models import load_model
 from DeepDreamAnalysisLib.volume import read_volume
 
-BAD_FLAGS = {"wrong_class", "no_dream", "mask_exploded"}
 FIELDS = ["network", "method", "seed_ijk", "success", "final_probability", "first_above", "component_share",
           "mask_share", "touches_border", "checkerboard", "flags", "good", "iterations", "s_per_iter"]
 
@@ -112,23 +111,33 @@ def evaluate_run(folder: Path, seed_ijk, method: str) -> dict:
         "checkerboard": round(checkerboard_index(change), 3), "flags": " ".join(flags),
         "iterations": len(result.steps), "s_per_iter": round(seconds / max(len(result.steps), 1), 4),
     }
-    row["good"] = bool(row["success"] and share <= 0.10 and not border and not (set(flags) & BAD_FLAGS))
+    row["good"] = bool(row["success"] and share <= 0.10 and not border and not flags)
     return row
 
 
 def summarise(rows: list[dict]) -> str:
-    networks = sorted({r["network"] for r in rows})
+    """Markdown: per method and network, runs reaching p > 0.5 / clean dreams / runs, and the mean checkerboard index."""
+    networks = list(dict.fromkeys(r["network"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    lines = ["| method | " + " | ".join(networks) + " | all |", "|---" * (len(networks) + 2) + "|"]
+    lines = ["| method | " + " | ".join(networks) + " | all (reached / clean) |",
+             "|---" * (len(networks) + 2) + "|"]
     for m in methods:
-        cells, good_all, n_all = [], 0, 0
+        cells, reached_all, good_all, n_all = [], 0, 0, 0
         for n in networks:
             rs = [r for r in rows if r["method"] == m and r["network"] == n]
-            good = sum(r["good"] for r in rs)
-            cells.append(f"{good}/{len(rs)}")
-            good_all, n_all = good_all + good, n_all + len(rs)
-        lines.append(f"| `{m}` | " + " | ".join(cells) + f" | **{good_all}/{n_all}** |")
+            if not rs:
+                cells.append("-")
+                continue
+            reached, good = sum(_true(r["success"]) for r in rs), sum(_true(r["good"]) for r in rs)
+            cb = np.nanmean([float(r["checkerboard"]) for r in rs])
+            cells.append(f"{reached}/{good}/{len(rs)} (cb {cb:.2f})")
+            reached_all, good_all, n_all = reached_all + reached, good_all + good, n_all + len(rs)
+        lines.append(f"| `{m}` | " + " | ".join(cells) + f" | **{reached_all}/{good_all} of {n_all}** |")
     return "\n".join(lines) + "\n"
+
+
+def _true(v) -> bool:
+    return v is True or str(v) == "True"
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -137,9 +146,9 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    networks = sorted({r["network"] for r in rows})
+    networks = list(dict.fromkeys(r["network"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    grid = np.array([[np.mean([r["good"] for r in rows if r["method"] == m and r["network"] == n] or [np.nan])
+    grid = np.array([[np.mean([_true(r["good"]) for r in rows if r["method"] == m and r["network"] == n] or [np.nan])
                       for n in networks] for m in methods])
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(networks), 0.9 + 0.42 * len(methods)))
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn")
@@ -147,7 +156,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_yticks(range(len(methods)), methods)
     for (i, j), v in np.ndenumerate(grid):
         ax.text(j, i, "" if np.isnan(v) else f"{v:.0%}", ha="center", va="center", fontsize=8)
-    ax.set_title("Good dreams on held-out networks (no dream settings)")
+    ax.set_title("Clean dreams (p > 0.5, compact, no flag), no dream settings")
     fig.colorbar(im, ax=ax, fraction=0.04)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -162,7 +171,14 @@ def main(argv=None) -> int:
     ap.add_argument("--networks", nargs="*")
     ap.add_argument("--out", default="docs/evidence")
     ap.add_argument("--figure", default="docs/images/heldout_methods.png")
+    ap.add_argument("--summarise", nargs="*", metavar="CSV", help="only merge these runs CSVs into the summary and figure")
     args = ap.parse_args(argv)
+    if args.summarise:
+        rows = [r for path in args.summarise for r in csv.DictReader(open(path))]
+        for r in rows:
+            r["good"] = _true(r["success"]) and float(r["component_share"]) <= 0.10 and not _true(r["touches_border"]) \
+                and not r["flags"]
+        return _write(rows, Path(args.out), Path(args.figure))
     import torch
 
     torch.set_num_threads(1)
@@ -178,14 +194,17 @@ def main(argv=None) -> int:
                 row = evaluate_run(folder, seed, method)
                 rows.append(row)
                 print(", ".join(f"{k}={row[k]}" for k in FIELDS), flush=True)
-    out = Path(args.out)
+    return _write(rows, Path(args.out), Path(args.figure))
+
+
+def _write(rows: list[dict], out: Path, figure: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "heldout_runs.csv", "w", newline="") as f:
         w = csv.DictWriter(f, FIELDS)
         w.writeheader()
         w.writerows(rows)
     (out / "heldout_summary.md").write_text(summarise(rows))
-    plot(rows, Path(args.figure))
+    plot(rows, figure)
     print(summarise(rows))
     return 0
 
