@@ -62,12 +62,12 @@ def default_methods() -> list[str]:
     return ["default"] + names + extra
 
 
-DEMO = "demo_unet (LiTS 117)"
+DEMO = "demo_unet"
 
 
 def load_case(folder: Path):
     """``(model, volume, seeds (i, j, k))`` of a held-out folder, or of the demo network when ``folder`` is
-    :data:`DEMO` (its shipped card, the demo's healthy LiTS slice, the demo seed and three points near it)."""
+    :data:`DEMO` (its network and card, the demo's healthy LiTS slice, the demo seed and three points near it)."""
     if str(folder) == DEMO:
         from DeepDreamAnalysisLib.lits import demo_case
         volume, (i, j, k) = demo_case()
@@ -150,17 +150,17 @@ def plot(rows: list[dict], path: Path) -> None:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     grid = np.array([[np.mean([_true(r["good"]) for r in rows if r["method"] == m and r["network"] == n] or [np.nan])
                       for n in networks] for m in methods])
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(networks), 0.9 + 0.42 * len(methods)))
+    fig, ax = plt.subplots(figsize=(2.0 + 1.0 * len(networks), 1.6 + 0.42 * len(methods)))
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn")
-    ax.set_xticks(range(len(networks)), networks, rotation=20, ha="right")
+    ax.set_xticks(range(len(networks)), networks, rotation=30, ha="right")
     ax.set_yticks(range(len(methods)), methods)
     for (i, j), v in np.ndenumerate(grid):
         ax.text(j, i, "" if np.isnan(v) else f"{v:.0%}", ha="center", va="center", fontsize=8)
-    ax.set_title("Clean dreams (p > 0.5, compact, no flag), no dream settings")
+    ax.set_title("clean dreams (p > 0.5, compact, no flag)\nwith no dream settings", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.04)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
 def main(argv=None) -> int:
