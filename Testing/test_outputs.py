@@ -265,3 +265,33 @@ def test_compare_keeps_the_users_files_and_lists_its_own(case, tmp_path, capsys)
     assert main(argv) == 0  # a rerun: the folder is the tool's now
     assert (out / "mine.txt").read_text() == "mine"
     assert not (out / LOCK_NAME).exists()
+
+
+def test_a_rerun_never_deletes_or_writes_through_a_linked_snapshots_folder(case, tmp_path):
+    """The manifest lists snapshots/iter_*.nii.gz; the user then made snapshots/ a link to their own folder."""
+    from DeepDreamAnalysisLib.analysis import run_analysis
+    from DeepDreamAnalysisLib.config import AnalysisConfig, DreamConfig, FeatureConfig
+    from DeepDreamAnalysisLib.errors import OutputError
+    from DeepDreamAnalysisLib.report import write_outputs
+    from DeepDreamAnalysisLib.volume import read_volume
+
+    from tiny_models import tiny_model
+
+    volume = read_volume(case["image"])
+    config = AnalysisConfig(dream=DreamConfig(iterations=2, step=400.0, device="cpu"),
+                            features=FeatureConfig(names=("firstorder_Mean",), backend="native"))
+    result = run_analysis(volume, (24, 20, 1), tiny_model(2), config)
+    out = tmp_path / "out"
+    write_outputs(result, out, volume)
+    listed = [f for f in json.loads((out / MANIFEST_NAME).read_text())["files"] if f.startswith("snapshots/")]
+    assert listed
+    mine = tmp_path / "my_scans"
+    (out / "snapshots").rename(tmp_path / "old_snapshots")
+    mine.mkdir()
+    for rel in listed:  # the user's own files, named like ours
+        (mine / Path(rel).name).write_text("mine")
+    (out / "snapshots").symlink_to(mine, target_is_directory=True)
+    with pytest.raises(OutputError, match="is a link to another folder"):
+        write_outputs(result, out, volume)
+    assert sorted(p.name for p in mine.iterdir()) == sorted(Path(r).name for r in listed)
+    assert all(p.read_text() == "mine" for p in mine.iterdir())

@@ -89,6 +89,15 @@ class ManifestWriter:
             return None
         return rel.as_posix()
 
+    def reaches_through_a_link(self, rel: str) -> bool:
+        """True when a folder between the output folder and ``rel`` is a link (or not a folder): the
+        path's name is ours, but what it points to may be a user's folder elsewhere."""
+        parent = os.path.dirname(rel)
+        if not parent:
+            return False
+        expected = os.path.join(os.path.realpath(self.folder), parent)
+        return os.path.realpath(self.folder / parent) != expected
+
     def is_ours(self, rel: str) -> bool:
         return rel in self.owned or rel in self.written or rel in self._claimed or rel == MANIFEST_NAME
 
@@ -98,6 +107,10 @@ class ManifestWriter:
         rel = self.relative(path)
         if rel is None or rel == MANIFEST_NAME or any(p.startswith(".") for p in rel.split("/")):
             return  # outside the folder, or a hidden staging file of ours
+        if self.reaches_through_a_link(rel):
+            raise OutputError(
+                f"{self.folder / os.path.dirname(rel)} is a link to another folder: the tool writes only into folders "
+                "it made. Remove the link, or choose another output folder.")
         if os.path.lexists(path) and not self.is_ours(rel):
             raise OutputError(
                 f"{path} is in the way: the tool did not write it (it is not listed in {self.folder / MANIFEST_NAME}), "
@@ -139,6 +152,8 @@ class ManifestWriter:
         deleted = []
         for rel in stale:
             path = self.folder / rel
+            if self.reaches_through_a_link(rel):
+                continue  # the name is ours, the folder it now points to is not: keep it, delete nothing there
             try:
                 if path.is_symlink() or path.is_file():
                     path.unlink()
