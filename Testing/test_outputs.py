@@ -295,3 +295,90 @@ def test_a_rerun_never_deletes_or_writes_through_a_linked_snapshots_folder(case,
         write_outputs(result, out, volume)
     assert sorted(p.name for p in mine.iterdir()) == sorted(Path(r).name for r in listed)
     assert all(p.read_text() == "mine" for p in mine.iterdir())
+
+
+# ----------------------------------------------------------------------------- the manifest records what it wrote
+
+
+def test_manifest_records_size_mtime_and_hash_of_each_file(case, tmp_path):
+    import hashlib
+
+    out = tmp_path / "out"
+    assert _run(case, out) == 0
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert set(manifest["records"]) == set(manifest["files"])
+    rec = manifest["records"]["run.json"]
+    st = (out / "run.json").stat()
+    assert rec["size"] == st.st_size and rec["mtime_ns"] == st.st_mtime_ns
+    assert rec["sha256"] == hashlib.sha256((out / "run.json").read_bytes()).hexdigest()
+
+
+def test_a_manifest_copied_into_a_users_folder_cannot_replace_their_files(case, tmp_path, capsys):
+    ours = tmp_path / "ours"
+    assert _run(case, ours) == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "curves.csv").write_text("my own curves")
+    (mine / "thesis.docx").write_bytes(b"years of work")
+    (mine / MANIFEST_NAME).write_bytes((ours / MANIFEST_NAME).read_bytes())  # copied (or forged) by hand
+    before = _tree(mine)
+    assert _run(case, mine) == 2
+    err = capsys.readouterr().err
+    assert "is not empty" in err and "lists no file as the tool wrote it" in err and "Traceback" not in err
+    assert _tree(mine) == before
+    assert _run(case, mine, "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert "curves.csv is listed in" in err and "is not the file the tool wrote" in err and "Move that file away" in err
+    assert _tree(mine) == before
+
+
+def test_a_forged_manifest_listing_a_users_file_never_gets_it_deleted(case, tmp_path, caplog):
+    out = tmp_path / "out"
+    assert _run(case, out) == 0
+    (out / "notes.txt").write_text("mine")
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    manifest["files"].append("notes.txt")  # edited by hand: a rerun would delete a stale listed file
+    manifest["records"]["notes.txt"] = {"size": 999, "mtime_ns": 1}
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert _run(case, out) == 0
+    err = caplog.text  # the command line shows warnings as "WARNING: ..." on stderr
+    assert "notes.txt is listed in" in err and "its size is 4 bytes, the tool wrote 999" in err
+    assert "the tool left it as it is" in err
+    assert (out / "notes.txt").read_text() == "mine"
+    assert "notes.txt" not in json.loads((out / MANIFEST_NAME).read_text())["files"]
+
+
+def test_an_edited_output_is_not_replaced_and_the_message_names_it(case, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _run(case, out) == 0
+    with open(out / "curves.csv", "a") as fh:
+        fh.write("# my remark\n")
+    edited = (out / "curves.csv").read_bytes()
+    assert _run(case, out) == 2
+    err = capsys.readouterr().err
+    assert "curves.csv is listed in" in err and "its size is" in err and "Move that file away" in err
+    assert (out / "curves.csv").read_bytes() == edited
+
+
+def test_reruns_into_a_copied_results_folder_still_work(case, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "out"
+    assert _run(case, out) == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, copy_function=shutil.copy)  # new modification times, same contents
+    assert _run(case, copy, "--iterations", "2") == 0
+    assert not (copy / "snapshots" / "iter_0003_mask.nii.gz").exists()  # the copy's old snapshots were ours
+
+
+def test_a_manifest_without_records_is_not_trusted(case, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _run(case, out) == 0
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    del manifest["records"]  # an older version's manifest, or a forged one
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    before = _tree(out)
+    assert _run(case, out) == 2
+    err = capsys.readouterr().err
+    assert "no record of what the tool wrote" in err or "lists no file as the tool wrote it" in err
+    assert _tree(out) == before

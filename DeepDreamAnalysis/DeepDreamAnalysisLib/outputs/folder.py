@@ -19,7 +19,7 @@ from typing import Iterable
 
 from ..errors import OutputError
 from .lock import LOCK_NAME, FolderLock
-from .manifest import MANIFEST_NAME, read_manifest
+from .manifest import MANIFEST_NAME, changed_message, read_manifest, verify
 
 
 def _real(path) -> str:
@@ -52,15 +52,19 @@ OUTPUT_NAMES = ("curves.csv", "run.json", "report.html", "curves.png", "strip.pn
 """Files a run writes at the top of its folder (snapshots go to ``snapshots/iter_*``)."""
 
 
-def foreign_outputs(path: Path, manifest=None) -> list[str]:
-    """Files in ``path`` that have the name of an output but are not in its manifest (relative paths).
+def foreign_outputs(path: Path, manifest=None, names: Iterable[str] = OUTPUT_NAMES,
+                    snapshots: bool = True) -> list[str]:
+    """Files in ``path`` that have the name of an output (``names``, and ``snapshots/iter_*``) but are
+    not the tool's: not in its manifest, or no longer as the tool wrote them (relative paths).
 
     Checked before the run, so a file in the way is named before any work is done (each write checks
     again, see :class:`.manifest.ManifestWriter`)."""
-    owned = set(manifest.files) if manifest is not None else set()
-    found = [n for n in OUTPUT_NAMES if os.path.lexists(path / n) and n not in owned]
+    owned, _ = verify(path, manifest)
+    found = [n for n in names if os.path.lexists(path / n) and n not in owned]
     snaps = path / "snapshots"
-    if snaps.is_dir() and not snaps.is_symlink():
+    if not snapshots:
+        pass
+    elif snaps.is_dir() and not snaps.is_symlink():
         found += sorted(f"snapshots/{p.name}" for p in snaps.iterdir()
                         if p.name.startswith("iter_") and f"snapshots/{p.name}" not in owned)
     elif os.path.lexists(snaps) and "snapshots" not in owned:
@@ -96,8 +100,13 @@ class OutputFolder:
 
 
 def check_output_folder(out: str | os.PathLike, inputs: Iterable = (), overwrite: bool = False,
-                        what: str = "--out") -> OutputFolder:
-    """Check, create and lock the output folder ``out``; see the module docstring."""
+                        what: str = "--out", names: Iterable[str] = OUTPUT_NAMES,
+                        snapshots: bool = True) -> OutputFolder:
+    """Check, create and lock the output folder ``out``; see the module docstring.
+
+    ``names`` (and ``snapshots/iter_*`` when ``snapshots``): the files the command will write at the
+    top of the folder, checked before any work starts (a file of those names the tool did not write
+    is in the way)."""
     path = Path(out).expanduser()
     clash = inputs_inside(path, inputs)
     if clash:
@@ -121,17 +130,26 @@ def check_output_folder(out: str | os.PathLike, inputs: Iterable = (), overwrite
                           "folder.") from None
     lock = FolderLock(path).acquire()
     try:
-        manifest = read_manifest(path)
+        manifest = listed = read_manifest(path)
+        why_not = f"no {MANIFEST_NAME}"
+        if manifest is not None:
+            owned, changed = verify(path, manifest)
+            if changed and not any(os.path.lexists(path / rel) for rel in owned):
+                manifest = None  # nothing it lists is what the tool wrote: a forged or copied manifest
+                why_not = f"its {MANIFEST_NAME} lists no file as the tool wrote it"
         if manifest is None and not overwrite:
             others = sorted(p.name for p in path.iterdir() if p.name not in (LOCK_NAME, MANIFEST_NAME))
             if others:
                 shown = ", ".join(others[:5]) + (f", ... ({len(others)} in all)" if len(others) > 5 else "")
                 raise OutputError(
-                    f"The output folder {path} is not empty ({shown}) and holds no results of this tool (no "
-                    f"{MANIFEST_NAME}). Choose a new or empty folder, or pass --overwrite to write beside those "
+                    f"The output folder {path} is not empty ({shown}) and holds no results of this tool "
+                    f"({why_not}). Choose a new or empty folder, or pass --overwrite to write beside those "
                     "files (the tool never replaces or deletes a file it did not write)."
                 )
-        in_the_way = foreign_outputs(path, manifest)
+        in_the_way = foreign_outputs(path, manifest, names, snapshots)
+        _, changed = verify(path, listed)
+        if in_the_way and in_the_way[0] in changed:
+            raise OutputError(changed_message(path, in_the_way[0], changed[in_the_way[0]]))
         if in_the_way:
             raise OutputError(
                 f"{path / in_the_way[0]} is in the way: the tool did not write it (it is not listed in "
