@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None = None, reference=None,
                  on_progress: Callable[[Progress], None] | None = None,
-                 cancel: threading.Event | None = None) -> AnalysisResult:
+                 cancel: threading.Event | None = None, loop_factory: Callable | None = None) -> AnalysisResult:
     """Dream a lesion at ``seed_ijk`` (voxel indices i, j, k of ``volume``) and track its features.
 
     ``model`` is a :class:`~.models.LoadedModel` (``network`` + ``card``). ``reference`` is a
@@ -41,6 +41,9 @@ def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None 
     :class:`~.errors.DeepDreamError` subclass for bad input before anything runs; a fault during the
     run (NaN gradients, out of memory, an exception in the model) returns the iterations before it
     with ``status == "fault"`` and the message in ``metadata["fault"]``.
+
+    ``loop_factory`` (takes :class:`~.dream.DreamLoop`'s arguments, default ``DreamLoop``) is how
+    :func:`.engine.batched.run_batched` runs several analyses through one batch.
     """
     t_start = time.perf_counter()
     config = config or AnalysisConfig()
@@ -78,7 +81,7 @@ def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None 
     t_features = 0.0
     total = config.dream.iterations
     every = config.features.every
-    loop = DreamLoop(network, card, start, seed_in_crop, config.dream, device, spacing=volume.spacing)
+    loop = (loop_factory or DreamLoop)(network, card, start, seed_in_crop, config.dream, device, spacing=volume.spacing)
     monitor = quality.QualityMonitor(crop.size, card.spatial_dims, config.dream.threshold)
     watch = _QualityWatch(loop, card, seed_in_crop)
     base_context = FeatureContext(spacing=tuple(volume.spacing), seed_kji=tuple(seed_in_crop), seed_ijk=tuple(seed),

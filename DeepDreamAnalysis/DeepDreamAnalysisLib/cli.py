@@ -593,6 +593,9 @@ def _add_compare_parser(subparsers) -> None:
     p.add_argument("--restart-noise-std", type=float, default=DEFAULT_RESTART_NOISE_STD,
                    help="with --start image: std (image units, HU) of the Gaussian noise added to the start image "
                         f"of restarts 1, 2, ... (default {DEFAULT_RESTART_NOISE_STD:g}; 0 runs a single restart)")
+    p.add_argument("--no-batch-restarts", dest="batch_restarts", action="store_false",
+                   help="run the restarts of each model one after the other instead of as one batch through its "
+                        "network (the results are the same up to floating-point rounding; docs/studies.md)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty folder that holds no results of this tool (files the tool did not "
@@ -677,7 +680,8 @@ def _compare_in(args, named, card_of, out: Path) -> int:
         with ctrl as cancel:
             comp = _run_in_thread(lambda: compare_models(
                 volume, args.seed, models, config, reference, restarts=args.restarts, on_progress=reporter,
-                cancel=cancel, restart_noise_std=args.restart_noise_std, keep_flagged=args.keep_flagged), ctrl)
+                cancel=cancel, restart_noise_std=args.restart_noise_std, keep_flagged=args.keep_flagged,
+                batch=args.batch_restarts), ctrl)
             reporter.close()
     from .outputs import ManifestWriter
 

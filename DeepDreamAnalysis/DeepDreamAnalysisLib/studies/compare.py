@@ -208,6 +208,17 @@ def restart_seeds(config: AnalysisConfig, restarts: int, restart_noise_std: floa
     return [base + r for r in range(restarts)]
 
 
+def _restart(volume: Volume, seed_ijk, model, config: AnalysisConfig, r: int, random_seed: int,
+             restart_noise_std: float):
+    """(config, start volume) of restart ``r``: its random seed and, with ``start="image"``, for
+    ``r >= 1`` the image plus noise (module docstring)."""
+    run_config = dataclasses.replace(config, dream=dataclasses.replace(config.dream, random_seed=random_seed))
+    start = volume
+    if config.dream.start == "image" and r > 0 and restart_noise_std > 0:
+        start = _perturbed(volume, seed_ijk, model.card, config, restart_noise_std, random_seed)
+    return run_config, start
+
+
 def _perturbed(volume: Volume, seed_ijk, card, config: AnalysisConfig, std: float, random_seed: int) -> Volume:
     """``volume`` with Gaussian noise (std image units) added inside the crop the loop will use."""
     from ..dream import crop_around_seed, default_roi
@@ -225,7 +236,8 @@ def _perturbed(volume: Volume, seed_ijk, card, config: AnalysisConfig, std: floa
 def compare_models(volume: Volume, seed_ijk, models: dict, config: AnalysisConfig | None = None, reference=None,
                    restarts: int = 3, on_progress: Callable[[CompareProgress], None] | None = None,
                    cancel: threading.Event | None = None,
-                   restart_noise_std: float = DEFAULT_RESTART_NOISE_STD, keep_flagged: bool = False) -> Comparison:
+                   restart_noise_std: float = DEFAULT_RESTART_NOISE_STD, keep_flagged: bool = False,
+                   batch: bool = True) -> Comparison:
     """Run every model of ``models`` (name -> :class:`~.models.LoadedModel`) ``restarts`` times.
 
     ``seed_ijk``: voxel indices (i, j, k) of ``volume``; ``config``: the same
@@ -236,6 +248,10 @@ def compare_models(volume: Volume, seed_ijk, models: dict, config: AnalysisConfi
     ``metadata["status"] == "cancelled"``. Raises :class:`~.errors.DeepDreamError` subclasses for bad
     input (no models, models of different dimensions, a bad configuration). Runs with quality flags
     are left out of the ranking unless ``keep_flagged`` (docs/quality-flags.md).
+
+    ``batch`` (default True): the restarts of each model run as one batch through its network
+    (:mod:`..engine.batched`; the same numbers as separate runs up to floating-point rounding; a
+    network that cannot take a batch runs them one after the other); False runs them one by one.
     """
     from ..analysis import run_analysis
 
@@ -256,16 +272,34 @@ def compare_models(volume: Volume, seed_ijk, models: dict, config: AnalysisConfi
     status = "completed"
     t0 = time.perf_counter()
     run_index = 0
-    for r, rs in enumerate(seeds):
-        run_config = dataclasses.replace(config, dream=dataclasses.replace(config.dream, random_seed=rs))
+    if batch:
+        from ..engine.batched import BatchMember, run_batched
+
+        for name in names:  # the restarts of one model: one batch through its network
+            if cancel is not None and cancel.is_set():
+                status = "cancelled"
+                break
+            model = models[name]
+            members = []
+            for r, rs in enumerate(seeds):
+                run_config, start = _restart(volume, seed_ijk, model, config, r, rs, restart_noise_std)
+                cb = None
+                if on_progress is not None:
+                    def cb(p, _m=name, _r=r, _i=run_index + r):
+                        on_progress(CompareProgress(_m, _r, _i, total, p))
+                members.append(BatchMember(start, seed_ijk, run_config, cb))
+            results[name] = run_batched(model, members, reference, cancel=cancel)
+            run_index += len(members)
+            if any(res.status == "cancelled" for res in results[name]):
+                status = "cancelled"
+                break
+    for r, rs in enumerate(seeds if not batch else ()):
         for name in names:
             if cancel is not None and cancel.is_set():
                 status = "cancelled"
                 break
             model = models[name]
-            start = volume
-            if config.dream.start == "image" and r > 0 and restart_noise_std > 0:
-                start = _perturbed(volume, seed_ijk, model.card, config, restart_noise_std, rs)
+            run_config, start = _restart(volume, seed_ijk, model, config, r, rs, restart_noise_std)
             cb = None
             if on_progress is not None:
                 def cb(p, _m=name, _r=r, _i=run_index):
@@ -297,6 +331,8 @@ def _comparison(names, results, models, volume, seed_ijk, config, reference, res
         "status": status if status == "cancelled" else _overall_status(results),
         "restarts_requested": int(restarts),
         "restarts_run": done,
+        "batched_restarts": {n: [(res.metadata.get("batch") or {}).get("batched", False) for res in v]
+                             for n, v in results.items()},
         "random_seeds": seeds[:done],
         "restart_noise_std": float(restart_noise_std) if config.dream.start == "image" else None,
         "start": config.dream.start,

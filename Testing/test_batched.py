@@ -1,0 +1,159 @@
+"""Batched restarts: several dreams of one network as one batch equal the same dreams run separately."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from DeepDreamAnalysisLib.analysis import run_analysis
+from DeepDreamAnalysisLib.config import AnalysisConfig, DreamConfig, FeatureConfig
+from DeepDreamAnalysisLib.engine.batched import BatchMember, batchable, run_batched
+from DeepDreamAnalysisLib.errors import SeedError
+from DeepDreamAnalysisLib.studies.compare import _perturbed
+from DeepDreamAnalysisLib.volume import Volume
+
+from tiny_models import TinyModel, liver_like, tiny_card
+
+FEATURES = ("firstorder_Mean", "firstorder_RootMeanSquared", "shape2D_PixelSurface")
+SEED = (12, 12, 0)
+
+
+def small_unet_like(seed: int = 3) -> torch.nn.Module:
+    """Three convolutions with a non-linearity and a pooled branch (not linear: per-member gradients
+    genuinely differ), eval mode."""
+    torch.manual_seed(seed)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Conv2d(1, 6, 3, padding=1)
+            self.b = torch.nn.Conv2d(6, 6, 3, padding=1)
+            self.c = torch.nn.Conv2d(12, 2, 1)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            d = torch.nn.functional.interpolate(torch.relu(self.b(torch.nn.functional.avg_pool2d(h, 2))),
+                                                scale_factor=2.0)
+            return self.c(torch.cat([h, d], dim=1))
+
+    net = Net().eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+@pytest.fixture(scope="module")
+def model():
+    return TinyModel(small_unet_like(), tiny_card(2))
+
+
+@pytest.fixture(scope="module")
+def volume():
+    return Volume(liver_like((1, 28, 30)), spacing=(0.8, 0.8, 2.5))
+
+
+def _members(volume, model, method, restarts=3, every=2):
+    base = AnalysisConfig(dream=DreamConfig(iterations=6, method=method, **({"step": 20.0, "normalize_gradient": True}
+                                                                           if method == "paper" else {})),
+                          features=FeatureConfig(names=FEATURES, backend="native", every=every), snapshot_every=3)
+    out = []
+    for r in range(restarts):
+        config = dataclasses.replace(base, dream=dataclasses.replace(base.dream, random_seed=base.dream.random_seed + r))
+        start = volume if r == 0 else _perturbed(volume, SEED, model.card, config, 10.0, config.dream.random_seed)
+        out.append(BatchMember(start, SEED, config))
+    return out
+
+
+@pytest.mark.parametrize("method", ["paper", "robust+spectral"])
+def test_batched_restarts_equal_separate_runs(volume, model, method):
+    members = _members(volume, model, method)
+    batched = run_batched(model, members)
+    separate = [run_analysis(m.volume, m.seed_ijk, model, m.config) for m in members]
+    assert [r.metadata["batch"] for r in batched] == [{"batched": True, "size": 3}] * 3
+    finals = []
+    for b, s in zip(batched, separate):
+        assert b.status == s.status == "completed"
+        assert len(b.steps) == len(s.steps) == 6
+        for sb, ss in zip(b.steps, s.steps):
+            assert sb.objective == pytest.approx(ss.objective, rel=1e-4, abs=1e-4)
+            assert sb.probability == pytest.approx(ss.probability, abs=1e-5)
+            assert sb.mask_voxels == ss.mask_voxels
+            for name in FEATURES:
+                np.testing.assert_allclose(sb.features[name], ss.features[name], rtol=1e-4, atol=1e-4)
+        assert [sn.iteration for sn in b.snapshots] == [sn.iteration for sn in s.snapshots]
+        for nb, ns in zip(b.snapshots, s.snapshots):
+            np.testing.assert_allclose(nb.image, ns.image, atol=1e-3)
+            np.testing.assert_allclose(nb.probability, ns.probability, atol=1e-5)
+        assert [f.code for f in b.quality_flags] == [f.code for f in s.quality_flags]
+        finals.append(b.snapshots[-1].image)
+    # the members are different dreams (their own start images and random transforms), not one copied
+    assert not np.allclose(finals[0], finals[1], atol=1e-2)
+    assert not np.allclose(finals[1], finals[2], atol=1e-2)
+
+
+def test_members_stop_on_their_own(volume, model):
+    """A member that stops early leaves the batch; the others go on to their last iteration."""
+    members = _members(volume, model, "paper", restarts=2)
+    members[0].config = dataclasses.replace(members[0].config, dream=dataclasses.replace(
+        members[0].config.dream, stop_probability=1e-9, stop_patience=2))
+    batched = run_batched(model, members)
+    separate = [run_analysis(m.volume, m.seed_ijk, model, m.config) for m in members]
+    assert batched[0].status == separate[0].status == "stopped"
+    assert len(batched[0].steps) == len(separate[0].steps) == 2
+    assert len(batched[1].steps) == 6
+    assert batched[1].steps[-1].probability == pytest.approx(separate[1].steps[-1].probability,
+                                                                     abs=1e-5)
+
+
+class FixedBatchOne(torch.nn.Module):
+    """Like a TorchScript model traced with a batch of one: whatever the batch, one output row."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x[:1])
+
+
+def test_a_network_that_cannot_batch_runs_the_members_separately(volume):
+    net = small_unet_like()
+    model = TinyModel(FixedBatchOne(net), tiny_card(2))
+    members = _members(volume, model, "paper", restarts=2)
+    ok, why = batchable(model.network, [torch.zeros(1, 1, 24, 24)] * 2)
+    assert not ok and "fixed batch of one" in why
+    results = run_batched(model, members)
+    for r in results:
+        assert r.metadata["batch"]["batched"] is False
+        assert "fixed batch of one" in r.metadata["batch"]["note"]
+        assert r.status == "completed" and len(r.steps) == 6
+    alone = run_analysis(members[1].volume, SEED, TinyModel(net, tiny_card(2)), members[1].config)
+    assert results[1].steps[-1].objective == pytest.approx(alone.steps[-1].objective, rel=1e-6)
+
+
+def test_batch_statistics_are_refused():
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.BatchNorm2d(2)).train()
+    ok, why = batchable(net, [torch.randn(1, 1, 8, 8), torch.randn(1, 1, 8, 8)])
+    assert not ok and "BatchNorm" in why
+
+
+def test_bad_input_of_one_member_is_raised_as_in_a_separate_run(volume, model):
+    members = _members(volume, model, "paper", restarts=2)
+    members[1].seed_ijk = (500, 12, 0)
+    with pytest.raises(SeedError):
+        run_batched(model, members)
+
+
+def test_compare_batches_the_restarts_of_each_model(volume, model):
+    from DeepDreamAnalysisLib.studies.compare import compare_models
+
+    config = _members(volume, model, "robust+spectral", restarts=1)[0].config
+    models = {"a": model, "b": TinyModel(small_unet_like(seed=5), tiny_card(2))}
+    batched = compare_models(volume, SEED, models, config, restarts=2, restart_noise_std=10.0)
+    separate = compare_models(volume, SEED, models, config, restarts=2, restart_noise_std=10.0, batch=False)
+    assert batched.metadata["batched_restarts"] == {"a": [True, True], "b": [True, True]}
+    assert separate.metadata["batched_restarts"] == {"a": [False, False], "b": [False, False]}
+    for name in models:
+        np.testing.assert_allclose(batched.base[name], separate.base[name], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(batched.raw[name], separate.raw[name], rtol=1e-4, atol=1e-4)
