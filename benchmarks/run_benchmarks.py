@@ -152,7 +152,7 @@ def bench_loop_overhead(device: str, iterations: int) -> dict:
             "model": c.name, "crop": list(shape)}
 
 
-BENCH_METHODS = ("ascent", "robust", "spectral", "accentuate", "adam", "robust+spectral")
+BENCH_METHODS = ("ascent", "robust", "spectral", "accentuate", "adam", "robust+spectral", "lesion-spectrum")
 
 
 def bench_methods(device: str, iterations: int) -> dict:
@@ -166,15 +166,24 @@ def bench_methods(device: str, iterations: int) -> dict:
     start = np.random.default_rng(0).normal(110.0, 15.0, shape).astype(np.float32)
     seed = tuple(n // 2 for n in shape)
     dev = torch.device(device)
+    ref_path = ROOT / "Resources" / "DemoModel" / "demo_reference.json"
+    reference = None
+    if ref_path.is_file() and c.spatial_dims == 2:
+        from DeepDreamAnalysisLib.reference import ReferenceStats
+
+        reference = ReferenceStats.load(ref_path)  # lesion-spectrum reads its lesion spectrum
 
     def runner(method):
         def run():
-            for _ in DreamLoop(net, c, start, seed, DreamConfig(iterations=iterations, method=method), dev):
+            for _ in DreamLoop(net, c, start, seed, DreamConfig(iterations=iterations, method=method), dev,
+                               reference=reference):
                 pass
         return run
 
     out = {}
     for method in BENCH_METHODS:
+        if method == "lesion-spectrum" and (reference is None or reference.spectrum is None):
+            continue
         t_method, t_paper = _best_of(runner(method), runner("paper"), device, repeats=3)
         out[f"method {method}"] = {"ratio": t_method / t_paper, "ms_per_iteration": 1000 * t_method / iterations,
                                    "paper_ms_per_iteration": 1000 * t_paper / iterations, "iterations": iterations,

@@ -59,6 +59,7 @@ def default_methods() -> list[str]:
     except ImportError:  # an engine without dream methods
         names = ["paper"]
     extra = ["robust+spectral"] if {"robust", "spectral"} <= set(names) else []
+    extra += ["lesion-spectrum+robust"] if {"robust", "lesion-spectrum"} <= set(names) else []
     return ["default"] + names + extra
 
 
@@ -78,12 +79,32 @@ def load_case(folder: Path):
             seeds)
 
 
+def load_reference(folder: Path):
+    """The network's reference statistics (the demo's ``demo_reference.json``, a held-out folder's
+    ``reference.json``), or None when it has none."""
+    from DeepDreamAnalysisLib.reference import ReferenceStats
+
+    path = (Path(__file__).resolve().parents[1] / "Resources" / "DemoModel" / "demo_reference.json"
+            if str(folder) == DEMO else folder / "reference.json")
+    return ReferenceStats.load(path) if path.is_file() else None
+
+
+def needs_reference(method: str) -> bool:
+    try:
+        from DeepDreamAnalysisLib.dreaming.registry import needs_reference as needs
+    except ImportError:
+        return False
+    return method != "default" and needs(method)
+
+
 def evaluate_run(folder: Path, seed_ijk, method: str) -> dict:
     model, volume, _ = load_case(folder)
+    reference = load_reference(folder) if needs_reference(method) else None
     dream = DreamConfig(device="cpu") if method == "default" else DreamConfig(method=method, device="cpu")
-    config = AnalysisConfig(dream=dream, features=FeatureConfig(names=("firstorder_Mean",), backend="native"))
+    names = (reference.features[0],) if reference is not None else ("firstorder_Mean",)
+    config = AnalysisConfig(dream=dream, features=FeatureConfig(names=names, backend="native"))
     t0 = time.perf_counter()
-    result = run_analysis(volume, tuple(seed_ijk), model, config)
+    result = run_analysis(volume, tuple(seed_ijk), model, config, reference)
     seconds = time.perf_counter() - t0
     last = result.snapshots[-1]
     seed_kji = tuple(int(s) - c for s, c in zip(reversed(seed_ijk), result.crop.start))
@@ -190,6 +211,9 @@ def main(argv=None) -> int:
     for folder in folders:
         seeds = load_case(folder)[2][: args.seeds]
         for method in methods:
+            if needs_reference(method) and load_reference(folder) is None:
+                print(f"{folder.name}: {method} skipped (no reference statistics)", flush=True)
+                continue
             for seed in seeds:
                 row = evaluate_run(folder, seed, method)
                 rows.append(row)

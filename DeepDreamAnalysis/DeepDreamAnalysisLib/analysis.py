@@ -21,6 +21,7 @@ import numpy as np
 from . import __version__
 from .config import AnalysisConfig
 from .dream import DreamLoop, crop_around_seed, default_roi, deterministic, select_device
+from .dreaming.lesion_spectrum import spectrum_for
 from .engine import quality
 from .errors import DeepDreamError, ImageError, ModelError, ReferenceStatsError, RunFault
 from .feature_worker import FeatureComputer
@@ -64,6 +65,7 @@ def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None 
     if reference is not None:
         reference.require([n for n in names])
         check_reference_settings(reference, card.spatial_dims, config.features.bin_width, names)
+    spectrum_for(config.dream.method, reference)  # a method that needs reference lesions: refused without them
 
     crop = plan_crop(volume, seed, card, config)
     seed_in_crop = tuple(s - c for s, c in zip(seed_kji, crop.start))
@@ -81,7 +83,8 @@ def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None 
     t_features = 0.0
     total = config.dream.iterations
     every = config.features.every
-    loop = (loop_factory or DreamLoop)(network, card, start, seed_in_crop, config.dream, device, spacing=volume.spacing)
+    loop = (loop_factory or DreamLoop)(network, card, start, seed_in_crop, config.dream, device, spacing=volume.spacing,
+                                       reference=reference)
     monitor = quality.QualityMonitor(crop.size, card.spatial_dims, config.dream.threshold)
     watch = _QualityWatch(loop, card, seed_in_crop)
     base_context = FeatureContext(spacing=tuple(volume.spacing), seed_kji=tuple(seed_in_crop), seed_ijk=tuple(seed),

@@ -130,9 +130,11 @@ class DreamLoop:
 
     def __init__(self, network: torch.nn.Module, card: ModelCard, start: np.ndarray,
                  seed_in_crop: tuple[int, int, int], config: DreamConfig, device: torch.device,
-                 spacing: tuple[float, float, float] | None = None):
+                 spacing: tuple[float, float, float] | None = None, reference=None):
         """``spacing``: the voxel spacing in mm, (i, j, k) order as :class:`Volume`; default the card's,
-        else 1 mm (only the millimetre-aware methods, robust, spectral and accentuate, use it)."""
+        else 1 mm (only the millimetre-aware methods, robust, spectral, accentuate and lesion-spectrum,
+        use it). ``reference``: the run's :class:`~.reference.ReferenceStats` (``lesion-spectrum`` reads
+        their lesion spectrum; a ConfigError names the fix when it is missing)."""
         self.network = network
         self.card = card
         self.config = config
@@ -146,7 +148,8 @@ class DreamLoop:
             spacing = tuple(card.spacing) + (1.0,) * (3 - len(card.spacing)) if card.spacing else (1.0, 1.0, 1.0)
         self.spacing_kji = tuple(float(v) for v in tuple(spacing)[::-1])
         self.objective = resolve_objective(config.objective, card)
-        self.method = DreamMethod(config, card, tuple(start.shape), self.seed, self.spacing_kji, device, self.x0)
+        self.method = DreamMethod(config, card, tuple(start.shape), self.seed, self.spacing_kji, device, self.x0,
+                                  reference)
         self.stopped_early = False
 
     @property

@@ -11,13 +11,16 @@ File format (JSON, written atomically)::
       "settings": {"bin_width": 25.0, "spatial_dims": 2, "min_mask_voxels": 2, "label": null,
                    "backend_of": {...}, "connectivity": "face"},
       "sources": [{"image": "ct.nii.gz", "mask": "seg.nii.gz", "lesions": 12}, ...],
-      "lesion_count": 57
+      "lesion_count": 57,
+      "spectrum": {"format": "lesion-amplitude-profile", "spatial_dims": 2, "lesions": 57,
+                   "frequency_per_mm": [...], "amplitude": [...]}
     }
 
 ``std`` is the sample standard deviation (``ddof = 1``) of the feature over the lesions where it is
 defined (``n`` of them; NaN values are left out). Lesions: each connected component (face
 neighbours) of the mask (voxels equal to ``label``, or all non-zero voxels); for 2D feature sets
-each axial slice's components, each computed on that slice alone.
+each axial slice's components, each computed on that slice alone. ``spectrum`` (optional) is the lesions' mean amplitude spectrum
+for the ``lesion-spectrum`` dream method (:mod:`.dreaming.lesion_spectrum`).
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ class ReferenceStats:
     sources: list[dict[str, Any]] = field(default_factory=list)
     lesion_count: int = 0
     source: str | None = None
+    spectrum: Any = None
+    """The lesions' mean amplitude spectrum (:class:`~.dreaming.lesion_spectrum.LesionSpectrum`) or None."""
 
     def __post_init__(self):
         self.mean = {k: float(v) for k, v in self.mean.items()}
@@ -111,7 +116,7 @@ class ReferenceStats:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "format": FORMAT,
             "version": VERSION,
             "features": {k: {"mean": self.mean[k], "std": self.std[k], "n": self.n[k]} for k in self.mean},
@@ -119,6 +124,9 @@ class ReferenceStats:
             "sources": self.sources,
             "lesion_count": self.lesion_count,
         }
+        if self.spectrum is not None:
+            out["spectrum"] = self.spectrum.to_dict()
+        return out
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the statistics as JSON (atomically); returns the path."""
@@ -183,8 +191,13 @@ class ReferenceStats:
                                       "`deepdream-analysis reference`.")
         if lesions is not None and (isinstance(lesions, bool) or not isinstance(lesions, int) or lesions < 0):
             raise ReferenceStatsError(f"{where}: 'lesion_count' must be a whole number, got {lesions!r}.")
+        spectrum = None
+        if data.get("spectrum") is not None:
+            from .dreaming.lesion_spectrum import LesionSpectrum
+
+            spectrum = LesionSpectrum.from_dict(data["spectrum"], where)
         return cls(mean, std, n, settings=dict(settings), sources=list(sources),
-                   lesion_count=int(lesions or max(n.values(), default=0)), source=source)
+                   lesion_count=int(lesions or max(n.values(), default=0)), source=source, spectrum=spectrum)
 
 
 MAX_STAT = 1e15  # |mean| and std of a feature; beyond it z-scores overflow
@@ -254,7 +267,10 @@ def compute_reference(pairs, feature_set, label: int | None = None, on_lesion=No
     Raises ImageError when an image and its mask differ in size, ReferenceStatsError when no lesion
     is found or a feature's standard deviation is zero or undefined.
     """
+    from .dreaming.lesion_spectrum import SpectrumAccumulator
+
     names = tuple(feature_set.names)
+    spectrum = SpectrumAccumulator(feature_set.spatial_dims)
     min_voxels = max(int(feature_set.config.min_mask_voxels), 1)
     values: dict[str, list[float]] = {n: [] for n in names}
     sources = []
@@ -276,6 +292,7 @@ def compute_reference(pairs, feature_set, label: int | None = None, on_lesion=No
         comps = lesion_components(np.rint(mask.array).astype(np.int64), label, feature_set.spatial_dims, min_voxels)
         for idx, (box, comp) in enumerate(comps):
             vals = feature_set.compute(image.array[box], comp, image.spacing)
+            spectrum.add(image.array[box], comp, image.spacing)
             for n in names:
                 v = vals.get(n, math.nan)
                 if v is not None and math.isfinite(v):
@@ -303,4 +320,5 @@ def compute_reference(pairs, feature_set, label: int | None = None, on_lesion=No
         "connectivity": "face",
         "backend_of": dict(getattr(feature_set, "backend_of", {})),
     }
-    return ReferenceStats(mean, std, n, settings=settings, sources=sources, lesion_count=total)
+    return ReferenceStats(mean, std, n, settings=settings, sources=sources, lesion_count=total,
+                          spectrum=spectrum.result())

@@ -6,6 +6,8 @@
 - :mod:`.spectral`: 1/f^d preconditioning with frequencies in cycles/mm;
 - :mod:`.accentuate`: soft ball around the seed + L2 penalty to the start image;
 - :mod:`.adam`: the Adam optimiser;
+- :mod:`.lesion_spectrum`: the reference lesions' amplitude spectrum (numpy; stored with the reference);
+- :mod:`.phase`: lesion-spectrum dreaming, only the phase of that spectrum optimised (MACO);
 - :mod:`.registry`: names, descriptions, sources, options (:func:`list_methods`);
 - :mod:`.method`: one method assembled for one crop (used by the engine's ``DreamLoop``).
 

@@ -10,7 +10,9 @@ import torch
 
 from .accentuate import pulled_to_start, soft_ball
 from .adam import Adam
+from .lesion_spectrum import spectrum_for
 from .paper import paper_update
+from .phase import PhaseDream
 from .registry import parse_method, resolve_options
 from .spectral import SpectralPreconditioner
 from .step import default_step, intensity_scale, normalised
@@ -27,7 +29,8 @@ def ball_region(shape, seed, radius_voxels: float, device=None) -> torch.Tensor:
 class DreamMethod:
     """The components of ``config.method`` with their options, for a crop of ``crop_shape`` [k, j, i]."""
 
-    def __init__(self, config, card, crop_shape, seed, spacing_kji, device, x0: torch.Tensor):
+    def __init__(self, config, card, crop_shape, seed, spacing_kji, device, x0: torch.Tensor, reference=None):
+        """``reference``: the run's reference statistics (their lesion spectrum feeds ``lesion-spectrum``)."""
         self.components = parse_method(config.method)
         self.options = resolve_options(config.method, config.method_options)
         self.config, self.card, self.x0 = config, card, x0
@@ -50,6 +53,13 @@ class DreamMethod:
         self.adam = Adam(o["beta1"], o["beta2"]) if "adam" in self.components else None
         self.spectral = SpectralPreconditioner(crop_shape, spacing_kji, o["decay"], card.spatial_dims, device) \
             if "spectral" in self.components and o["decay"] > 0 else None
+        self.phase = None
+        spectrum = spectrum_for(config.method, reference)
+        if spectrum is not None:
+            dims = (1, 2) if card.spatial_dims == 2 else (0, 1, 2)
+            amplitude = spectrum.on_grid(tuple(crop_shape[d] for d in dims), tuple(spacing_kji[d] for d in dims))
+            self.phase = PhaseDream(amplitude, card.spatial_dims, self.step, o["strength"], o["max_phase"],
+                                    config.random_seed, device)
 
     @property
     def copies(self) -> int:
@@ -70,6 +80,8 @@ class DreamMethod:
         if self.is_paper:
             return paper_update(x, grad, self.step, self.config.normalize_gradient, self.update_region,
                                 self.low, self.high)
+        if self.phase is not None:
+            return self.phase.update(x, grad, self.update_region, self.low, self.high, self.adam)
         with torch.no_grad():
             direction = grad
             if "accentuate" in self.components and self.options["l2"] > 0:

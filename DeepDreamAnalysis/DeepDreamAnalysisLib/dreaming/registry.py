@@ -1,10 +1,13 @@
 """The dream methods by name: what each does, where it comes from, and its options.
 
 A method is one component (``paper``, ``ascent``, ``robust``, ``spectral``, ``accentuate``,
-``adam``) or several joined with ``+`` (``robust+spectral``). The components always run in the same
-order whatever the order of the name: transformed copies (forward) -> penalty to the start ->
-optimiser -> spectral preconditioner -> update region -> step in image units. ``paper`` is the
-paper's update, unchanged, and combines with nothing.
+``adam``, ``lesion-spectrum``) or several joined with ``+`` (``robust+spectral``). The components
+always run in the same order whatever the order of the name: transformed copies (forward) -> penalty
+to the start -> optimiser -> spectral preconditioner -> update region -> step in image units.
+``paper`` is the paper's update, unchanged, and combines with nothing. ``lesion-spectrum`` replaces
+the image update by a phase update (:mod:`.phase`); it combines with ``robust`` and ``adam`` (Adam on
+the phases), not with ``spectral`` or ``accentuate`` (both would change its fixed spectrum), and needs
+the run's reference statistics.
 
 ``method_options`` is one flat dict; each option belongs to one component (``copies`` to
 ``robust``, ``decay`` to ``spectral``...). An option of a component that is not in the method, an
@@ -40,6 +43,10 @@ class Component:
     description: str
     source: str
     options: tuple[Option, ...] = field(default_factory=tuple)
+    excludes: tuple[str, ...] = ()
+    """Components it cannot be combined with (and why: :data:`EXCLUDE_REASON`)."""
+    needs_reference: bool = False
+    """True: it reads the reference lesions (a run without reference statistics is refused)."""
 
 
 def _number(v) -> bool:
@@ -58,6 +65,10 @@ def positive(v) -> bool:
 
 def fraction(v) -> bool:
     return _number(v) and 0 <= v < 1
+
+
+def angle(v) -> bool:
+    return _number(v) and 0 < v <= math.pi
 
 
 def count(v) -> bool:
@@ -137,6 +148,32 @@ register(Component(
         Option("beta2", 0.999, "Adam's second-moment decay", fraction, "a number from 0 to below 1"),
     )))
 
+register(Component(
+    "lesion-spectrum",
+    "Lesion-spectrum dreaming: the dream change is an inverse Fourier transform whose amplitude "
+    "spectrum is fixed to that of the reference lesions' change to their surroundings (frequencies "
+    "in cycles/mm from the real spacing) and whose phase alone is optimised; its gain grows by `step` "
+    "per iteration. Needs reference statistics (--reference).",
+    "Fel et al. 2023, Unlocking Feature Visualization for Deeper Networks with MAgnitude Constrained "
+    "Optimization (MACO; Horama's maco); the amplitude from real reference lesions instead of natural "
+    "images, in millimetres, for 2D/3D volumes: ours",
+    (
+        Option("strength", 1.0, "final gain of the change: 1 gives it the mean reference lesion's amplitude "
+               "spectrum, 2 twice that", positive, "a number > 0"),
+        Option("max_phase", 1.0, "largest change of any phase per iteration, radians", angle,
+               "a number of radians > 0 and at most pi"),
+    ),
+    excludes=("spectral", "accentuate"),
+    needs_reference=True))
+
+EXCLUDE_REASON = {
+    ("lesion-spectrum", "spectral"): "both fix the change's spectrum (lesion-spectrum to the reference lesions', "
+                                     "spectral to 1/f^d)",
+    ("lesion-spectrum", "accentuate"): "accentuate's soft ball and pull to the start would change the amplitude "
+                                       "spectrum that lesion-spectrum keeps fixed (use --update-radius to keep "
+                                       "the change near the seed)",
+}
+
 DEFAULT_METHOD = "robust+spectral"
 """The default (DreamConfig.method): chosen by measurement, docs/dream-methods.md."""
 
@@ -175,7 +212,17 @@ def parse_method(method: str) -> tuple[str, ...]:
     if "paper" in parts and len(parts) > 1:
         raise ConfigError(f"method {method!r}: 'paper' is the paper's exact update and combines with nothing; "
                           "use 'ascent' to combine the image-unit step with other components.")
+    for p in parts:
+        for other in COMPONENTS[p].excludes:
+            if other in parts:
+                raise ConfigError(f"method {method!r}: {p!r} and {other!r} do not combine: "
+                                  f"{EXCLUDE_REASON.get((p, other), 'they conflict')}. Use one of them.")
     return tuple(c for c in COMPONENTS if c in parts)
+
+
+def needs_reference(method: str) -> bool:
+    """True when a component of ``method`` reads the reference lesions (``lesion-spectrum``)."""
+    return any(COMPONENTS[c].needs_reference for c in parse_method(method))
 
 
 def resolve_options(method: str, options: dict | None) -> dict[str, Any]:
