@@ -162,6 +162,32 @@ def test_crop_changed_names_both_sizes(volume):
     assert "1 x 64 x 64 to 1 x 40 x 48" in result.quality_flags[0].message
 
 
+def test_crop_reordered_is_flagged_with_the_sizes():
+    # a roi written in (i, j, k) order: [96, 96, 32] does not fit a 40-slice image, [32, 96, 96] does
+    flag = crop_flag((96, 96, 32), (40, 96, 32), (40, 200, 200), spatial_dims=3)
+    assert flag.code == "crop_changed" and "96 x 96 x 32 to 40 x 96 x 32" in flag.message
+    assert "roi_size looks reordered" in flag.message and "as 32 x 96 x 96 do" in flag.message
+    # the image's spacing matches the card's only with j and k swapped: the volume was stored transposed
+    swapped = crop_flag((32, 32, 32), (32, 32, 32), (40, 60, 60), spacing_ijk=(0.8, 2.5, 0.8),
+                        card_spacing_ijk=(0.8, 0.8, 2.5), spatial_dims=3)
+    assert "axes look reordered" in swapped.message and "(0.8, 2.5, 0.8)" in swapped.message
+    assert "32 x 32 x 32" in swapped.message and swapped.value == 0.0
+    assert crop_flag((32, 32, 32), (32, 32, 32), (40, 60, 60), spacing_ijk=(0.8, 0.8, 2.5),
+                     card_spacing_ijk=(0.8, 0.8, 2.5), spatial_dims=3) is None
+
+
+def test_a_2d_network_on_sagittal_slices_is_flagged_reordered():
+    # a volume stored sagittally: its k axis runs left-right (LPS x), its i axis head-feet
+    sagittal = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    volume = Volume(liver_like((3, 40, 48), std=5.0), spacing=(0.8, 0.8, 2.5), direction=sagittal)
+    result = run_analysis(volume, SEED, _model(**DREAMS), _config(iterations=2))
+    flag = next(f for f in result.quality_flags if f.code == "crop_changed")
+    assert "reordered against the anatomy" in flag.message and "k runs LR" in flag.message
+    assert "1 x 24 x 24 [k, j, i] of an image of 3 x 40 x 48" in flag.message
+    axial = run_analysis(Volume(volume.array, spacing=(0.8, 0.8, 2.5)), SEED, _model(**DREAMS), _config(iterations=2))
+    assert "crop_changed" not in codes(axial)
+
+
 def test_flags_reach_run_json_report_and_the_command_summary(tmp_path, capsys):
     case = write_case(tmp_path / "case")
     out = tmp_path / "out"

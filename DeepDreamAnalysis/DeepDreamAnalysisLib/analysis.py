@@ -142,11 +142,14 @@ def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None 
     loop_wall = time.perf_counter() - t0
     flags = watch.flags(monitor, config.dream.threshold)
     crop_changed = quality.crop_flag(_requested_crop(card, config), crop.size, volume.array.shape,
-                                     card.size_divisible)
+                                     card.size_divisible, spacing_ijk=volume.spacing, direction=volume.direction,
+                                     card_spacing_ijk=card.spacing, spatial_dims=card.spatial_dims)
     if crop_changed is not None:
         flags.insert(0, crop_changed)
     result = AnalysisResult(steps, snapshots, crop, names, reference, metadata, status, flags)
     metadata["quality_flags"] = [f.to_dict() for f in flags]
+    metadata["seed_output_constant"] = bool(getattr(watch, "stalled", False))
+    metadata["relu_redirects"] = int(getattr(getattr(loop, "redirects", None), "redirected", 0))
     failures = dict(getattr(feature_set, "failures", {}) or {})
     if computer.local_set is not None and computer.local_set is not feature_set:
         failures.update(getattr(computer.local_set, "failures", {}) or {})
@@ -209,12 +212,27 @@ class _QualityWatch:
             log.debug("wrong_class check skipped: %s", exc)
             return None
 
+    def _seed_output_constant(self) -> bool:
+        to_input = getattr(self.loop, "_network_input", None)
+        if to_input is None:
+            return False
+        try:
+            return bool(quality.seed_output_is_constant(self.loop.network, to_input, self.last.image, self.seed,
+                                                        self.card))
+        except Exception as exc:  # noqa: BLE001 - a check must never fail the run
+            log.debug("stalled-seed check skipped: %s", exc)
+            return False
+
     def flags(self, monitor: quality.QualityMonitor, threshold: float) -> list:
         final = self.last.image.detach().cpu().numpy() if self.last is not None else None
         region = getattr(self.loop, "update_region", None)
         if region is None or callable(region):
             region = getattr(self.loop, "region", None)
         flags = monitor.finish(self.start, final, region, tuple(self.card.intensity_range))
+        self.stalled = False
+        if self.last is not None and any(f.code == "no_dream" for f in flags) and self._seed_output_constant():
+            self.stalled = True  # the real cause of this no_dream: a zero gradient at the seed
+            flags = [quality.stalled_flag(f, self.loop.config.method) if f.code == "no_dream" else f for f in flags]
         if self.last is not None:
             wrong = quality.wrong_class_flag(self._class_probabilities(self.start),
                                              self._class_probabilities(self.last.image), self.card.target_class)

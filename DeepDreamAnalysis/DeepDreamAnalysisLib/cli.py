@@ -411,6 +411,11 @@ def step_hint(result) -> str | None:
                 "or pick a seed farther from what the network already segments.")
     if result.first_iteration_above(0.5) is not None:
         return None
+    if result.metadata.get("seed_output_constant"):
+        return ("the network's output at the seed stopped depending on the image (its gradient there is exactly "
+                "zero: the ReLU units feeding the seed are all off), so a larger step or more iterations cannot help. "
+                + ("Use a method other than paper (they redirect the gradient through off torch.nn.ReLU layers), "
+                   if method == "paper" else "") + "Start from noise (--start noise) or move the seed a few voxels.")
     moved = steps[-1].objective - steps[0].objective
     shown = "auto" if step is None else format(step, "g")
     head = (f"the probability at the seed never passed 0.5 in {n} iterations (objective {steps[0].objective:+.3f} -> "

@@ -29,6 +29,7 @@ import torch
 from .card import ModelCard
 from .config import DreamConfig, resolve_objective
 from .dreaming.method import DreamMethod
+from .dreaming.redirect import RedirectCounter, redirected_relus, relu_modules
 from .errors import ConfigError, ModelError, RunFault, SeedError
 from .result import Crop
 
@@ -151,6 +152,9 @@ class DreamLoop:
         self.method = DreamMethod(config, card, tuple(start.shape), self.seed, self.spacing_kji, device, self.x0,
                                   reference)
         self.stopped_early = False
+        self.redirects = RedirectCounter()
+        """How often a ReLU layer's stuck gradient was redirected (:mod:`.dreaming.redirect`; not for paper)."""
+        self._relus = [] if self.method.is_paper else relu_modules(network)
 
     @property
     def update_region(self) -> torch.Tensor | None:
@@ -178,7 +182,8 @@ class DreamLoop:
         forward pass of the network on a batch of K copies (K = 1 for the paper)."""
         if self.method.is_paper:
             return self._objective_and_probability(self.network(self._network_input(x)))
-        logits = self.network(self._batch_input(self.method.batch(x)))
+        with redirected_relus(self._relus, self.redirects):
+            logits = self.network(self._batch_input(self.method.batch(x)))
         return self._objective_and_probability(logits)
 
     def _objective_and_probability(self, logits: torch.Tensor):

@@ -28,7 +28,9 @@ Codes and thresholds (:class:`QualityThresholds`, defaults in brackets). Arrays 
   or beyond the card's ``intensity_range`` limits (the ascent asked for values the clamp held back:
   intensities no scanner produces).
 - ``crop_changed``: the crop is smaller than the requested ``roi_size`` (the image is smaller, or
-  the card's ``size_divisible`` trimmed it), with both sizes.
+  the card's ``size_divisible`` trimmed it), or its axes are in another order than the network's
+  (:func:`reordered_axes`: a roi written in (i, j, k) order, an image whose spacing matches the
+  card's only with its axes permuted, a 2D network on non-axial slices), with the sizes.
 - ``no_dream``: ``p(seed)`` never rose above the mask threshold: there is no dreamed object.
 - ``wrong_class``: (softmax, more than two classes) at the last iteration another class than the
   target has the highest probability at the seed, and its probability rose during the run: the
@@ -49,7 +51,7 @@ CODES: dict[str, str] = {
     "change_outside_region": "the image changed outside the update region",
     "checkerboard": "the dream change is high-frequency texture, not an object",
     "out_of_intensity_range": "the dream pushed voxels to the card's intensity_range limits",
-    "crop_changed": "the crop is smaller than the requested roi_size",
+    "crop_changed": "the crop is smaller than the requested roi_size, or its axes are reordered",
     "no_dream": "p(seed) never rose above the threshold",
     "wrong_class": "another class than the target wins at the seed",
 }
@@ -267,26 +269,97 @@ def intensity_flag(start: np.ndarray, final: np.ndarray, intensity_range, t: Qua
         "the card (an MR card needs its own).", None, float(n))
 
 
-def crop_flag(requested_kji, got_kji, image_shape_kji, size_divisible: int = 1) -> QualityFlag | None:
-    """``crop_changed`` when the crop ``got_kji`` is smaller than ``requested_kji`` along some axis."""
+def crop_flag(requested_kji, got_kji, image_shape_kji, size_divisible: int = 1, *, spacing_ijk=None,
+              direction=None, card_spacing_ijk=None, spatial_dims: int | None = None) -> QualityFlag | None:
+    """``crop_changed`` when the crop ``got_kji`` is smaller than ``requested_kji`` along some axis
+    (shrunk), or its axes are in another order than the network's (reordered, :func:`reordered_axes`);
+    the message gives the requested, the actual and the image's sizes [k, j, i]. ``value``: the share
+    of the requested voxels lost (0 when only reordered)."""
     requested = tuple(int(n) for n in requested_kji)
     got = tuple(int(n) for n in got_kji)
-    if all(g >= r for g, r in zip(got, requested)):
+    image = tuple(int(n) for n in image_shape_kji)
+    reordered = reordered_axes(requested, got, image, spacing_ijk, direction, card_spacing_ijk, spatial_dims)
+    shrunk_axes = any(g < r for g, r in zip(got, requested))
+    if not shrunk_axes and not reordered:
         return None
-    why = []
-    for axis, (r, g, n) in enumerate(zip(requested, got, image_shape_kji)):
-        if g < r:
-            if int(n) < r:
-                why.append(f"the image has only {int(n)} voxels along {'kji'[axis]}")
-            if size_divisible > 1 and g % size_divisible == 0 and g < min(r, int(n)):
-                why.append(f"the model needs multiples of {size_divisible} along {'kji'[axis]}")
-    shrunk = 1.0 - float(np.prod(got)) / float(np.prod(requested))
-    return QualityFlag(
-        "crop_changed",
-        f"The crop was shrunk from the requested {_size(requested)} to {_size(got)} voxels [k, j, i] ("
-        + ("; ".join(dict.fromkeys(why)) or "to fit the image") + "): the network sees less context than it was "
-        "made for, and a mask reaching the crop's border is cut off. Fix: a larger image (pad it), or a --roi "
-        "(card roi_size) that fits the image.", None, shrunk)
+    parts = []
+    if shrunk_axes:
+        why = []
+        for axis, (r, g, n) in enumerate(zip(requested, got, image)):
+            if g < r:
+                if n < r:
+                    why.append(f"the image has only {n} voxels along {'kji'[axis]}")
+                if size_divisible > 1 and g % size_divisible == 0 and g < min(r, n):
+                    why.append(f"the model needs multiples of {size_divisible} along {'kji'[axis]}")
+        parts.append(
+            f"The crop was shrunk from the requested {_size(requested)} to {_size(got)} voxels [k, j, i] (image "
+            f"{_size(image)}; " + ("; ".join(dict.fromkeys(why)) or "to fit the image") + "): the network sees less "
+            "context than it was made for, and a mask reaching the crop's border is cut off. Fix: a larger image "
+            "(pad it), or a --roi (card roi_size) that fits the image.")
+    parts.extend(reordered)
+    shrunk = 1.0 - float(np.prod(got)) / float(np.prod(requested)) if shrunk_axes else 0.0
+    return QualityFlag("crop_changed", " ".join(parts), None, shrunk)
+
+
+def reordered_axes(requested, got, image, spacing_ijk=None, direction=None, card_spacing_ijk=None,
+                   spatial_dims: int | None = None) -> list[str]:
+    """Messages (empty: none) for a crop whose axes are in another order than the network's.
+
+    The engine never permutes axes: the crop is the image array's ``[k, j, i]`` block, fed in that order.
+    So a crop is "reordered" when the image's axes are not in the order the network expects:
+
+    - the requested ``roi_size`` had to be shrunk, but the same sizes in another order fit the image
+      (the card's or the user's roi was written in (i, j, k) order, or the image is transposed);
+    - the image's spacing differs from the card's training ``spacing`` by more than 20% along some axis,
+      but matches it with the axes permuted (the volume was stored with its axes swapped);
+    - a 2D network on a multi-slice volume whose k axis is not head-feet (``direction``): it dreams on
+      sagittal or coronal slices, not axial ones.
+    """
+    import itertools
+
+    out = []
+    n = len(requested)
+    fits = lambda sizes: all(s <= m for s, m in zip(sizes, image))  # noqa: E731
+    if any(g < r for g, r in zip(got, requested)) and (spatial_dims or 3) == 3 and n == 3:
+        for perm in itertools.permutations(range(3)):
+            sizes = tuple(requested[p] for p in perm)
+            if perm != (0, 1, 2) and sizes != requested and fits(sizes):
+                out.append(f"The requested roi_size looks reordered: {_size(requested)} [k, j, i] does not fit the image "
+                           f"{_size(image)}, but the same sizes as {_size(sizes)} do. roi_size is [D, H, W] = [k, j, i] "
+                           "(Slicer and ITK list sizes as i, j, k); fix the order in the card or --roi, or check that "
+                           "the image is not transposed.")
+                break
+    if spacing_ijk is not None and card_spacing_ijk is not None:
+        dims = 2 if spatial_dims == 2 else min(3, len(card_spacing_ijk), len(spacing_ijk))
+        ours = np.asarray(spacing_ijk, dtype=float)[:3]
+        theirs = np.asarray(card_spacing_ijk, dtype=float)[:dims]
+        close = lambda a: bool(np.all(np.abs(a[:dims] / theirs - 1.0) <= 0.2))  # noqa: E731
+        if not close(ours) and len(ours) == 3:
+            for perm in itertools.permutations(range(3)):
+                if perm != (0, 1, 2) and close(ours[list(perm)]):
+                    named = ", ".join(f"{'ijk'[a]}" for a in perm[:dims])
+                    out.append(
+                        f"The crop's axes look reordered: the image's spacing (i, j, k) = {_mm(ours)} mm matches the "
+                        f"model's training spacing {_mm(theirs)} mm only with its axes taken as ({named}), so the network "
+                        f"sees the crop {_size(got)} [k, j, i] with its axes in another order than it was trained on. "
+                        "Fix: reorient the image so its axes match the model's (in Slicer: Orient Scalar Volume; in "
+                        "SimpleITK: DICOMOrient), or correct the card's spacing.")
+                    break
+    if spatial_dims == 2 and direction is not None and len(image) == 3 and image[0] > 1:
+        k_axis = np.asarray(direction, dtype=float).reshape(3, 3)[:, 2]
+        if abs(k_axis[2]) < 0.9:
+            along = "LR" if abs(k_axis[0]) >= abs(k_axis[1]) else "AP"
+            out.append(
+                f"The crop's axes are reordered against the anatomy: the 2D network dreams on the image's k slices "
+                f"(crop {_size(got)} [k, j, i] of an image of {_size(image)}), but k runs {along}, not head-feet, so "
+                "the slices are sagittal or coronal, not axial. Fix: reorient the image to axial (in Slicer: Orient "
+                "Scalar Volume) if the model was trained on axial slices; if it was trained on slices stored this "
+                "way, this flag does not apply.")
+    return out
+
+
+def _mm(values) -> str:
+    return "(" + ", ".join(f"{float(v):g}" for v in values) + ")"
 
 
 def wrong_class_flag(start_probs, final_probs, target: int) -> QualityFlag | None:
@@ -323,5 +396,39 @@ def seed_class_probabilities(network, network_input, image, seed_kji, card) -> n
     return torch.softmax(z.float(), dim=0).cpu().numpy()
 
 
-__all__ = ["QualityFlag", "QualityThresholds", "QualityMonitor", "CODES", "checkerboard_index", "crop_flag", "status_line",
-           "touches_border", "wrong_class_flag", "seed_class_probabilities"]
+def seed_output_is_constant(network, network_input, image, seed_kji, card) -> bool | None:
+    """True when no logit at the seed depends on ``image`` (a ``[k, j, i]`` tensor): the gradient of
+    every class's logit at the seed is exactly zero (the ReLU units feeding the seed are all off, so the
+    logits there are the last layer's bias). None when it cannot be computed."""
+    import torch
+
+    x = image.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        logits = network(network_input(x))
+        spatial = tuple(seed_kji[1:]) if card.spatial_dims == 2 else tuple(seed_kji)
+        z = logits[0][(slice(None),) + spatial]
+        for c in range(z.shape[0]):
+            (g,) = torch.autograd.grad(z[c], x, retain_graph=c < z.shape[0] - 1, allow_unused=True)
+            if g is not None and bool(g.any()):
+                return False
+    return True
+
+
+def stalled_flag(flag: QualityFlag, method: str) -> QualityFlag:
+    """The ``no_dream`` flag of a run whose seed output stopped depending on the image, with that cause."""
+    redirect = ("the normalised methods redirect the gradient through ReLU layers that are all off (Lucid's "
+                "redirected ReLU), but only through torch.nn.ReLU modules, not functional relu calls or TorchScript "
+                "models" if method != "paper" else "--method paper follows the plain gradient; the other methods "
+                "redirect it through torch.nn.ReLU layers that are all off (e.g. --method robust+spectral)")
+    return QualityFlag(
+        "no_dream",
+        f"p(seed) never rose above the threshold (highest {flag.value:.3f} at iteration {flag.iteration}) because the "
+        "network's output at the seed stopped depending on the image: at the last iteration the gradient of every "
+        "class's logit at the seed is exactly zero (the ReLU units that feed the seed are all off, so its logits are "
+        "the last layer's bias), and no step or number of iterations helps. Fix: " + redirect + "; or start from "
+        "noise (--start noise), or move the seed a few voxels.", flag.iteration, flag.value)
+
+
+__all__ = ["QualityFlag", "QualityThresholds", "QualityMonitor", "CODES", "checkerboard_index", "crop_flag", "reordered_axes", "status_line",
+           "touches_border", "wrong_class_flag", "seed_class_probabilities",
+           "seed_output_is_constant", "stalled_flag"]
