@@ -89,3 +89,19 @@ def test_a_run_that_stalls_names_the_cause_not_the_step(method, fix):
     assert result.metadata["seed_output_constant"] is True
     hint = step_hint(result)
     assert "stopped depending on the image" in hint and fix in hint and "larger --step" not in hint
+
+
+def test_batched_restarts_redirect_as_separate_runs():
+    from DeepDreamAnalysisLib.engine.batched import BatchMember, run_batched
+
+    model = TinyModel(feature_net(1.0, -5.0, [0.0, 3.0], [0.0, -2.0]), tiny_card(2))
+    volume = Volume(liver_like((1, 24, 24), std=5.0), spacing=(0.8, 0.8, 2.5))
+    members = [BatchMember(volume, SEED, AnalysisConfig(
+        dream=DreamConfig(iterations=40, method="ascent", step=80.0, random_seed=r),
+        features=FeatureConfig(names=("firstorder_Mean",)))) for r in range(2)]
+    together = run_batched(model, members)
+    apart = run_batched(model, members, batch=False)
+    assert together[0].metadata["batch"]["batched"] is True
+    for a, b in zip(together, apart):
+        assert [s.probability for s in a.steps] == pytest.approx([s.probability for s in b.steps], abs=1e-5)
+        assert a.steps[-1].probability > a.steps[0].probability + 0.1

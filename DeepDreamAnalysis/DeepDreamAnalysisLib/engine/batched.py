@@ -26,6 +26,8 @@ from typing import Iterator
 
 import torch
 
+from ..dreaming.redirect import redirected_relus
+
 from ..errors import ModelError, RunFault, SeedError
 
 
@@ -93,6 +95,9 @@ class BatchedDreamLoop:
         self.network = first.network
         self.stopped_early = [False] * len(loops)
         self._retired: set[int] = set()
+        relus = [getattr(loop, "_relus", []) for loop in loops]
+        # redirected ReLU gradients act per batch item, so a batch of non-paper members gets each member's own
+        self._redirect = (relus[0], first.redirects) if all(relus) else ([], None)
 
     def retire(self, index: int) -> None:
         """Take member ``index`` out of the batch from the next iteration on."""
@@ -113,7 +118,8 @@ class BatchedDreamLoop:
                 for m in active:
                     xs[m].requires_grad_(True)
                 inputs = [member_input(loops[m], xs[m]) for m in active]
-                logits = self.network(torch.cat(inputs, dim=0))
+                with redirected_relus(*self._redirect):  # as each member's own forward (not paper)
+                    logits = self.network(torch.cat(inputs, dim=0))
                 total = 0
                 objectives, probs = {}, {}
                 row = 0
