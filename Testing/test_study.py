@@ -211,6 +211,32 @@ def test_the_folder_of_another_study_is_refused(first_study, files, tmp_path):
         run_study(other, out)
 
 
+def test_a_rerun_replaces_only_the_studys_own_files(first_study, tmp_path):
+    """The study folder has a manifest as a run folder has (test_study_folder.py: the refusals)."""
+    import shutil
+
+    from DeepDreamAnalysisLib.errors import OutputError
+
+    study, out, _ = first_study
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, symlinks=True)
+    listed = json.loads((copy / "deepdream-manifest.json").read_text())["files"]
+    assert {"study.json", "study.parquet", "runs.csv", "report.html"} <= set(listed)
+    assert sum(f.endswith("/status.json") for f in listed) == 8
+    key = sorted(p.name for p in (copy / "runs").iterdir())[0]
+    (copy / "notes.txt").write_text("mine")
+    (copy / "runs" / key / "notes.txt").write_text("mine too")
+    with open(copy / "ranking.md", "a") as fh:
+        fh.write("my remark\n")
+    with pytest.raises(OutputError, match="ranking.md is listed in .* is not the file the tool wrote"):
+        run_study_outcome(study, copy)  # an output the user edited is not replaced
+    (copy / "ranking.md").unlink()
+    outcome = run_study_outcome(study, copy)  # every run is done: only the tables are written again
+    assert outcome.count("done") == 8 and (copy / "ranking.md").is_file()
+    assert (copy / "notes.txt").read_text() == "mine" and (copy / "runs" / key / "notes.txt").read_text() == "mine too"
+    assert not (copy / "deepdream.lock").exists()
+
+
 def test_a_failing_run_is_retried_then_recorded_and_the_study_goes_on(cluster, files, tmp_path):
     spec = _spec(files, models=[{"name": "a", "path": str(files["a"])}, {"name": "vol", "path": str(files["net3d"])}],
                  images=[{"name": "slice", "path": str(files["ct"]), "seeds": [[24, 20, 0]]}], restarts=1, retries=1)
@@ -270,6 +296,78 @@ def test_ctrl_c_marks_runs_in_progress_and_the_same_command_resumes(files, tmp_p
     assert rerun.returncode == 0, rerun.stderr
     assert "8 of 8 runs done, 0 failed" in rerun.stdout
     assert {k: (out / "runs" / k / "curves.csv").stat().st_mtime_ns for k in finished} == stamps
+
+
+FEATURE_CODE = """
+import pathlib
+
+pathlib.Path(__file__).with_name("IMPORTED").touch()  # shows whether (and when) this code ran
+
+
+def seed_value(image, mask, spacing, context):
+    return float(image[context.seed_kji])
+"""
+
+
+def _custom_study(files, tmp_path):
+    code = tmp_path / "feats"
+    code.mkdir()
+    (code / "my_features.py").write_text(FEATURE_CODE)
+    spec = _spec(files, models=[{"name": "a", "path": str(files["a"])}], restarts=1,
+                 images=[{"name": "ct", "path": str(files["ct"]), "seeds": [[24, 20, 0]]}],
+                 custom_features={"seed_value": "feats/my_features.py:seed_value"})
+    return _write(tmp_path, spec), code
+
+
+def test_a_worker_never_loads_custom_features_that_were_not_allowed(files, tmp_path):
+    from DeepDreamAnalysisLib.studies.engine import execute_run
+
+    study, code = _custom_study(files, tmp_path)
+    spec = load_study(study)  # reading a study file imports nothing
+    assert spec.custom_features == {"seed_value": f"{code / 'my_features.py'}:seed_value"}
+    with pytest.raises(StudySpecError, match="not allowed"):
+        execute_run(expand_runs(spec)[0], {}, None, None, spec)
+    assert not (code / "IMPORTED").exists()
+
+
+def test_custom_features_in_a_study_run_only_when_the_user_allows_them(cluster, files, tmp_path, capsys):
+    import SimpleITK as sitk
+
+    study, code = _custom_study(files, tmp_path)
+    out = tmp_path / "out"
+    assert cli.main(["study", str(study), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "names custom features (seed_value = " in err and "--custom-feature seed_value=" in err
+    assert "--allow-custom-features" in err and "Traceback" not in err
+    assert cli.main(["study", str(study), "--out", str(out), "--custom-feature", "seed_value=os:system"]) == 2
+    assert "--custom-feature seed_value=" in capsys.readouterr().err  # another function is not the same opt-in
+    assert not (code / "IMPORTED").exists() and not out.exists()
+
+    allow = f"seed_value={code / 'my_features.py'}:seed_value"
+    assert cli.main(["study", str(study), "--out", str(out), "--custom-feature", allow]) == 0
+    assert (code / "IMPORTED").exists()
+    rows = list(csv.DictReader(open(next(out.glob("runs/*/curves.csv")))))
+    start = sitk.GetArrayFromImage(sitk.ReadImage(str(files["ct"])))[0, 20, 24]  # [k, j, i]
+    assert float(rows[0]["seed_value"]) == pytest.approx(float(start), rel=1e-5)  # iteration 0: the start image
+    assert all(np.isfinite(float(r["seed_value"])) for r in rows)
+    import pyarrow.parquet as pq
+
+    assert "seed_value" in set(pq.read_table(out / "study.parquet").column("curve").to_pylist())
+    outcome = run_study_outcome(study, out, allow_custom_features=True)  # Python: the same opt-in; resumes
+    assert outcome.count("done") == 1
+
+
+def test_compare_on_the_study_engine_takes_custom_features(cluster, files, tmp_path, capsys):
+    code = tmp_path / "feats"
+    code.mkdir()
+    (code / "my_features.py").write_text(FEATURE_CODE)
+    argv = ["compare", "--image", str(files["ct"]), "--seed", "24,20,0", "--model", f"a={files['a']}", "--restarts",
+            "1", "--iterations", "2", "--step", "15", "--features", FEATURES[0], "--feature-backend", "native",
+            "--custom-feature", f"seed_value={code / 'my_features.py'}:seed_value", "--out", str(tmp_path / "cmp"),
+            "--workers", "2"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    rows = [r for r in csv.DictReader(open(tmp_path / "cmp" / "comparison.csv")) if r["feature"] == "seed_value"]
+    assert rows and all(r["value"] for r in rows)
 
 
 def test_compare_on_the_study_engine_gives_the_same_comparison(cluster, files, tmp_path, capsys):

@@ -750,15 +750,30 @@ def _add_study_parser(subparsers) -> None:
                    help="join a running Ray cluster: auto, or ray://HOST:10001 (default: a local Ray on this machine)")
     p.add_argument("--workers", type=int, default=None, help="local workers (default: one per core)")
     p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for --address (default 10)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty folder that holds no results of this tool (files the tool did not "
+                        "write are still never replaced or deleted)")
+    p.add_argument("--custom-feature", action="append", default=[], metavar="NAME=MODULE:FUNCTION",
+                   help="allow the study file's custom feature NAME, which must name the same function: custom "
+                        "features are Python code and run only when you ask (SECURITY.md); repeatable")
+    p.add_argument("--allow-custom-features", action="store_true",
+                   help="allow every custom feature the study file names (its code runs on every worker)")
 
 
 def cmd_study(args) -> int:
     """The ``study`` subcommand: :func:`.studies.run_study_outcome` with a progress line."""
     from .studies import print_progress, run_study_outcome
 
+    allowed = True if args.allow_custom_features else {}
+    for item in [] if allowed is True else args.custom_feature:
+        if "=" not in item:
+            raise FeatureError(f"--custom-feature takes NAME=MODULE:FUNCTION, got {item!r}.")
+        name, target = item.split("=", 1)
+        allowed[name.strip()] = target.strip()
     try:
         outcome = run_study_outcome(args.spec, args.out, address=args.address, workers=args.workers,
-                                    on_progress=print_progress(), connect_timeout_s=args.connect_timeout)
+                                    on_progress=print_progress(), connect_timeout_s=args.connect_timeout,
+                                    overwrite=args.overwrite, allow_custom_features=allowed or False)
     except KeyboardInterrupt:
         print(f"\ninterrupted: runs in progress are marked in {args.out}/runs/*/status.json; run the same command "
               "again to resume (finished runs are kept).", file=sys.stderr)

@@ -382,6 +382,284 @@ def _out_locked(ws):
 LOCK_HOLDERS: list = []
 
 
+def _hold_lock(out: Path) -> None:
+    """Another process holds ``out``'s lock (released by the test after the case)."""
+    import subprocess
+
+    out.mkdir(parents=True, exist_ok=True)
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from DeepDreamAnalysisLib.outputs import FolderLock; "
+        f"FolderLock({str(out)!r}).acquire(); print('locked', flush=True); time.sleep(120)")],
+        stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "locked"
+    LOCK_HOLDERS.append(child)
+
+
+# =============================================================================== study folders (outputs/, as run folders)
+
+HAVE_RAY = __import__("importlib.util").util.find_spec("ray") is not None
+
+
+def study_file(ws: Workspace, where: Path | None = None, name: str = "study.json", **over) -> Path:
+    spec = {"name": "hostile", "models": [{"name": "a", "path": str(ws.model)}],
+            "images": [{"name": "ct", "path": str(ws.image), "seeds": [[24, 20, 1]]}],
+            "dream": {"iterations": 2, "step": 400.0}, "features": ["firstorder_Mean"], "feature_backend": "native"}
+    spec.update(over)
+    where = where or ws.inputs
+    where.mkdir(parents=True, exist_ok=True)
+    path = where / name
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def study_args(study: Path, out: Path, extra=()) -> list[str]:
+    return ["study", str(study), "--out", str(out), "--connect-timeout", "1", *extra]
+
+
+def api_study(study, out, overwrite=False):
+    def call():
+        from DeepDreamAnalysisLib.studies import run_study
+
+        return run_study(study, out, overwrite=overwrite)
+    return call
+
+
+def _a_study_folder(ws: Workspace, out: Path, **over) -> None:
+    """``out`` made a study folder (study.json and its manifest) of a study like ``study_file``'s."""
+    from DeepDreamAnalysisLib.studies import load_study
+    from DeepDreamAnalysisLib.studies.engine import claim_folder
+
+    other = study_file(ws, where=ws.root / "other_spec", **over)
+    claim_folder(out, load_study(other)).release()
+
+
+def study_case(name: str):
+    """Register a study-folder case only where Ray is installed (the study extra; `make test` has it)."""
+    return case(name) if HAVE_RAY else (lambda fn: fn)
+
+
+@study_case("out_study_non_empty_without_manifest")
+def _study_non_empty(ws):
+    study = study_file(ws)
+    return Case(study_args(study, ws.out), r"is not empty \(thesis.docx\).*--overwrite", prepare_out=_user_files,
+                api=api_study(study, ws.out))
+
+
+@study_case("out_study_overwrite_collides_with_user_report")
+def _study_collide(ws):
+    def prep(out):
+        _user_files(out)
+        (out / "report.html").write_text("my report")
+    return Case(study_args(study_file(ws), ws.out, ["--overwrite"]), r"report.html is in the way", prepare_out=prep)
+
+
+@study_case("out_study_contains_the_study_file")
+def _study_contains_spec(ws):
+    def prep(out):
+        study_file(ws, where=out, name="my_study.json")
+    return Case(study_args(ws.out / "my_study.json", ws.out, ["--overwrite"]),
+                r"the input .*my_study.json is inside the output folder", prepare_out=prep)
+
+
+@study_case("out_study_is_the_inputs_folder")
+def _study_in_inputs(ws):
+    return Case(study_args(study_file(ws), ws.inputs, ["--overwrite"]), r"the input .* is inside the output folder")
+
+
+@study_case("out_study_inside_the_model")
+def _study_inside_model(ws):
+    return Case(study_args(study_file(ws), ws.model / "results"), r"contains the output folder")
+
+
+@study_case("out_study_runs_is_a_link_to_a_users_folder")
+def _study_runs_link(ws):
+    def prep(out):
+        _a_study_folder(ws, out)
+        mine = ws.root / "my_folder"
+        mine.mkdir()
+        (mine / "status.json").write_text("mine")
+        (out / "runs").symlink_to(mine, target_is_directory=True)
+    study = study_file(ws)
+    return Case(study_args(study, ws.out), r"runs is a link to another folder.*Remove it", prepare_out=prep,
+                api=api_study(study, ws.out))
+
+
+@study_case("out_study_run_folder_is_a_link")
+def _study_run_link(ws):
+    def prep(out):
+        _a_study_folder(ws, out)
+        (out / "runs").mkdir()
+        (out / "runs" / "0123456789abcdef").symlink_to(ws.inputs, target_is_directory=True)
+    return Case(study_args(study_file(ws), ws.out), r"0123456789abcdef is a link to another folder", prepare_out=prep)
+
+
+def _copied_study_manifest(ws: Workspace):
+    """A user's folder (their own study.json) holding a manifest copied from a real study folder."""
+    def prep(out):
+        _a_study_folder(ws, ws.root / "theirs")
+        _user_files(out)
+        (out / "study.json").write_text("my own notes")
+        (out / "deepdream-manifest.json").write_bytes((ws.root / "theirs" / "deepdream-manifest.json").read_bytes())
+    return prep
+
+
+@study_case("out_study_forged_manifest_in_a_users_folder")
+def _study_forged(ws):
+    return Case(study_args(study_file(ws), ws.out), r"lists no file as the tool wrote it",
+                prepare_out=_copied_study_manifest(ws))
+
+
+@study_case("out_study_forged_manifest_with_overwrite")
+def _study_forged_overwrite(ws):
+    study = study_file(ws)
+    return Case(study_args(study, ws.out, ["--overwrite"]), r"study.json is listed in .* not the file the tool wrote",
+                prepare_out=_copied_study_manifest(ws), api=api_study(study, ws.out, overwrite=True))
+
+
+@study_case("out_study_in_the_folder_of_a_run")
+def _study_in_run_folder(ws):
+    def prep(out):
+        from DeepDreamAnalysisLib.atomic import write_text_atomic
+        from DeepDreamAnalysisLib.outputs import ManifestWriter
+
+        out.mkdir(parents=True)
+        with ManifestWriter(out) as manifest:
+            write_text_atomic(out / "curves.csv", "iteration\n0\n")
+            manifest.finish()
+    return Case(study_args(study_file(ws), ws.out), r"holds results of another deepdream-analysis command",
+                prepare_out=prep)
+
+
+@study_case("out_study_of_another_study")
+def _study_other(ws):
+    study = study_file(ws)
+    return Case(study_args(study, ws.out), r"holds another study", prepare_out=lambda out: _a_study_folder(
+        ws, out, restarts=2), api=api_study(study, ws.out))
+
+
+@study_case("out_study_locked_by_another_study")
+def _study_locked(ws):
+    return Case(study_args(study_file(ws), ws.out), r"Another deepdream-analysis run \(process \d+\) is writing into",
+                prepare_out=_hold_lock)
+
+
+# =============================================================================== study files and custom features
+
+EVIL_FEATURE = "import pathlib\npathlib.Path({marker!r}).touch()\ndef f(image, mask, spacing):\n    return 1.0\n"
+
+
+@study_case("study_custom_feature_file_without_opt_in")
+def _study_custom_file(ws):
+    (ws.inputs / "evil.py").write_text(EVIL_FEATURE.format(marker=str(ws.marker)))
+    study = study_file(ws, custom_features={"x": "evil.py:f"})
+    return Case(study_args(study, ws.out), r"names custom features \(x = .*evil.py:f\).*--custom-feature x=.*"
+                r"--allow-custom-features", api=api_study(study, ws.out))
+
+
+@study_case("study_custom_feature_module_without_opt_in")
+def _study_custom_module(ws):
+    study = study_file(ws, custom_features={"x": "os:system"})
+    return Case(study_args(study, ws.out), r"names custom features \(x = os:system\)", api=api_study(study, ws.out))
+
+
+@study_case("study_custom_feature_another_function_allowed")
+def _study_custom_other(ws):
+    (ws.inputs / "evil.py").write_text(EVIL_FEATURE.format(marker=str(ws.marker)))
+    study = study_file(ws, custom_features={"x": "evil.py:f"})
+    return Case(study_args(study, ws.out, ["--custom-feature", "x=os:getcwd"]), r"--custom-feature x=.*evil.py:f")
+
+
+@study_case("study_custom_feature_not_in_the_study_file")
+def _study_custom_extra(ws):
+    return Case(study_args(study_file(ws), ws.out, ["--custom-feature", "y=os:getcwd"]),
+                r"the study file has no custom feature 'y'")
+
+
+@study_case("study_custom_feature_named_like_a_curve")
+def _study_custom_probability(ws):
+    return Case(study_args(study_file(ws, custom_features={"probability": "os:getcwd"}), ws.out),
+                r"custom_features.probability: A custom feature cannot be named 'probability'")
+
+
+@study_case("study_custom_feature_file_missing")
+def _study_custom_missing(ws):
+    return Case(study_args(study_file(ws, custom_features={"x": "nowhere.py:f"}), ws.out),
+                r"custom_features.x: .*nowhere.py does not exist")
+
+
+@study_case("study_file_deeply_nested_json")
+def _study_deep_json(ws):
+    path = write_json_text(ws.inputs / "deep.json", "[" * 100000 + "]" * 100000)
+    return Case(study_args(path, ws.out), r"nested \d+ levels deep", api=api_study(path, ws.out))
+
+
+@study_case("study_file_deeply_nested_yaml")
+def _study_deep_yaml(ws):
+    path = write_json_text(ws.inputs / "deep.yaml", "models: " + "[" * 100000 + "]" * 100000 + "\n")
+    return Case(study_args(path, ws.out), r"nested more than \d+ levels deep")
+
+
+@study_case("study_file_yaml_billion_laughs")
+def _study_laughs(ws):
+    text = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    path = write_json_text(ws.inputs / "laughs.yaml", text)
+    return Case(study_args(path, ws.out), r"expands to more than \d+ values", api=api_study(path, ws.out))
+
+
+@study_case("study_file_is_a_fifo")
+def _study_fifo(ws):
+    path = ws.inputs / "study.yaml"
+    os.mkfifo(path)
+    return Case(study_args(path, ws.out), r"is a named pipe \(FIFO\), not a regular file")
+
+
+@study_case("study_file_not_a_mapping")
+def _study_list(ws):
+    path = write_json_text(ws.inputs / "list.json", "[1, 2]")
+    return Case(study_args(path, ws.out), r"a study file is a mapping")
+
+
+@study_case("study_file_unknown_key")
+def _study_unknown(ws):
+    return Case(study_args(study_file(ws, speed="fast"), ws.out), r"unknown key 'speed'.*Allowed keys")
+
+
+@study_case("study_file_missing_model")
+def _study_missing_model(ws):
+    study = study_file(ws, models=[{"name": "a", "path": "missing.pt"}])
+    return Case(study_args(study, ws.out), r"models\[0\].path: .*missing.pt does not exist")
+
+
+@study_case("study_file_seed_outside_the_image")
+def _study_seed_outside(ws):
+    study = study_file(ws, images=[{"name": "ct", "path": str(ws.image), "seeds": [[48, 20, 1]]}])
+    return Case(study_args(study, ws.out), r"seeds\[0\]: seed point \[48, 20, 1\] is outside the image")
+
+
+@study_case("study_file_seed_is_not_three_integers")
+def _study_seed_bad(ws):
+    study = study_file(ws, images=[{"name": "ct", "path": str(ws.image), "seeds": [[24.5, 20, 1]]}])
+    return Case(study_args(study, ws.out), r"a seed point is three integers")
+
+
+@study_case("study_file_duplicate_run")
+def _study_duplicate(ws):
+    study = study_file(ws, models=[{"name": "a", "path": str(ws.model)}, {"name": "b", "path": str(ws.model)}])
+    return Case(study_args(study, ws.out), r"are the same run.*Remove the duplicate")
+
+
+@study_case("study_file_restarts_not_an_integer")
+def _study_restarts(ws):
+    return Case(study_args(study_file(ws, restarts=2.5), ws.out), r"restarts: must be a positive integer")
+
+
+@study_case("study_address_unreachable")
+def _study_address(ws):
+    return Case(study_args(study_file(ws), ws.out, ["--address", "ray://127.0.0.1:9"]),
+                r"No Ray cluster answers at ray://127.0.0.1:9")
+
+
 # =============================================================================== images
 
 def _nifti_bytes(array=None, spacing=(0.8, 0.8, 2.5)) -> bytes:

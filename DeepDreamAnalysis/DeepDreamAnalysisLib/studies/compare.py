@@ -357,8 +357,8 @@ def compare_on_study(image_path, seed_ijk, model_files: dict, config: AnalysisCo
     """:func:`compare_models` on the study engine (Ray, :mod:`.engine`): the same runs (same restart
     seeds and start images, hence the same numbers), run in parallel, each in ``out/runs/<key>/``.
 
-    ``model_files``: name -> (model path, card path or None). ``config`` must not use custom
-    features (a study file names features only). Returns the :class:`Comparison`; the study's own
+    ``model_files``: name -> (model path, card path or None). ``config.features.custom`` (what
+    ``--custom-feature`` gave: the user's explicit opt-in) goes to the study as allowed. Returns the :class:`Comparison`; the study's own
     files (table, pooled figure, report) are in ``out`` too.
     """
     from ..models import load_model
@@ -368,9 +368,6 @@ def compare_on_study(image_path, seed_ijk, model_files: dict, config: AnalysisCo
     from .spec import load_study
 
     config.validate()
-    if config.features.custom:
-        raise ConfigError("Custom features are not available through the study engine yet; run compare without "
-                          "--workers/--address to use them.")
     seeds = restart_seeds(config, restarts, restart_noise_std)
     dream = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config.dream).items()
              if k not in ("method",)}
@@ -387,11 +384,13 @@ def compare_on_study(image_path, seed_ijk, model_files: dict, config: AnalysisCo
             "feature_backend": config.features.backend, "feature_every": config.features.every,
             "bin_width": config.features.bin_width, "snapshot_every": config.snapshot_every,
             "keep_flagged": bool(keep_flagged)}
+    if config.features.custom:
+        spec["custom_features"] = dict(config.features.custom)
     if reference_path:
         spec["reference"] = str(reference_path)
     t0 = time.perf_counter()
     outcome = run_study_outcome(load_study(spec), out, address=address, workers=workers, on_progress=on_progress,
-                                keep_results=True)
+                                keep_results=True, allow_custom_features=True)
     names = list(model_files)
     results = {n: [] for n in names}
     for run in sorted(outcome.runs, key=lambda r: r.restart):

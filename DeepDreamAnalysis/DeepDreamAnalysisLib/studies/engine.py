@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import DeepDreamError
-from .spec import RunSpec, StudySpec, StudySpecError, analysis_config, expand_runs, load_study
+from .spec import (RunSpec, StudySpec, StudySpecError, allow_custom_features, analysis_config, custom_feature_files,
+                   expand_runs, load_study)
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +138,15 @@ def execute_run(run: RunSpec, model_payload: dict, volume, reference, spec: Stud
             os.replace(tmp, heartbeat)
         except OSError:
             pass
+    if spec.custom_features and not spec.custom_allowed:  # user code runs only when the user allowed it
+        raise StudySpecError("This study's custom features were not allowed (--allow-custom-features); the worker "
+                             "loads none of them.")
     if threads:
         torch.set_num_threads(threads)
     model = _load_shipped_model(model_payload)
     base = analysis_config(spec, run.method, model.card)
+    if spec.custom_features:
+        base = dataclasses.replace(base, features=dataclasses.replace(base.features, custom=_local_custom(spec)))
     config = dataclasses.replace(base, dream=dataclasses.replace(base.dream, random_seed=base.dream.random_seed + run.restart))
     start = volume
     if config.dream.start == "image" and run.restart > 0 and spec.restart_noise_std > 0:
@@ -156,6 +162,34 @@ def execute_run(run: RunSpec, model_payload: dict, volume, reference, spec: Stud
         write_outputs(result, write_to[1], volume, seed_ijk=run.seed)
         return dict(_summary(result), write_s=round(time.perf_counter() - t, 3))
     return result
+
+
+_CUSTOM_FILES: dict[str, Path] = {}
+
+
+def _local_custom(spec: StudySpec) -> dict[str, str]:
+    """The study's custom features with file targets pointing at a file this worker can read: the
+    user's own file when it is here with the same contents, else the copy shipped with the study."""
+    import hashlib
+    import tempfile
+
+    targets = dict(spec.custom_features)
+    for name, path in custom_feature_files(spec).items():
+        data = spec.custom_sources.get(str(path))
+        if data is None:
+            continue
+        sha = hashlib.sha256(data).hexdigest()
+        try:
+            same = path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == sha
+        except OSError:
+            same = False
+        if not same:
+            if sha not in _CUSTOM_FILES or not _CUSTOM_FILES[sha].is_file():
+                folder = Path(tempfile.mkdtemp(prefix="ddstudy-features-"))
+                (folder / path.name).write_bytes(data)
+                _CUSTOM_FILES[sha] = folder / path.name
+            targets[name] = f"{_CUSTOM_FILES[sha]}:{targets[name].rpartition(':')[2]}"
+    return targets
 
 
 def _summary(result) -> dict:
@@ -249,43 +283,154 @@ def _write_status(path: Path, status: dict) -> None:
     write_text_atomic(path, json.dumps(status, indent=2, default=str) + "\n")
 
 
-def claim_folder(out: Path, spec: StudySpec) -> None:
-    """Create the study folder or check it holds this study; refuse another study's folder."""
-    from ..atomic import write_text_atomic
-    from ..report import check_writable
+STUDY_OUTPUT_NAMES = ("study.json", "study.parquet", "study.csv", "runs.csv", "pooled.csv", "pooled.png",
+                      "sensitivity.csv", "ranking.csv", "ranking.md", "report.html")
+"""Files the study writes at the top of its folder (each run writes into ``runs/<key>/``)."""
 
-    out = check_writable(out)
-    marker = out / "study.json"
-    if marker.exists():
-        old = _read_status(marker)
-        if old.get("fingerprint") != spec.fingerprint():
-            raise StudyEngineError(
-                f"{out} holds another study ({old.get('name', '?')!r}, from {old.get('source', '?')}). Give another "
-                "--out folder, or the same study file to resume that one.")
-        return
-    if any(p for p in out.iterdir() if p.name != ".lock"):
-        raise StudyEngineError(f"{out} is not empty and holds no study. Give a new or empty --out folder.")
-    write_text_atomic(marker, json.dumps({"name": spec.name, "source": str(spec.source) if spec.source else None,
-                                          "fingerprint": spec.fingerprint(), "spec": spec.raw}, indent=2,
-                                         default=str) + "\n")
+
+@dataclass
+class StudyFolder:
+    """A checked, locked study folder (:func:`claim_folder`) and the manifest of what the study wrote
+    there: ``study.json``, the tables, figures and report, and ``runs/<key>/status.json``. Each run's
+    own folder has its own manifest (written by :func:`~..report.write_outputs`)."""
+
+    folder: object  # outputs.OutputFolder (holds deepdream.lock)
+    manifest: object  # outputs.ManifestWriter
+
+    @property
+    def path(self) -> Path:
+        return self.folder.path
+
+    def finish(self, runs) -> None:
+        """Keep the status of every run of the study, delete the previous session's files not written
+        again (only the study's own), write the final manifest."""
+        for run in runs:
+            self.manifest.keep(self.path / "runs" / run.key / "status.json")
+        self.manifest.finish()
+
+    def release(self, remove_if_empty: bool = False) -> None:
+        self.folder.release(remove_if_empty=remove_if_empty)
+
+
+def _refuse_links_under_runs(out: Path) -> None:
+    """``runs/`` and each ``runs/<key>`` must be folders the study made, not links to a user's folder."""
+    from ..errors import OutputError
+
+    runs = out / "runs"
+    suspects = [runs] if os.path.lexists(runs) and (runs.is_symlink() or not runs.is_dir()) else []
+    if not suspects and runs.is_dir():
+        suspects = sorted(p for p in runs.iterdir() if p.is_symlink() or not p.is_dir())
+    if suspects:
+        what = "a link to another folder" if suspects[0].is_symlink() else "not a folder"
+        raise OutputError(f"{suspects[0]} is {what}: the study writes only into folders it made, and would write "
+                          "into (or delete from) that one. Remove it, or choose another --out folder.")
+
+
+def claim_folder(out: Path, spec: StudySpec, overwrite: bool = False) -> StudyFolder:
+    """Check, create and lock the study folder (as ``run`` does its folder, :mod:`..outputs`).
+
+    Refused (before anything is written): a folder another process is writing into; a folder that
+    holds one of the study's inputs (study file, model, card, image, mask, reference) or lies
+    inside one; a non-empty folder with no results of this tool (unless ``overwrite``, which still
+    never replaces a file the tool did not write); the folder of another study or of another
+    command; links in ``runs/``. Writes ``study.json`` (the study, to recognise the folder).
+    """
+    from ..atomic import write_text_atomic
+    from ..outputs import ManifestWriter, check_output_folder
+
+    folder = check_output_folder(out, spec.inputs, overwrite=overwrite, names=STUDY_OUTPUT_NAMES, snapshots=False)
+    try:
+        path = folder.path
+        _refuse_links_under_runs(path)
+        manifest = ManifestWriter(path)
+        marker = path / "study.json"
+        if "study.json" in manifest.owned and marker.exists():
+            old = _read_status(marker)
+            if old.get("fingerprint") != spec.fingerprint():
+                raise StudyEngineError(
+                    f"{path} holds another study ({old.get('name', '?')!r}, from {old.get('source', '?')}). Give "
+                    "another --out folder, or the same study file to resume that one.")
+            manifest.keep(marker)  # the same study: resumed, study.json stays
+        else:
+            theirs = sorted(r for r in manifest.owned if os.path.lexists(path / r))
+            if theirs:
+                raise StudyEngineError(
+                    f"{path} holds results of another deepdream-analysis command ({theirs[0]}, ...), not of a study. "
+                    "Give a new or empty --out folder for the study.")
+            with manifest:
+                write_text_atomic(marker, json.dumps({"name": spec.name, "source": str(spec.source) if spec.source
+                                                      else None, "fingerprint": spec.fingerprint(), "spec": spec.raw},
+                                                     indent=2, default=str) + "\n")
+    except BaseException:
+        folder.release(remove_if_empty=True)
+        raise
+    return StudyFolder(folder, manifest)
 
 
 def run_study(spec, out=None, address: str | None = None, workers: int | None = None,
-              on_progress: Callable[[StudyProgress], None] | None = None, connect_timeout_s: float = 10.0):
+              on_progress: Callable[[StudyProgress], None] | None = None, connect_timeout_s: float = 10.0,
+              overwrite: bool = False, allow_custom_features=False):
     """Run every run of ``spec`` (a :class:`StudySpec`, a study file path or a dict) and return the
     tidy table (:func:`.tables.study_table`: a ``pyarrow.Table``).
 
     ``out``: the study folder (default ``results/<study name>``); ``address``: None for a local Ray
     (``workers`` processes, default one per core), ``auto`` or ``ray://HOST:PORT`` for a cluster.
     """
-    return run_study_outcome(spec, out, address, workers, on_progress, connect_timeout_s).table
+    return run_study_outcome(spec, out, address, workers, on_progress, connect_timeout_s, overwrite=overwrite,
+                             allow_custom_features=allow_custom_features).table
 
 
 def run_study_outcome(spec, out=None, address: str | None = None, workers: int | None = None,
                       on_progress: Callable[[StudyProgress], None] | None = None,
                       connect_timeout_s: float = 10.0, cancel: threading.Event | None = None,
-                      keep_results: bool = False) -> StudyOutcome:
+                      keep_results: bool = False, overwrite: bool = False,
+                      allow_custom_features=False) -> StudyOutcome:
     """:func:`run_study`, returning the table with the run statuses and written paths.
+
+    The study folder is checked and locked first (:func:`claim_folder`; ``overwrite`` as ``--overwrite``):
+    a second study into the same folder fails at once, and the study replaces or deletes only files
+    it wrote (its manifest).
+
+    ``allow_custom_features``: the study file's ``custom_features`` are user code, loaded (here and on
+    the workers) only when this is True or maps each name to the same function (as ``--custom-feature
+    NAME=TARGET``); otherwise a study that names any is refused before anything is imported.
+
+    """
+    if not isinstance(spec, StudySpec):
+        spec = load_study(spec)
+    allow_custom_features_of(spec, allow_custom_features)
+    require_ray()
+    if address:
+        check_address(address, connect_timeout_s)  # before the folder is made: a wrong address leaves nothing
+    out = Path(out or Path("results") / spec.name).expanduser()
+    study_folder = claim_folder(out, spec, overwrite=overwrite)
+    try:
+        with study_folder.manifest:  # every file the driver writes in the study folder is listed
+            outcome = _run_study_in(spec, study_folder.path, address, workers, on_progress, connect_timeout_s,
+                                    cancel, keep_results)
+            study_folder.finish(outcome.runs)
+    finally:
+        study_folder.release()
+    return outcome
+
+
+def allow_custom_features_of(spec: StudySpec, allowed) -> None:
+    """Check the opt-in for the study's custom features (:func:`.spec.allow_custom_features`), then load
+    each here once, so a feature file that fails to import is named before any run starts."""
+    from ..features.custom import load_custom
+
+    if spec.custom_features and spec.custom_allowed and allowed is False:
+        allowed = True  # allowed already (a StudySpec built and allowed in Python)
+    allow_custom_features(spec, allowed)
+    for target in spec.custom_features.values():
+        load_custom(target)
+
+
+def _run_study_in(spec, out=None, address: str | None = None, workers: int | None = None,
+                  on_progress: Callable[[StudyProgress], None] | None = None,
+                  connect_timeout_s: float = 10.0, cancel: threading.Event | None = None,
+                  keep_results: bool = False) -> StudyOutcome:
+    """The study in its claimed, locked folder ``out`` (:func:`run_study_outcome`).
 
     ``keep_results``: run every run again (even ``done`` ones) and keep each run's
     :class:`~.result.AnalysisResult` in ``outcome.results`` by run key (what ``compare`` uses).
@@ -308,7 +453,6 @@ def run_study_outcome(spec, out=None, address: str | None = None, workers: int |
     out = Path(out or Path("results") / spec.name).expanduser()
     hashes = spec.hashes
     runs = expand_runs(spec)
-    claim_folder(out, spec)
     outcome = StudyOutcome(out, runs, keep_flagged=spec.keep_flagged)
     todo = []
     for run in runs:

@@ -25,7 +25,7 @@ from typing import Any
 from ..config import AnalysisConfig, DreamConfig, FeatureConfig, dream_settings
 from ..errors import ConfigError
 
-TOP_KEYS = {"name", "models", "images", "restarts", "restart_noise_std", "methods", "dream", "features",
+TOP_KEYS = {"name", "models", "images", "restarts", "restart_noise_std", "methods", "dream", "features", "custom_features",
             "feature_backend", "feature_every", "bin_width", "reference", "retries", "snapshot_every",
             "workers", "gpus_per_run", "keep_flagged"}
 MODEL_KEYS = {"name", "path", "card", "group"}
@@ -76,8 +76,18 @@ class StudySpec:
     gpus_per_run: float | None = None
     keep_flagged: bool = False
     """Rank runs with quality flags too (docs/quality-flags.md); by default they are left out of the ranking."""
+    custom_features: dict[str, str] = field(default_factory=dict)
+    """Custom features (name -> ``module:function`` or ``/abs/path/file.py:function``): user code,
+    loaded only once allowed (:func:`allow_custom_features`); never imported by :func:`load_study`."""
+    custom_allowed: bool = False
+    """Set by :func:`allow_custom_features`: a worker loads the custom features only when this is True."""
+    custom_sources: dict[str, bytes] = field(default_factory=dict, repr=False)
+    """The bytes of each custom feature file (by absolute path), shipped to the workers with the study."""
     source: Path | None = None
     raw: dict = field(default_factory=dict)
+    inputs: list[Path] = field(default_factory=list)
+    """Every file the study reads (the study file, models, cards, images, masks, reference): the study
+    folder may not hold one of them nor lie inside one (:func:`~..outputs.check_output_folder`)."""
     hashes: dict = field(default_factory=dict, repr=False)
     """sha256 of each input file, by path (filled by :func:`expand_runs`)."""
 
@@ -114,30 +124,73 @@ def _unknown(d: dict, allowed: set, where: str) -> None:
                     f"Allowed keys: {', '.join(sorted(allowed))} (docs/studies.md).")
 
 
+MAX_STUDY_BYTES = 16 << 20
+MAX_STUDY_ENTRIES = 200_000
+"""A study file may hold at most this many values once YAML aliases are expanded (a "billion laughs"
+file is refused instead of filling memory)."""
+
+
 def read_study_file(path) -> dict:
-    """The study file as a dict (YAML or JSON by extension)."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise StudySpecError(f"Study file not found: {p}. Give the path of a .yaml or .json study file (docs/studies.md).")
-    text = p.read_text()
+    """The study file as a dict (YAML or JSON by extension), size-, depth- and alias-capped."""
+    from ..inputs import MAX_JSON_DEPTH, _max_depth, check_path, loads, nesting_depth
+
+    p = check_path(path, "study file", StudySpecError,
+                   missing=f"Study file not found: {Path(path).expanduser()}. Give the path of a .yaml or .json "
+                           "study file (docs/studies.md).")
+    if p.stat().st_size > MAX_STUDY_BYTES:
+        raise StudySpecError(f"The study file {p} is {p.stat().st_size / 2**20:.1f} MiB; a study file is at most "
+                             f"{MAX_STUDY_BYTES >> 20} MiB. Check that this is the right file.")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise StudySpecError(f"The study file {p} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
     if p.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError:
             raise StudySpecError("Reading a YAML study file needs PyYAML: pip install 'deepdream-analysis[study]' "
                                  "(or write the study file as JSON).") from None
+        if _max_depth(text) > MAX_JSON_DEPTH:  # flow-style nesting, before the recursive parser sees it
+            raise StudySpecError(f"The study file {p} is nested more than {MAX_JSON_DEPTH} levels deep. Check that "
+                                 "this is the right file.")
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise StudySpecError(f"{p} is not valid YAML: {exc}") from None
+        except RecursionError:
+            raise StudySpecError(f"The study file {p} is nested too deeply; at most {MAX_JSON_DEPTH} levels are "
+                                 "accepted.") from None
+        if _too_many_values(data):
+            raise StudySpecError(f"The study file {p} expands to more than {MAX_STUDY_ENTRIES} values (YAML aliases "
+                                 "repeating entries); a study file lists its models, images and settings once.")
+        if nesting_depth(data) > MAX_JSON_DEPTH:
+            raise StudySpecError(f"The study file {p} is nested more than {MAX_JSON_DEPTH} levels deep. Check that "
+                                 "this is the right file.")
     else:
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise StudySpecError(f"{p} is not valid JSON ({exc}); YAML files need the .yaml extension.") from None
+            data = loads(text, f"The study file {p}", StudySpecError)
+        except StudySpecError as exc:
+            hint = " YAML files need the .yaml extension." if "is not valid JSON" in str(exc) else ""
+            raise StudySpecError(f"{exc}{hint}") from None
     if not isinstance(data, dict):
         raise StudySpecError(f"{p}: a study file is a mapping with models, images, ... (docs/studies.md).")
     return data
+
+
+def _too_many_values(data) -> bool:
+    """True when ``data`` holds more than :data:`MAX_STUDY_ENTRIES` values, counting shared ones each time."""
+    count, stack = 0, [data]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_STUDY_ENTRIES:
+            return True
+        if isinstance(node, dict):
+            stack.extend(node.values())
+            stack.extend(node.keys())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
 
 
 def load_study(path_or_dict, base: str | Path | None = None) -> StudySpec:
@@ -178,7 +231,7 @@ def load_study(path_or_dict, base: str | Path | None = None) -> StudySpec:
         models.append(ModelEntry(name, path, card, str(m.get("group") or name)))
     _no_duplicates([m.name for m in models], "models", "model names")
 
-    images = []
+    images, masks = [], []
     raw_images = data.get("images")
     if not isinstance(raw_images, list) or not raw_images:
         raise _fail("images", "no images", "List at least one image with seed points: images: [{path: ct.nii.gz, seeds: [[i, j, k]]}].")
@@ -200,7 +253,9 @@ def load_study(path_or_dict, base: str | Path | None = None) -> StudySpec:
             if not isinstance(rule, dict):
                 raise _fail(where + ".seed_rule", f"expected a mapping, got {rule!r}", "Write {mask: FILE, count: N}.")
             _unknown(rule, RULE_KEYS, where + ".seed_rule")
-            seeds = seeds_from_rule(resolve(rule.get("mask"), where + ".seed_rule.mask"), rule, where + ".seed_rule")
+            mask = resolve(rule.get("mask"), where + ".seed_rule.mask")
+            masks.append(mask)
+            seeds = seeds_from_rule(mask, rule, where + ".seed_rule")
         _check_seeds_inside(path, seeds, where)
         _no_duplicates([str(list(s)) for s in seeds], where + ".seeds", "seed points")
         images.append(ImageEntry(name, path, seeds))
@@ -228,6 +283,7 @@ def load_study(path_or_dict, base: str | Path | None = None) -> StudySpec:
         raise _fail("features", f"expected a list of feature names, got {features!r}",
                     "Write features: [firstorder_Mean, shape_Sphericity] (deepdream-analysis features lists them).")
     reference = resolve(data["reference"], "reference") if data.get("reference") else None
+    custom = _custom_features(data.get("custom_features"), base)
     raw = dict(data)
     raw["models"] = [dataclasses.asdict(m) for m in models]
     raw["images"] = [dataclasses.asdict(i) for i in images]
@@ -239,10 +295,99 @@ def load_study(path_or_dict, base: str | Path | None = None) -> StudySpec:
         feature_every=int(data.get("feature_every", 1)), bin_width=float(data.get("bin_width", 25.0)),
         reference=reference, retries=retries, snapshot_every=int(data.get("snapshot_every", 10)),
         workers=data.get("workers"), gpus_per_run=data.get("gpus_per_run"),
-        keep_flagged=bool(data.get("keep_flagged", False)), source=source, raw=raw)
+        keep_flagged=bool(data.get("keep_flagged", False)), custom_features=custom, source=source, raw=raw)
+    spec.inputs = [p for p in [source, *(m.path for m in models), *(m.card for m in models), *(i.path for i in images),
+                               *masks, reference, *custom_feature_files(spec).values()] if p is not None]
     # every run's configuration must be valid before anything starts
     analysis_config(spec, spec.methods[0], None).validate()
     expand_runs(spec)  # duplicate runs are refused here, before anything starts
+    return spec
+
+
+def _custom_features(value, base: Path) -> dict[str, str]:
+    """``custom_features: {NAME: module:function | path/file.py:function}``, checked without importing
+    anything; file paths made absolute (relative to the study file's folder)."""
+    from ..features.custom import check_name
+    from ..errors import FeatureError
+
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _fail("custom_features", f"expected a mapping of names to functions, got {value!r}",
+                    "Write custom_features: {my_feature: my_features.py:my_function}.")
+    out = {}
+    for name, target in value.items():
+        where = f"custom_features.{name}"
+        try:
+            name = check_name(name)
+        except FeatureError as exc:
+            raise StudySpecError(f"Study file, {where}: {exc}") from None
+        if not isinstance(target, str) or ":" not in target or not target.rpartition(":")[0] \
+                or not target.rpartition(":")[2]:
+            raise _fail(where, f"expected 'module:function' or 'path/to/file.py:function', got {target!r}",
+                        "Write my_features.py:my_function (docs/features.md).")
+        module, _, func = target.rpartition(":")
+        if _is_file_target(module):
+            path = Path(module).expanduser()
+            path = path if path.is_absolute() else base / path
+            if not path.is_file():
+                raise _fail(where, f"{path} does not exist", "Fix the path (relative paths start at the study file's "
+                            "folder).")
+            target = f"{path.resolve()}:{func}"
+        out[name] = target
+    return out
+
+
+def _is_file_target(module: str) -> bool:
+    return module.endswith(".py") or "/" in module or "\\" in module
+
+
+def custom_feature_files(spec: StudySpec) -> dict[str, Path]:
+    """The Python files of the study's custom features, by feature name (module targets have none)."""
+    out = {}
+    for name, target in spec.custom_features.items():
+        module = target.rpartition(":")[0]
+        if _is_file_target(module):
+            out[name] = Path(module)
+    return out
+
+
+def allow_custom_features(spec: StudySpec, allowed=False) -> StudySpec:
+    """Allow the study's custom features to be loaded (they are user code: SECURITY.md).
+
+    ``allowed``: True (``--allow-custom-features``: every custom feature the study file names), or a
+    mapping name -> target (``--custom-feature NAME=TARGET``, file paths relative to the current
+    folder) that must name each of the study's custom features with the same function. Anything
+    else raises :class:`StudySpecError` naming the code the study would load and the opt-in, before
+    anything is imported. Reads each feature file (shipped to the workers with the study)."""
+    given = {}
+    if isinstance(allowed, dict):
+        given = _custom_features(allowed, Path.cwd()) if allowed else {}
+        extra = sorted(set(given) - set(spec.custom_features))
+        if extra:
+            raise StudySpecError(
+                f"--custom-feature {extra[0]}=...: the study file has no custom feature {extra[0]!r}. Name it under "
+                "custom_features in the study file (the study file records everything its runs compute).")
+    if not spec.custom_features:
+        spec.custom_allowed = True
+        return spec
+    if allowed is not True:
+        missing = [n for n, t in spec.custom_features.items() if given.get(n) != t]
+        if missing:
+            shown = ", ".join(f"{n} = {spec.custom_features[n]}" for n in missing)
+            flags = " ".join(f"--custom-feature {n}={spec.custom_features[n]}" for n in missing)
+            raise StudySpecError(
+                f"The study file names custom features ({shown}): Python code that would run on every worker. "
+                f"Custom features are loaded only when you ask for them. If you wrote this study file or trust that "
+                f"code, run again with {flags} (or --allow-custom-features for every custom feature the file names; "
+                "Python: run_study(..., allow_custom_features=True)); otherwise remove custom_features (SECURITY.md).")
+    for name, path in custom_feature_files(spec).items():
+        try:
+            spec.custom_sources[str(path)] = path.read_bytes()
+        except OSError as exc:
+            raise _fail(f"custom_features.{name}", f"{path} cannot be read ({exc.strerror or exc})",
+                        "Check the file.") from None
+    spec.custom_allowed = True
     return spec
 
 
@@ -341,8 +486,9 @@ def analysis_config(spec: StudySpec, method: str, card, random_seed: int | None 
     values = {k: v for k, v in settings.values.items() if k not in ("snapshot_every", "random_seed")}
     values.update(d)
     dream = DreamConfig(**{**values, "random_seed": base_seed if random_seed is None else random_seed})
+    custom = dict(spec.custom_features) if spec.custom_allowed else {}
     fc = FeatureConfig(names=tuple(spec.features) if spec.features is not None else None, backend=spec.feature_backend,
-                       every=spec.feature_every, bin_width=spec.bin_width)
+                       every=spec.feature_every, bin_width=spec.bin_width, custom=custom)
     return AnalysisConfig(dream=dream, features=fc, snapshot_every=spec.snapshot_every)
 
 
@@ -373,6 +519,10 @@ def expand_runs(spec: StudySpec, hashes: dict[Path, str] | None = None) -> list[
     settings = {k: spec.raw.get(k) for k in ("dream", "features", "feature_backend", "feature_every", "bin_width",
                                                "snapshot_every", "restart_noise_std")}
     settings["reference"] = h(spec.reference)
+    if spec.custom_features:  # the feature's code is part of the run: editing it runs the runs again
+        files = custom_feature_files(spec)
+        settings["custom_features"] = {n: {"target": t, "sha256": h(files[n]) if n in files else None}
+                                       for n, t in sorted(spec.custom_features.items())}
     runs = []
     for m in spec.models:
         for im in spec.images:
