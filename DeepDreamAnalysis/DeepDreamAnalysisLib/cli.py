@@ -54,9 +54,10 @@ def _parse_roi(text: str) -> tuple[int, ...]:
 
 def _method_help() -> str:
     from .dreaming import list_methods
+    from .dreaming.registry import needs_reference
 
     return "; ".join(f"{m.name}" + (f" ({', '.join(f'{k}={v:g}' for k, v in m.options.items())})" if m.options else "")
-                     for m in list_methods())
+                     + (" [needs --reference]" if needs_reference(m.name) else "") for m in list_methods())
 
 
 def _parse_method_option(text: str) -> tuple[str, float]:
