@@ -101,6 +101,21 @@ def test_study_file_errors_name_the_entry_and_the_fix(files, tmp_path):
     assert "appears twice" in msg
     msg = err(_spec(files, methods=["fancy"]))
     assert "methods" in msg and "fancy" in msg
+    msg = err(_spec(files, batch=0))
+    assert "batch" in msg and "batch: 1 to run each alone" in msg
+
+
+def test_runs_are_batched_per_model_image_and_method_without_idling_workers(files):
+    from DeepDreamAnalysisLib.studies.engine import batch_groups
+
+    runs = expand_runs(load_study(_spec(files, restarts=3)))  # 2 models x 2 seed points x 3 restarts
+    groups = batch_groups(runs, 4, slots=2)
+    assert sorted(len(g) for g in groups) == [3, 3, 3, 3]
+    assert all(len({(r.model, r.image, r.method) for r in g}) == 1 for g in groups)
+    assert sorted(r.key for g in groups for r in g) == sorted(r.key for r in runs)
+    assert len(batch_groups(runs, 12, slots=8)) >= 8  # never fewer batches than workers
+    assert len(batch_groups(runs, 12, slots=2)) == 2
+    assert len(batch_groups(runs, 1, slots=1)) == 12
 
 
 def test_yaml_study_file_with_a_seed_rule_and_relative_paths(files, tmp_path):
@@ -167,6 +182,9 @@ def test_study_command_runs_every_run_and_writes_the_table(first_study, files):
         assert (out / name).stat().st_size > 0, name
     for r in runs:  # each run's own folder as from `run`
         assert (out / r["folder"] / "curves.csv").is_file() and (out / r["folder"] / "report.html").is_file()
+        # the 4 runs of each model (2 seed points x 2 restarts) went through it as one batch
+        assert json.loads((out / r["folder"] / "status.json").read_text())["batch"] == 4
+        assert json.loads((out / r["folder"] / "run.json").read_text())["batch"] == {"batched": True, "size": 4}
     sens = list(csv.DictReader(open(out / "sensitivity.csv")))
     unflagged = {r["run_key"] for r in sens if not r["quality_flags"]}
     ranked = [r for r in csv.DictReader(open(out / "ranking.csv")) if r["feature"] == FEATURES[0]]
@@ -273,7 +291,8 @@ def test_a_worker_killed_mid_run_is_retried_and_the_study_completes(cluster, fil
 
 @pytest.mark.slow
 def test_ctrl_c_marks_runs_in_progress_and_the_same_command_resumes(files, tmp_path):
-    spec = _spec(files, dream={"iterations": 80, "step": 15.0, "normalize_gradient": True}, restarts=2)
+    # batch: 1 so that runs finish one by one (a batch's runs finish together)
+    spec = _spec(files, dream={"iterations": 80, "step": 15.0, "normalize_gradient": True}, restarts=2, batch=1)
     study = _write(tmp_path, spec)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "DeepDreamAnalysisLib.cli", "study", str(study), "--out", str(out), "--workers", "2"]

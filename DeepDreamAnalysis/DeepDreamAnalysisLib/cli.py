@@ -679,7 +679,8 @@ def _compare_in(args, named, card_of, out: Path) -> int:
         files = {name: (path, card_of.get(name)) for name, path in named}
         comp = compare_on_study(args.image, args.seed, files, config, args.reference, restarts=args.restarts,
                                 restart_noise_std=args.restart_noise_std, out=out / "study", address=args.address,
-                                workers=args.workers, keep_flagged=args.keep_flagged, on_progress=print_progress())
+                                workers=args.workers, keep_flagged=args.keep_flagged, on_progress=print_progress(),
+                                batch=args.batch_restarts)
     else:
         reporter = _CompareReporter()
         ctrl = _CtrlC()

@@ -353,7 +353,7 @@ def _comparison(names, results, models, volume, seed_ijk, config, reference, res
 def compare_on_study(image_path, seed_ijk, model_files: dict, config: AnalysisConfig, reference_path=None,
                      restarts: int = 3, restart_noise_std: float = DEFAULT_RESTART_NOISE_STD, out=None,
                      address: str | None = None, workers: int | None = None, keep_flagged: bool = False,
-                     on_progress=None) -> Comparison:
+                     on_progress=None, batch: bool = True) -> Comparison:
     """:func:`compare_models` on the study engine (Ray, :mod:`.engine`): the same runs (same restart
     seeds and start images, hence the same numbers), run in parallel, each in ``out/runs/<key>/``.
 
@@ -383,7 +383,7 @@ def compare_on_study(image_path, seed_ijk, model_files: dict, config: AnalysisCo
             "features": list(config.features.names) if config.features.names is not None else None,
             "feature_backend": config.features.backend, "feature_every": config.features.every,
             "bin_width": config.features.bin_width, "snapshot_every": config.snapshot_every,
-            "keep_flagged": bool(keep_flagged)}
+            "keep_flagged": bool(keep_flagged), "batch": 4 if batch else 1}
     if config.features.custom:
         spec["custom_features"] = dict(config.features.custom)
     if reference_path:

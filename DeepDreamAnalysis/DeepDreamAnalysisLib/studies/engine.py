@@ -124,26 +124,64 @@ def execute_run(run: RunSpec, model_payload: dict, volume, reference, spec: Stud
     seed ``dream.random_seed + r`` and, with ``start: image``, the start image plus Gaussian noise
     of ``restart_noise_std`` inside the crop for ``r >= 1``.
     """
-    import dataclasses
+    from ..analysis import run_analysis
 
+    model = _worker_setup(model_payload, threads, [heartbeat], spec)
+    start, config = _run_inputs(run, model, volume, spec)
+    return _finish(run_analysis(start, run.seed, model, config, reference), run, volume, write_to)
+
+
+def execute_group(runs: list[RunSpec], model_payload: dict, volume, reference, spec: StudySpec,
+                  threads: int | None = 1, heartbeats: list | None = None, write_tos: list | None = None) -> list:
+    """The runs of one model, image and method as ONE batch through the network
+    (:func:`..engine.batched.run_together`); per run what :func:`execute_run` returns, or
+    ``{"error": message}`` for a run that raised (the driver retries it alone)."""
+    from ..analysis import run_analysis
+    from ..engine.batched import run_together
+
+    heartbeats = heartbeats or [None] * len(runs)
+    write_tos = write_tos or [None] * len(runs)
+    model = _worker_setup(model_payload, threads, heartbeats, spec)
+    jobs = []
+    for run in runs:
+        start, config = _run_inputs(run, model, volume, spec)
+        jobs.append(lambda factory, _s=start, _r=run, _c=config: run_analysis(_s, _r.seed, model, _c, reference,
+                                                                               loop_factory=factory))
+    out = []
+    for run, outcome, write_to in zip(runs, run_together(jobs), write_tos):
+        if isinstance(outcome, BaseException):
+            out.append({"error": _failure_message(outcome)})
+        else:
+            out.append(_finish(outcome, run, volume, write_to))
+    return out
+
+
+def _worker_setup(model_payload: dict, threads: int | None, heartbeats: list, spec: StudySpec):
+    """Write the heartbeats (this worker's pid, for the driver), set torch's threads, load the model."""
     import torch
 
-    from ..analysis import run_analysis
-    from .compare import _perturbed
-
-    if heartbeat:
-        try:
-            tmp = Path(f"{heartbeat}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}))
-            os.replace(tmp, heartbeat)
-        except OSError:
-            pass
+    for heartbeat in heartbeats:
+        if heartbeat:
+            try:
+                tmp = Path(f"{heartbeat}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}))
+                os.replace(tmp, heartbeat)
+            except OSError:
+                pass
     if spec.custom_features and not spec.custom_allowed:  # user code runs only when the user allowed it
         raise StudySpecError("This study's custom features were not allowed (--allow-custom-features); the worker "
                              "loads none of them.")
     if threads:
         torch.set_num_threads(threads)
-    model = _load_shipped_model(model_payload)
+    return _load_shipped_model(model_payload)
+
+
+def _run_inputs(run: RunSpec, model, volume, spec: StudySpec):
+    """(start volume, AnalysisConfig) of ``run`` (restart ``r``: see :func:`execute_run`)."""
+    import dataclasses
+
+    from .compare import _perturbed
+
     base = analysis_config(spec, run.method, model.card)
     if spec.custom_features:
         base = dataclasses.replace(base, features=dataclasses.replace(base.features, custom=_local_custom(spec)))
@@ -151,7 +189,10 @@ def execute_run(run: RunSpec, model_payload: dict, volume, reference, spec: Stud
     start = volume
     if config.dream.start == "image" and run.restart > 0 and spec.restart_noise_std > 0:
         start = _perturbed(volume, run.seed, model.card, config, spec.restart_noise_std, config.dream.random_seed)
-    result = run_analysis(start, run.seed, model, config, reference)
+    return start, config
+
+
+def _finish(result, run: RunSpec, volume, write_to):
     result.metadata.setdefault("study", {}).update({"run_key": run.key, "model": run.model, "group": run.group,
                                                    "image": run.image, "seed_index": run.seed_index,
                                                    "restart": run.restart, "method": run.method})
@@ -192,9 +233,28 @@ def _local_custom(spec: StudySpec) -> dict[str, str]:
     return targets
 
 
+def batch_groups(runs: list[RunSpec], size: int, slots: int = 1) -> list[list[RunSpec]]:
+    """The runs in batches: runs of the same model, image and method together (their crops have one
+    size), at most ``size`` per batch, and split further while there are fewer batches than
+    ``slots`` (workers), so that batching never leaves a worker idle."""
+    by_key: dict[tuple, list[RunSpec]] = {}
+    for run in runs:
+        by_key.setdefault((run.model, run.image, run.method), []).append(run)
+    size = max(1, int(size))
+    total = len(runs)
+    while size > 1 and sum(-(-len(v) // size) for v in by_key.values()) < min(slots, total):
+        size -= 1
+    groups = []
+    for members in by_key.values():
+        n = -(-len(members) // size)  # batches of near-equal size
+        groups.extend(members[i::n] for i in range(n))
+    return groups
+
+
 def _summary(result) -> dict:
     """What the study records of a finished run (status.json, runs.csv)."""
     return {"result_status": result.status, "fault": result.metadata.get("fault"),
+            "batch": (result.metadata.get("batch") or {}).get("size", 1),
             "wall_s": (result.metadata.get("timings_s") or {}).get("total"),
             "quality_flags": [getattr(f, "code", str(f)) for f in getattr(result, "quality_flags", []) or []]}
 
@@ -483,6 +543,7 @@ def _run_study_in(spec, out=None, address: str | None = None, workers: int | Non
     local = address is None
     host = socket.gethostname()
     remote = ray.remote(execute_run).options(num_cpus=1, num_gpus=per_run_gpu, max_retries=0)
+    remote_group = ray.remote(execute_group).options(num_cpus=1, num_gpus=per_run_gpu, max_retries=0)
     try:
         # each model and image goes into the object store once; runs get references
         model_refs = {n: ray.put(_model_payload(m, hashes.get(m.path) or "")) for n, m in entries.items()}
@@ -495,19 +556,26 @@ def _run_study_in(spec, out=None, address: str | None = None, workers: int | Non
         attempts = {r.key: 0 for r in todo}
         t0, finished_now = time.perf_counter(), 0
 
-        def submit(run: RunSpec):
-            folder = out / "runs" / run.key
-            folder.mkdir(parents=True, exist_ok=True)
-            attempts[run.key] += 1
-            status = {"state": RUNNING, "attempts": attempts[run.key], "run": _run_dict(run), "started": time.time()}
-            _write_status(folder / "status.json", status)
-            outcome.status[run.key] = status
-            heartbeat = str(folder / "worker.json") if local else None
-            # a worker on this host writes the run folder itself (unless the results come back here)
-            write_to = None if keep_results else (host, str(folder.resolve()))
-            ref = remote.remote(run, model_refs[run.model], volume_refs[run.image], ref_ref, spec_ref, threads,
-                                heartbeat, write_to)
-            inflight[ref] = run
+        def submit(group: list[RunSpec]):
+            heartbeats, write_tos = [], []
+            for run in group:
+                folder = out / "runs" / run.key
+                folder.mkdir(parents=True, exist_ok=True)
+                attempts[run.key] += 1
+                status = {"state": RUNNING, "attempts": attempts[run.key], "run": _run_dict(run), "started": time.time()}
+                _write_status(folder / "status.json", status)
+                outcome.status[run.key] = status
+                heartbeats.append(str(folder / "worker.json") if local else None)
+                # a worker on this host writes the run folder itself (unless the results come back here)
+                write_tos.append(None if keep_results else (host, str(folder.resolve())))
+            run = group[0]
+            if len(group) == 1:
+                ref = remote.remote(run, model_refs[run.model], volume_refs[run.image], ref_ref, spec_ref, threads,
+                                    heartbeats[0], write_tos[0])
+            else:
+                ref = remote_group.remote(group, model_refs[run.model], volume_refs[run.image], ref_ref, spec_ref,
+                                          threads, heartbeats, write_tos)
+            inflight[ref] = group
 
         def progress(last=""):
             if on_progress is None:
@@ -521,9 +589,24 @@ def _run_study_in(spec, out=None, address: str | None = None, workers: int | Non
                 eta = (time.perf_counter() - t0) / finished_now * left
             on_progress(StudyProgress(len(runs), done, running, failed, left - running, eta, last))
 
-        for run in todo:
-            submit(run)
+        for group in batch_groups(todo, spec.batch, slots):
+            submit(group)
         progress()
+
+        def failed_attempt(run: RunSpec, message: str):
+            nonlocal finished_now
+            if attempts[run.key] <= spec.retries:
+                log.warning("run %s failed (%s); retrying (%d of %d)", run.label(), message, attempts[run.key],
+                            spec.retries)
+                submit([run])  # a retry runs alone
+                progress(f"retrying {run.label()}")
+                return
+            status = {"state": FAILED, "attempts": attempts[run.key], "run": _run_dict(run), "message": message}
+            _write_status(out / "runs" / run.key / "status.json", status)
+            outcome.status[run.key] = status
+            finished_now += 1
+            progress(f"failed {run.label()}: {message}")
+
         while inflight:
             if cancel.is_set():
                 raise KeyboardInterrupt
@@ -532,41 +615,40 @@ def _run_study_in(spec, out=None, address: str | None = None, workers: int | Non
                 progress()
                 continue
             ref = ready[0]
-            run = inflight.pop(ref)
-            folder = out / "runs" / run.key
+            group = inflight.pop(ref)
             try:
-                result = ray.get(ref)
+                results = ray.get(ref)
             except Exception as exc:  # noqa: BLE001 - a run's failure never ends the study
                 message = _failure_message(exc)
-                if attempts[run.key] <= spec.retries:
-                    log.warning("run %s failed (%s); retrying (%d of %d)", run.label(), message, attempts[run.key],
-                                spec.retries)
-                    submit(run)
-                    progress(f"retrying {run.label()}")
+                for run in group:
+                    failed_attempt(run, message)
+                continue
+            if len(group) == 1 and not isinstance(results, list):
+                results = [results]
+            for run, result in zip(group, results):
+                folder = out / "runs" / run.key
+                if isinstance(result, dict) and "error" in result:
+                    failed_attempt(run, result["error"])
                     continue
-                status = {"state": FAILED, "attempts": attempts[run.key], "run": _run_dict(run), "message": message}
+                if not isinstance(result, dict):  # a worker on another machine, or results wanted: write here
+                    write_outputs(result, folder, volumes[run.image], seed_ijk=run.seed)
+                    if keep_results:
+                        outcome.results[run.key] = result
+                    result = _summary(result)
+                status = {"state": DONE, "attempts": attempts[run.key], "run": _run_dict(run), **result}
                 _write_status(folder / "status.json", status)
                 outcome.status[run.key] = status
                 finished_now += 1
-                progress(f"failed {run.label()}: {message}")
-                continue
-            if not isinstance(result, dict):  # a worker on another machine, or results wanted: write here
-                write_outputs(result, folder, volumes[run.image], seed_ijk=run.seed)
-                if keep_results:
-                    outcome.results[run.key] = result
-                result = _summary(result)
-            status = {"state": DONE, "attempts": attempts[run.key], "run": _run_dict(run), **result}
-            _write_status(folder / "status.json", status)
-            outcome.status[run.key] = status
-            finished_now += 1
-            progress(f"done {run.label()}")
+                progress(f"done {run.label()}")
     except KeyboardInterrupt:
-        for ref, run in list(inflight.items()):
-            folder = out / "runs" / run.key
-            status = dict(outcome.status.get(run.key, {}))
-            status.update({"state": INTERRUPTED, "message": "stopped with Ctrl-C; run the same command again to resume"})
-            _write_status(folder / "status.json", status)
-            outcome.status[run.key] = status
+        for ref, group in list(inflight.items()):
+            for run in group:
+                folder = out / "runs" / run.key
+                status = dict(outcome.status.get(run.key, {}))
+                status.update({"state": INTERRUPTED,
+                               "message": "stopped with Ctrl-C; run the same command again to resume"})
+                _write_status(folder / "status.json", status)
+                outcome.status[run.key] = status
             try:
                 ray.cancel(ref, force=True)
             except Exception:  # noqa: BLE001 - the cluster may already be gone
@@ -628,4 +710,5 @@ def _duration(s: float) -> str:
 
 
 __all__ = ["run_study", "run_study_outcome", "StudyProgress", "StudyOutcome", "StudyEngineError", "execute_run",
+           "execute_group", "batch_groups",
            "check_address", "print_progress", "require_ray", "INSTALL_HINT"]

@@ -27,7 +27,7 @@ from ..errors import ConfigError
 
 TOP_KEYS = {"name", "models", "images", "restarts", "restart_noise_std", "methods", "dream", "features", "custom_features",
             "feature_backend", "feature_every", "bin_width", "reference", "retries", "snapshot_every",
-            "workers", "gpus_per_run", "keep_flagged"}
+            "workers", "gpus_per_run", "keep_flagged", "batch"}
 MODEL_KEYS = {"name", "path", "card", "group"}
 IMAGE_KEYS = {"name", "path", "seeds", "seed_rule"}
 RULE_KEYS = {"mask", "count", "random_seed", "label"}
@@ -83,6 +83,9 @@ class StudySpec:
     """Set by :func:`allow_custom_features`: a worker loads the custom features only when this is True."""
     custom_sources: dict[str, bytes] = field(default_factory=dict, repr=False)
     """The bytes of each custom feature file (by absolute path), shipped to the workers with the study."""
+    batch: int = 4
+    """At most this many runs of one model, image and method (restarts, seed points) go through the
+    network as one batch, in one task (docs/studies.md, "Batched restarts"); 1 runs each alone."""
     source: Path | None = None
     raw: dict = field(default_factory=dict)
     inputs: list[Path] = field(default_factory=list)
@@ -278,6 +281,10 @@ def load_study(path_or_dict, base: str | Path | None = None) -> StudySpec:
     retries = data.get("retries", 2)
     if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
         raise _fail("retries", f"must be an integer from 0 to 10, got {retries!r}", "Write retries: 2.")
+    batch = data.get("batch", 4)
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 256:
+        raise _fail("batch", f"must be an integer from 1 to 256, got {batch!r}",
+                    "Write batch: 4 (runs per batch through the network), or batch: 1 to run each alone.")
     features = data.get("features")
     if features is not None and (not isinstance(features, list) or not all(isinstance(f, str) for f in features)):
         raise _fail("features", f"expected a list of feature names, got {features!r}",
@@ -295,7 +302,7 @@ def load_study(path_or_dict, base: str | Path | None = None) -> StudySpec:
         feature_every=int(data.get("feature_every", 1)), bin_width=float(data.get("bin_width", 25.0)),
         reference=reference, retries=retries, snapshot_every=int(data.get("snapshot_every", 10)),
         workers=data.get("workers"), gpus_per_run=data.get("gpus_per_run"),
-        keep_flagged=bool(data.get("keep_flagged", False)), custom_features=custom, source=source, raw=raw)
+        keep_flagged=bool(data.get("keep_flagged", False)), custom_features=custom, batch=batch, source=source, raw=raw)
     spec.inputs = [p for p in [source, *(m.path for m in models), *(m.card for m in models), *(i.path for i in images),
                                *masks, reference, *custom_feature_files(spec).values()] if p is not None]
     # every run's configuration must be valid before anything starts
