@@ -418,7 +418,7 @@ def step_hint(result) -> str | None:
                 + ("Use a method other than paper (they redirect the gradient through off torch.nn.ReLU layers), "
                    if method == "paper" else "") + "Start from noise (--start noise) or move the seed a few voxels.")
     moved = steps[-1].objective - steps[0].objective
-    shown = "auto" if step is None else format(step, "g")
+    shown = ("1" if method == "paper" else "auto") if step is None else format(step, "g")
     head = (f"the probability at the seed never passed 0.5 in {n} iterations (objective {steps[0].objective:+.3f} -> "
             f"{steps[-1].objective:+.3f}). ")
     if abs(moved) < 1.0:
