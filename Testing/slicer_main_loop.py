@@ -13,7 +13,14 @@ the run goes and how long each drain keeps the main thread busy.
 from __future__ import annotations
 
 import ctypes
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 
 TICK_S = 0.150
@@ -112,3 +119,63 @@ def headless_rate(volume, seed_ijk, model, config) -> float:
     run_analysis(volume, seed_ijk, model, config,
                  on_progress=lambda p: stamps.append((p.elapsed_s, p.step.iteration + 1)))
     return _rate(stamps)
+
+
+def headless_rate_in_fresh_process(volume, seed_ijk, model_path, config, reference_path=None,
+                                   threads: int | None = None, timeout_s: float = 600.0) -> float:
+    """Iterations per second of the same run as a command-line user gets it: a fresh Python process
+    (cold start, as ``deepdream-analysis run``) calling ``run_analysis`` with no GUI loop, the same
+    image, seed, model file, configuration and reference, and ``threads`` torch threads (None:
+    torch's default, one per core, as the command line uses). Counted as :func:`run_through_loop`
+    counts (the run's own clock, past the warm-up)."""
+    import numpy as np
+
+    with tempfile.TemporaryDirectory(prefix="deepdream-headless-") as folder:
+        folder = Path(folder)
+        np.save(folder / "volume.npy", np.ascontiguousarray(volume.array, dtype=np.float32))
+        job = {"spacing": tuple(volume.spacing), "origin": tuple(volume.origin),
+               "direction": np.asarray(volume.direction).tolist(), "seed_ijk": tuple(int(v) for v in seed_ijk),
+               "model_path": str(model_path), "config": config,
+               "reference_path": None if reference_path is None else str(reference_path), "threads": threads}
+        (folder / "job.pkl").write_bytes(pickle.dumps(job))
+        import DeepDreamAnalysisLib
+
+        env = dict(os.environ)
+        package_parent = str(Path(DeepDreamAnalysisLib.__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join([package_parent] + [p for p in [env.get("PYTHONPATH")] if p])
+        done = subprocess.run([sys.executable, __file__, str(folder)], capture_output=True, text=True,
+                              timeout=timeout_s, env=env)
+        if done.returncode != 0:
+            raise RuntimeError(f"the headless run failed: {done.stderr[-2000:]}")
+        return float(json.loads(done.stdout.strip().splitlines()[-1])["rate"])
+
+
+def _headless_main(folder: str) -> int:
+    """``python slicer_main_loop.py FOLDER``: the fresh process of :func:`headless_rate_in_fresh_process`."""
+    import numpy as np
+    import torch
+
+    from DeepDreamAnalysisLib.analysis import run_analysis
+    from DeepDreamAnalysisLib.models import load_model
+    from DeepDreamAnalysisLib.volume import Volume
+
+    folder = Path(folder)
+    job = pickle.loads((folder / "job.pkl").read_bytes())
+    if job.get("threads"):
+        torch.set_num_threads(int(job["threads"]))
+    volume = Volume(np.load(folder / "volume.npy"), spacing=job["spacing"], origin=job["origin"],
+                    direction=np.asarray(job["direction"]))
+    reference = None
+    if job.get("reference_path"):
+        from DeepDreamAnalysisLib.reference import ReferenceStats
+
+        reference = ReferenceStats.load(job["reference_path"])
+    stamps: list[tuple[float, int]] = []
+    run_analysis(volume, job["seed_ijk"], load_model(job["model_path"]), job["config"], reference,
+                 on_progress=lambda p: stamps.append((p.elapsed_s, p.step.iteration + 1)))
+    print(json.dumps({"rate": _rate(stamps), "threads": torch.get_num_threads()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_headless_main(sys.argv[1]))

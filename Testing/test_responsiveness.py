@@ -138,3 +138,32 @@ def test_the_worker_leaves_no_temporary_files(case):
     assert (folder / "job.pkl").is_file()
     logic.abandon(timeout=0)
     assert not folder.exists()
+
+
+def test_the_worker_leaves_one_core_to_slicer(case):
+    """Two cores: one torch thread for the worker (torch's default of one per core is 20-100x slower as
+    soon as anything else wants a core); one core never gets zero threads."""
+    from DeepDreamAnalysisLib.process_runner import worker_threads
+
+    assert [worker_threads(n) for n in (1, 2, 4, 16)] == [1, 1, 3, 15]
+    node, path = case
+    logic = AnalysisLogicCore()
+    handle = logic.run(node, path, SEED, config=config(100000), waitForCompletion=False, process=True)
+    import pickle
+
+    job = pickle.loads((handle.runner.folder / "job.pkl").read_bytes())
+    logic.abandon(timeout=0)
+    assert job["torch_threads"] == worker_threads() == handle.runner.threads
+
+
+def test_a_run_with_an_automatic_step_starts_and_says_so(case):
+    """The demo card's method (robust+spectral) has no fixed step: the start message says 'auto'
+    instead of failing after the worker was started."""
+    node, path = case
+    messages = []
+    cfg = AnalysisConfig(dream=DreamConfig(iterations=3, method="robust", device="cpu"),
+                         features=FeatureConfig(names=paper_features(3), backend="native"))
+    assert cfg.dream.step is None
+    result = AnalysisLogicCore().run(node, path, SEED, config=cfg, logCallback=messages.append)
+    assert result.status == "completed" and len(result.steps) == 3
+    assert any("method robust, step auto" in m for m in messages), messages

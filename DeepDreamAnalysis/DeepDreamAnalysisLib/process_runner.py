@@ -63,10 +63,22 @@ def python_executable() -> str:
     return sys.executable
 
 
-def _torch_threads() -> int | None:
-    """This process's torch thread count (the worker uses the same), or None before torch is imported."""
-    torch = sys.modules.get("torch")
-    return int(torch.get_num_threads()) if torch is not None else None
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity where the system tells it, else the count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def worker_threads(cores: int | None = None) -> int:
+    """torch CPU threads for the worker process: one core fewer than there are, at least one.
+
+    The core left over is Slicer's (drains, rendering, the user's clicks). Measured on a 2-core
+    machine (docs/slicer-panel.md, "Speed"): torch's default (one thread per core) runs the demo at
+    5.5 ms an iteration when nothing else runs, but at 190-660 ms as soon as any other process wants
+    a core (OpenMP threads spin-wait for a preempted team-mate), while one thread stays at 6-16 ms."""
+    return max(1, (available_cores() if cores is None else int(cores)) - 1)
 
 
 def _package_parent() -> str:
@@ -78,7 +90,7 @@ class ProcessRunner:
 
     def __init__(self, volume, seed_ijk, model, config: AnalysisConfig | None = None, reference=None,
                  *, model_path=None, reference_path=None, allow_code_targets: bool = False,
-                 queue_size: int = 4, python: str | None = None):
+                 queue_size: int = 4, python: str | None = None, threads: int | None = None):
         self.volume = volume
         self.seed_ijk = tuple(int(v) for v in seed_ijk)
         self.model = model
@@ -91,6 +103,8 @@ class ProcessRunner:
         self.allow_code_targets = bool(allow_code_targets)
         self.queue_size = queue_size
         self.python = python or python_executable()
+        self.threads = worker_threads() if threads is None else max(1, int(threads))
+        """torch CPU threads of the worker (default :func:`worker_threads`: one core fewer than there are)."""
         self.folder: Path | None = None
         self.process: subprocess.Popen | None = None
         self.result: AnalysisResult | None = None
@@ -125,7 +139,7 @@ class ProcessRunner:
                "direction": np.asarray(self.volume.direction).tolist(), "seed_ijk": self.seed_ijk,
                "model_path": self.model_path, "allow_code_targets": self.allow_code_targets,
                "config": self.config, "reference_path": self.reference_path,
-               "torch_threads": _torch_threads()}
+               "torch_threads": self.threads}
         (self.folder / "job.pkl").write_bytes(pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([_package_parent()] + [p for p in [env.get("PYTHONPATH")] if p])

@@ -571,7 +571,9 @@ class AnalysisLogicCore:
             scene_mod.remove_run_nodes(self.scene, updater.run_id)
             raise
         self.handle = handle
-        _say(logCallback, f"Running {'in a worker process: ' if process else ''}{config.dream.iterations} iterations (step {config.dream.step:g}) at seed "
+        step_text = "auto" if config.dream.step is None else f"{config.dream.step:g}"
+        _say(logCallback, f"Running {'in a worker process: ' if process else ''}{config.dream.iterations} iterations "
+                          f"(method {config.dream.method}, step {step_text}) at seed "
                           f"(i,j,k)={seed_ijk} with {len(names)} features.")
         if not waitForCompletion:
             return self.handle

@@ -5,7 +5,7 @@ loop never competes with Slicer's main thread for the GIL. Everything goes throu
 
 - in: ``volume.npy`` (the image, float32 [k, j, i]) and ``job.pkl`` (spacing, origin, direction,
   seed (i, j, k), model path, whether code targets are allowed, the :class:`~.config.AnalysisConfig`,
-  the reference statistics path, the parent's torch thread count);
+  the reference statistics path, the torch thread count: one core fewer than there are);
 - out: ``progress.bin``, length-prefixed pickled frames ``(Progress without snapshot, snapshot file
   name or None)``, appended and flushed after each iteration; ``snap-<iteration>.npz`` (the crop's
   image, probability and mask, written before the frame that names it); ``outcome.pkl``
@@ -83,7 +83,7 @@ def run_job(folder: Path, cancel: threading.Event) -> int:
     writer = _Writer(folder)
     try:
         job = pickle.loads((folder / "job.pkl").read_bytes())
-        if job.get("torch_threads"):  # as many as the parent (Slicer) uses
+        if job.get("torch_threads"):  # process_runner.worker_threads: one core is left to Slicer
             import torch
 
             torch.set_num_threads(int(job["torch_threads"]))
