@@ -366,17 +366,8 @@ def _manifest_nested(ws):
 
 @case("out_locked_by_another_run")
 def _out_locked(ws):
-    def prep(out):
-        out.mkdir(parents=True)
-        import subprocess
-
-        child = subprocess.Popen([sys.executable, "-c", (
-            "import sys, time; from DeepDreamAnalysisLib.outputs import FolderLock; "
-            f"FolderLock({str(out)!r}).acquire(); print('locked', flush=True); time.sleep(120)")],
-            stdout=subprocess.PIPE, text=True)
-        assert child.stdout.readline().strip() == "locked"
-        LOCK_HOLDERS.append(child)
-    return Case(run_args(ws), r"Another deepdream-analysis run \(process \d+\) is writing into", prepare_out=prep)
+    return Case(run_args(ws), r"Another deepdream-analysis run \(process \d+\) is writing into",
+                prepare_out=_hold_lock)
 
 
 LOCK_HOLDERS: list = []
