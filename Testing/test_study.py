@@ -115,6 +115,7 @@ def test_runs_are_batched_per_model_image_and_method_without_idling_workers(file
     assert sorted(r.key for g in groups for r in g) == sorted(r.key for r in runs)
     assert len(batch_groups(runs, 12, slots=8)) >= 8  # never fewer batches than workers
     assert len(batch_groups(runs, 12, slots=2)) == 2
+    assert len(batch_groups(runs[:10], 4, slots=2)) == 4  # 6 + 4 runs: 2 + 2 batches, not 2 + 1
     assert len(batch_groups(runs, 1, slots=1)) == 12
 
 

@@ -21,6 +21,8 @@ compared across machines; absolute times are recorded beside them for context.
                          fresh process with the same torch threads, for the card's method and paper,
                          best of 3 interleaved (target >= 0.9); also against torch's default threads,
                          a worker thread's ratio, the longest drain and the cancel time
+    batched_restarts     time per iteration of 4 restarts batched through the demo network / 1 run,
+                         default method (target <= 2.0); "batched_restarts paper": the same for paper
     gpu (--device cuda)  iterations/s of a 3D MONAI UNet on a 128^3 crop, and the achieved fraction
                          of the GPU's peak rate given the model's forward+backward FLOPs
 
@@ -57,7 +59,8 @@ from DeepDreamAnalysisLib.runner import AnalysisRunner  # noqa: E402
 from DeepDreamAnalysisLib.volume import Volume  # noqa: E402
 
 TARGETS = {"loop_overhead": 1.05, "feature_cost": 1.15, "scale": 1.1, "memory": 1.1, "study_overhead": 1.10,
-           "method robust": 1.5}  # issue 9: K=4 batched copies cost at most 1.5x one copy (CPU)
+           "method robust": 1.5,  # issue 9: K=4 batched copies cost at most 1.5x one copy (CPU)
+           "batched_restarts": 2.0}  # issue 12: 4 restarts batched cost at most 2x one run per iteration (CPU)
 TARGETS_MIN = {"study_scaling": 1.7, "slicer_gil": 0.9}  # higher is better
 
 
@@ -190,6 +193,44 @@ def bench_methods(device: str, iterations: int) -> dict:
         out[f"method {method}"] = {"ratio": t_method / t_paper, "ms_per_iteration": 1000 * t_method / iterations,
                                    "paper_ms_per_iteration": 1000 * t_paper / iterations, "iterations": iterations,
                                    "model": c.name}
+    return out
+
+
+def bench_batched_restarts(device: str, iterations: int, restarts: int = 4) -> dict:
+    """Time per iteration of ``restarts`` dreams batched through the demo network (one forward of
+    ``restarts`` x K copies, :mod:`DeepDreamAnalysisLib.engine.batched`) / one dream alone, for the
+    default method (``batched_restarts``, target <= 2.0) and for ``paper`` (``batched_restarts paper``)."""
+    from DeepDreamAnalysisLib.engine.batched import BatchedDreamLoop
+
+    model = demo_model()
+    net = model.network.to(device)
+    c = model.card
+    roi = c.roi_size or (96, 96)
+    shape = (1,) + tuple(roi) if c.spatial_dims == 2 else tuple(roi)
+    rng = np.random.default_rng(0)
+    starts = [rng.normal(110.0, 15.0, shape).astype(np.float32) for _ in range(restarts)]
+    seed = tuple(n // 2 for n in shape)
+    dev = torch.device(device)
+    out = {}
+    for method, name in (("robust+spectral", "batched_restarts"), ("paper", "batched_restarts paper")):
+        def loops(n, _m=method):
+            return [DreamLoop(net, c, starts[r], seed, DreamConfig(iterations=iterations, method=_m, random_seed=r,
+                                                                   **({"step": 10.0} if _m == "paper" else {})), dev)
+                    for r in range(n)]
+
+        def batched():
+            for _ in BatchedDreamLoop(loops(restarts)):
+                pass
+
+        def alone():
+            for _ in loops(1)[0]:
+                pass
+
+        t_batch, t_one = _best_of(batched, alone, device, repeats=3)
+        out[name] = {"ratio": t_batch / t_one, "restarts": restarts, "method": method,
+                     "batched_ms_per_iteration": 1000 * t_batch / iterations,
+                     "one_run_ms_per_iteration": 1000 * t_one / iterations,
+                     "separate_runs_ratio": float(restarts), "iterations": iterations, "model": c.name}
     return out
 
 
@@ -555,8 +596,14 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run)")
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--out", default=str(HERE / "results"))
-    ap.add_argument("--update-readme", action="store_true", help="write the table into README.md's Benchmarks section")
+    ap.add_argument("--update-readme", action="store_true",
+                    help="write the table into README.md's Benchmarks section (with --only: the other rows from the "
+                         "newest full run recorded in --out)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for the in-process benchmarks (default: torch's; a study worker uses 1)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     q = args.quick
     plan = {
         "loop_overhead": lambda: bench_loop_overhead(args.device, 20 if q else 200),
@@ -569,6 +616,7 @@ def main(argv=None) -> int:
     }
     plan["study"] = lambda: _study_benchmarks(10 if q else 20, 20 if q else 150)
     plan["methods"] = lambda: bench_methods(args.device, 10 if q else 50)
+    plan["batched_restarts"] = lambda: bench_batched_restarts(args.device, 10 if q else 50)
     if args.device == "cuda":
         plan["gpu"] = lambda: bench_gpu(20 if q else 100)
     results = {}
@@ -579,7 +627,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         try:
             got = fn()
-            if name in ("study", "methods"):  # one measurement gives several ratios
+            if name in ("study", "methods", "batched_restarts"):  # one measurement gives several ratios
                 results.update(got)
             else:
                 results[name] = got
@@ -588,7 +636,8 @@ def main(argv=None) -> int:
         if name in results and isinstance(results[name], dict):
             results[name]["wall_s"] = round(time.perf_counter() - t, 2)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    record = {"date": stamp, "device": args.device, "quick": q, "machine": machine(), "results": results}
+    record = {"date": stamp, "device": args.device, "quick": q, "only": args.only, "machine": machine(),
+              "results": results}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{stamp}-{args.device}{'-quick' if q else ''}.json"
@@ -596,8 +645,29 @@ def main(argv=None) -> int:
     print(table(results))
     print(f"\nwritten {path}")
     if args.update_readme:
+        if args.only:
+            record = _merged_with_last_full_run(record, out, args.device)
         update_readme(record, path)
     return 0
+
+
+def _merged_with_last_full_run(record: dict, folder: Path, device: str) -> dict:
+    """``record`` with the rows it lacks taken from the newest full (not --quick, not --only) run on
+    ``device`` in ``folder``, the README header naming that file too."""
+    runs = []
+    for f in sorted(folder.glob(f"*-{device}.json")):
+        try:
+            old = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if not old.get("quick") and not old.get("only"):
+            runs.append((f, old))
+    if not runs:
+        return record
+    f, old = runs[-1]
+    merged = dict(old["results"])
+    merged.update(record["results"])
+    return dict(record, results=merged, also_from=f.name)
 
 
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -612,7 +682,8 @@ def update_readme(record: dict, path: Path) -> None:
         return
     m = record["machine"]
     head = (f"Latest run: {record['date']}, device {record['device']}, {m.get('cpu_model', m['processor'])}, "
-            f"{m['cpu_count']} cores, torch {m['torch']} ({path.relative_to(ROOT)}).\n\n")
+            f"{m['cpu_count']} cores, torch {m['torch']} ({path.relative_to(ROOT)}"
+            + (f"; the rows it did not run from {record['also_from']}" if record.get("also_from") else "") + ").\n\n")
     before, rest = text.split(README_START, 1)
     _, after = rest.split(README_END, 1)
     readme.write_text(before + README_START + "\n" + head + table(record["results"]) + "\n" + README_END + after,

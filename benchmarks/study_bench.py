@@ -39,7 +39,8 @@ def _inputs(folder: Path, runs: int, iterations: int) -> dict:
     return {"name": "bench", "models": [{"name": "demo", "path": str(DEMO)}],
             "images": [{"name": "slice", "path": str(image), "seeds": seeds}], "restarts": 2,
             "dream": {"iterations": iterations, "step": 2000.0}, "feature_backend": "native", "feature_every": 5,
-            "snapshot_every": 20}
+            "snapshot_every": 20, "batch": 1}  # the engine's own overhead and scaling, per run (batched_restarts
+    # measures batching)
 
 
 def _plain_loop(spec, out: Path) -> float:

@@ -235,15 +235,20 @@ def _local_custom(spec: StudySpec) -> dict[str, str]:
 
 def batch_groups(runs: list[RunSpec], size: int, slots: int = 1) -> list[list[RunSpec]]:
     """The runs in batches: runs of the same model, image and method together (their crops have one
-    size), at most ``size`` per batch, and split further while there are fewer batches than
-    ``slots`` (workers), so that batching never leaves a worker idle."""
+    size), at most ``size`` per batch; the largest batch size that gives at least ``slots``
+    (workers) batches, and a multiple of ``slots`` while there are few batches, so that batching
+    never leaves a worker idle."""
     by_key: dict[tuple, list[RunSpec]] = {}
     for run in runs:
         by_key.setdefault((run.model, run.image, run.method), []).append(run)
-    size = max(1, int(size))
-    total = len(runs)
-    while size > 1 and sum(-(-len(v) // size) for v in by_key.values()) < min(slots, total):
-        size -= 1
+    want = min(max(1, int(slots)), len(runs))
+
+    def count(s):
+        return sum(-(-len(v) // s) for v in by_key.values())
+
+    sizes = [s for s in range(max(1, int(size)), 0, -1) if count(s) >= want] or [1]
+    balanced = [s for s in sizes if count(s) % want == 0 or count(s) >= 4 * want]
+    size = (balanced or sizes)[0]
     groups = []
     for members in by_key.values():
         n = -(-len(members) // size)  # batches of near-equal size
