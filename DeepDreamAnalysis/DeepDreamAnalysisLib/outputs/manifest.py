@@ -204,8 +204,9 @@ class ManifestWriter:
         return rel in self.owned or rel in self.written or rel in self._claimed or rel == MANIFEST_NAME
 
     # -- writing
-    def claim(self, path: str | os.PathLike) -> None:
-        """Before writing ``path``: refuse when a file the tool did not write is there; list it."""
+    def claim(self, path: str | os.PathLike, save: bool = True) -> None:
+        """Before writing ``path``: refuse when a file the tool did not write is there; list it (``save``:
+        in the manifest file at once)."""
         rel = self.relative(path)
         if rel is None or rel == MANIFEST_NAME or any(p.startswith(".") for p in rel.split("/")):
             return  # outside the folder, or a hidden staging file of ours
@@ -222,10 +223,11 @@ class ManifestWriter:
             )
         if rel not in self._claimed and rel not in self.owned:
             self._claimed.add(rel)
-            self._save(complete=False)
+            if save:
+                self._save(complete=False)
 
-    def record(self, path: str | os.PathLike) -> None:
-        """After ``path`` was written completely."""
+    def record(self, path: str | os.PathLike, save: bool = True) -> None:
+        """After ``path`` was written completely (``save``: list it in the manifest file at once)."""
         rel = self.relative(path)
         if rel is not None and rel != MANIFEST_NAME and not any(p.startswith(".") for p in rel.split("/")):
             try:
@@ -234,7 +236,8 @@ class ManifestWriter:
                 self.records.pop(rel, None)
             self.written.add(rel)
             self.changed.pop(rel, None)
-            self._save(complete=False)  # at once: an interruption never leaves a file of ours unrecorded
+            if save:
+                self._save(complete=False)  # at once: an interruption never leaves a file of ours unrecorded
 
     def keep(self, path: str | os.PathLike) -> bool:
         """Keep a file of the previous run that this run does not write again (:meth:`finish` would
@@ -250,18 +253,26 @@ class ManifestWriter:
 
     def move_files(self, staging: Path, dest: Path) -> None:
         """Move every file of the (hidden) folder ``staging`` into ``dest``, one atomic rename each."""
-        for src in sorted(staging.iterdir()):
-            if not src.is_file():
-                continue
-            target = dest / src.name
-            self.claim(target)
-            try:
-                dest.mkdir(parents=True, exist_ok=True)
-                os.replace(src, target)
-            except OSError as exc:
-                raise OutputError(f"Cannot write {target} ({exc.strerror or exc}). Check free space and "
-                                  "permissions.") from None
-            self.record(target)
+        sources = [src for src in sorted(staging.iterdir()) if src.is_file()]
+        for src in sources:  # every name checked and listed (one manifest write) before any rename
+            self.claim(dest / src.name, save=False)
+        if sources:
+            self._save(complete=False)
+        moved = []
+        try:
+            for src in sources:
+                target = dest / src.name
+                try:
+                    dest.mkdir(parents=True, exist_ok=True)
+                    os.replace(src, target)
+                except OSError as exc:
+                    raise OutputError(f"Cannot write {target} ({exc.strerror or exc}). Check free space and "
+                                      "permissions.") from None
+                self.record(target, save=False)
+                moved.append(target)
+        finally:
+            if moved:
+                self._save(complete=False)  # one manifest write for all the renames
 
     def finish(self) -> list[str]:
         """Delete the previous run's files this run did not write again; write the final manifest.
