@@ -350,6 +350,22 @@ def test_a_worker_never_loads_custom_features_that_were_not_allowed(files, tmp_p
     assert not (code / "IMPORTED").exists()
 
 
+def test_a_worker_without_the_users_feature_file_uses_the_copy_shipped_with_the_study(files, tmp_path):
+    from DeepDreamAnalysisLib.features import load_custom
+    from DeepDreamAnalysisLib.studies.engine import _local_custom
+    from DeepDreamAnalysisLib.studies.spec import allow_custom_features
+
+    study, code = _custom_study(files, tmp_path)
+    spec = allow_custom_features(load_study(study), True)
+    mine = code / "my_features.py"
+    assert _local_custom(spec) == {"seed_value": f"{mine}:seed_value"}  # the same file here: the user's own
+    mine.write_text("def seed_value(image, mask, spacing):\n    return -1.0\n")  # another machine's different file
+    shipped = _local_custom(spec)["seed_value"]
+    assert not shipped.startswith(str(mine)) and "ddstudy-features-" in shipped
+    assert load_custom(shipped)(np.zeros((1, 3, 3)), np.ones((1, 3, 3), bool), (1, 1, 1),
+                                context=type("C", (), {"seed_kji": (0, 1, 1)})()) == 0.0  # the allowed code
+
+
 def test_custom_features_in_a_study_run_only_when_the_user_allows_them(cluster, files, tmp_path, capsys):
     import SimpleITK as sitk
 
