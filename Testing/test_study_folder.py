@@ -170,3 +170,18 @@ def test_links_in_the_study_folder_are_never_written_or_deleted_through(inputs, 
     assert _tree(out) == before and _tree(mine) == mine_before
     with pytest.raises(OutputError, match="is a link to another folder"):
         run_study(study, out)
+
+
+def test_two_studies_of_one_process_into_one_folder(inputs, tmp_path):
+    """The folder lock is re-entrant within a process; a second study there (a thread, a console) is refused."""
+    study = load_study(_study(inputs, tmp_path / "spec"))
+    out = tmp_path / "out"
+    first = claim_folder(out, study)
+    try:
+        with pytest.raises(OutputError, match=r"Another study of this process \(process \d+\) is writing into"):
+            claim_folder(out, study)
+        assert (out / LOCK_NAME).exists()  # the first study still holds its lock
+    finally:
+        first.release()
+    assert not (out / LOCK_NAME).exists()
+    claim_folder(out, study).release()  # free again

@@ -374,7 +374,15 @@ class StudyFolder:
         self.manifest.finish()
 
     def release(self, remove_if_empty: bool = False) -> None:
+        with _ACTIVE_LOCK:
+            _ACTIVE_STUDIES.discard(os.path.realpath(self.path))
         self.folder.release(remove_if_empty=remove_if_empty)
+
+
+_ACTIVE_STUDIES: set[str] = set()
+"""Study folders this process is writing into: the folder lock is re-entrant within a process (so a
+run's writer can take it again), so two studies in one process (threads, a console) check here."""
+_ACTIVE_LOCK = threading.Lock()
 
 
 def _refuse_links_under_runs(out: Path) -> None:
@@ -404,6 +412,16 @@ def claim_folder(out: Path, spec: StudySpec, overwrite: bool = False) -> StudyFo
     from ..outputs import ManifestWriter, check_output_folder
 
     folder = check_output_folder(out, spec.inputs, overwrite=overwrite, names=STUDY_OUTPUT_NAMES, snapshots=False)
+    key = os.path.realpath(folder.path)
+    with _ACTIVE_LOCK:
+        busy = key in _ACTIVE_STUDIES
+        _ACTIVE_STUDIES.add(key)
+    if busy:
+        folder.release()  # drops this call's hold on the re-entrant lock; the other study keeps its own
+        from ..errors import OutputError
+
+        raise OutputError(f"Another study of this process (process {os.getpid()}) is writing into {folder.path} right "
+                          "now. Wait for it to finish, or choose another --out folder.")
     try:
         path = folder.path
         _refuse_links_under_runs(path)
@@ -427,6 +445,8 @@ def claim_folder(out: Path, spec: StudySpec, overwrite: bool = False) -> StudyFo
                                                       else None, "fingerprint": spec.fingerprint(), "spec": spec.raw},
                                                      indent=2, default=str) + "\n")
     except BaseException:
+        with _ACTIVE_LOCK:
+            _ACTIVE_STUDIES.discard(key)
         folder.release(remove_if_empty=True)
         raise
     return StudyFolder(folder, manifest)
