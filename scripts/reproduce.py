@@ -103,20 +103,35 @@ T975 = (math.nan, 12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262
 HOLDS, NOT_HOLDS, INCONCLUSIVE = "holds", "does not hold", "inconclusive (difference within spread)"
 
 
+METHODS = ("paper", "default")
+"""Dream methods: ``paper`` (the paper's update X <- X + step * dlogit/dX, ``--step``/``--iterations``) and
+``default`` (the engine's default method, robust+spectral, with its default image-unit step and
+``--default-iterations``)."""
+
+
 @dataclasses.dataclass
 class Settings:
     epochs: int = 40
     iterations: int = 600
+    """Iterations of the ``paper`` method."""
+    default_iterations: int = 300
+    """Iterations of the ``default`` method (the engine's default; it reaches p > 0.5 in tens)."""
     step: float = 300.0
-    restarts: int = 2
-    seed_points: int = 4
+    """The ``paper`` method's alpha (HU per unit of dlogit/dX); the default method uses the engine's step."""
+    restarts: int = 1
+    seed_points: int = 8
+    training_seeds: int = 3
     threads: int = 1
     seed: int = 0
     snapshot_every: int = 10
     feature_every: int = 2
-    markings: tuple = ("thin", "antialiased")
+    markings: tuple = ("antialiased",)
+    methods: tuple = METHODS
+    starts: tuple = ("noise", "healthy")
+    """Section 3.1 dream starts (white noise, the healthy slice)."""
     workers: int | None = None
-    """Run the dreams on the study engine (Ray) with this many local workers; None: in this process."""
+    """Run the dreams on the study engine (Ray) with this many local workers, and train this many
+    networks at once; None: in this process."""
     address: str | None = None
     """Or on this Ray cluster (auto, ray://HOST:10001)."""
 
@@ -148,37 +163,62 @@ def mean_ci(values) -> dict:
 
 
 def unit_means(runs, key: str, **match) -> dict:
-    """``{seed_point: mean of runs[key] over its restarts}`` for the runs whose fields equal ``match``
-    (NaN values skipped; a seed point with none is left out)."""
+    """Per-cell means of ``runs[key]`` over restarts, for the runs whose fields equal ``match`` (NaN
+    values skipped; a cell with none is left out).
+
+    The cell is the seed point, ``{seed_point: mean}``, when no matching run has a ``training_seed``;
+    otherwise the (training seed, seed point) pair, ``{(training_seed, seed_point): mean}``."""
     acc: dict = {}
     for r in runs:
         if all(r.get(k) == v for k, v in match.items()):
             v = r.get(key)
             if v is not None and math.isfinite(v):
-                acc.setdefault(r["seed_point"], []).append(float(v))
+                cell = r["seed_point"] if "training_seed" not in r else (r["training_seed"], r["seed_point"])
+                acc.setdefault(cell, []).append(float(v))
     return {u: float(np.mean(v)) for u, v in sorted(acc.items())}
 
 
+def statistical_units(cells: dict) -> dict:
+    """The statistical units of :func:`unit_means`' cells: each seed point when the cells are seed points;
+    each **training seed** when they are (training seed, seed point) pairs, its value the mean over its
+    seed points (a trained network is the unit: its seed points are repeated measures of one training,
+    not independent trainings)."""
+    if not cells or not isinstance(next(iter(cells)), tuple):
+        return dict(cells)
+    acc: dict = {}
+    for (t, _s), v in cells.items():
+        acc.setdefault(t, []).append(v)
+    return {t: float(np.mean(v)) for t, v in sorted(acc.items())}
+
+
 def paired_verdict(a: dict, b: dict, expected: str) -> dict:
-    """Is ``a`` above (``expected=">"``) or below (``"<"``) ``b``? Paired over the units both have.
+    """Is ``a`` above (``expected=">"``) or below (``"<"``) ``b``? Paired over the cells both have
+    (:func:`unit_means`), the interval over the statistical units (:func:`statistical_units`: seed
+    points, or training seeds with the mean difference over their common seed points).
 
     Returns the difference a - b (mean and 95 % interval over the units) and the verdict: ``holds``
     when the interval lies entirely on the expected side of 0, ``does not hold`` when entirely on the
     other side, ``inconclusive (difference within spread)`` otherwise, ``not testable`` with fewer
-    than 2 common units."""
+    than 2 units."""
     if expected not in (">", "<"):
         raise ValueError("expected must be '>' or '<'")
-    units = sorted(set(a) & set(b))
-    diffs = [a[u] - b[u] for u in units]
-    ci = mean_ci(diffs)
+    cells = sorted(set(a) & set(b))
+    diffs = statistical_units({u: a[u] - b[u] for u in cells})
+    ci = mean_ci(diffs.values())
+    unit = "training seed" if cells and isinstance(cells[0], tuple) else "seed point"
     if ci["n"] < 2:
-        verdict = f"not testable ({ci['n']} seed point(s) where both dreamed a value)"
+        verdict = f"not testable ({ci['n']} {unit}(s) where both dreamed a value)"
     else:
         sign = 1.0 if expected == ">" else -1.0
         lo, hi = sorted((sign * ci["lo"], sign * ci["hi"]))
         verdict = HOLDS if lo > 0 else NOT_HOLDS if hi < 0 else INCONCLUSIVE
     return {"expected": expected, "diff_mean": ci["mean"], "diff_lo": ci["lo"], "diff_hi": ci["hi"], "n": ci["n"],
-            "verdict": verdict}
+            "cells": len(cells), "unit": unit, "verdict": verdict}
+
+
+def unit_ci(runs, key: str, **match) -> dict:
+    """:func:`mean_ci` over the statistical units of ``runs[key]`` (seed points, or training seeds)."""
+    return mean_ci(statistical_units(unit_means(runs, key, **match)).values())
 
 
 def combine_verdicts(verdicts) -> str:
@@ -227,21 +267,69 @@ def seed_points(liver: np.ndarray, n: int, min_depth: float = MIN_DEPTH, border:
     return pts
 
 
-def train_or_load(name: str, out: Path, settings: Settings, train, val, lesion_fn, val_lesion_fn="same",
-                  description: str = "", reuse: bool = False):
-    """Train (or, with ``reuse``, load a previous run's) network ``name``; returns (LoadedModel, log)."""
+def model_name(group: str, training_seed: int) -> str:
+    """The trained network ``group`` (G_1_aa, real, ...) of training seed ``training_seed``: ``<group>_t<seed>``."""
+    return f"{group}_t{training_seed}"
+
+
+@dataclasses.dataclass
+class TrainJob:
+    """One network to train: ``name`` (folder models/<name>/), data, lesion generators, seed."""
+
+    name: str
+    group: str
+    training_seed: int
+    seed: int
+    train: list
+    val: list
+    lesion_fn: object
+    val_lesion_fn: object = "same"
+    description: str = ""
+
+
+def _train_job(job: TrainJob, out: str, epochs: int, threads: int) -> dict:
+    """Train and save one network (runs in a worker process); returns its training log summary."""
+    torch.set_num_threads(threads)
+    net, card, tlog = training.train_unet2d(
+        job.train, job.val, job.lesion_fn, epochs=epochs, seed=job.seed, val_lesion_fn=job.val_lesion_fn,
+        num_threads=threads, noise_hu=30.0, name=job.name, description=job.description, verbose=False)
+    training.save_model(net, card, tlog, Path(out) / "models" / job.name / f"{job.name}.pt")
+    return {"name": job.name, "val_dice": tlog["val_dice"], "train_seconds": tlog["train_seconds"]}
+
+
+def train_all(out: Path, settings: Settings, jobs: list[TrainJob], reuse: bool = False) -> dict:
+    """Train every job's network (with ``reuse``, keep those already in ``out/models``), ``settings.workers``
+    at once in separate processes (one torch thread each); returns ``{name: (LoadedModel, training log)}``."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
     from DeepDreamAnalysisLib.models import load_model
 
-    path = out / "models" / name / f"{name}.pt"
-    log_path = path.with_name("training_log.json")
-    if not (reuse and path.is_file() and log_path.is_file()):
-        net, card, tlog = training.train_unet2d(
-            train, val, lesion_fn, epochs=settings.epochs, seed=settings.seed, val_lesion_fn=val_lesion_fn,
-            num_threads=settings.threads, noise_hu=30.0, name=name, description=description, verbose=False)
-        training.save_model(net, card, tlog, path)
-        log(f"  trained {name}: validation Dice {tlog['val_dice']:.3f} ({tlog['train_seconds']:.0f} s)")
-    tlog = json.loads(log_path.read_text())
-    return load_model(path), tlog
+    def paths(job):
+        path = out / "models" / job.name / f"{job.name}.pt"
+        return path, path.with_name("training_log.json")
+
+    todo = [j for j in jobs if not (reuse and all(p.is_file() for p in paths(j)))]
+    t0 = time.perf_counter()
+    if todo:
+        n = max(1, min(settings.workers or 1, len(todo)))
+        log(f"Training {len(todo)} networks ({n} at a time)")
+        if n == 1:
+            done = (_train_job(j, str(out), settings.epochs, settings.threads) for j in todo)
+            for r in done:
+                log(f"  trained {r['name']}: validation Dice {r['val_dice']:.3f} ({r['train_seconds']:.0f} s)")
+        else:
+            with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = [pool.submit(_train_job, j, str(out), settings.epochs, settings.threads) for j in todo]
+                for f in futures:
+                    r = f.result()
+                    log(f"  trained {r['name']}: validation Dice {r['val_dice']:.3f} ({r['train_seconds']:.0f} s, "
+                        f"{time.perf_counter() - t0:.0f} s so far)")
+    trained = {}
+    for j in jobs:
+        path, log_path = paths(j)
+        trained[j.name] = (load_model(path), json.loads(log_path.read_text()))
+    return trained
 
 
 def dice_on(model, val, lesion_fn, seed: int) -> float:
@@ -297,17 +385,22 @@ def _compare(out: Path, settings: Settings, tag: str, volume, seed, models: dict
                             address=settings.address, workers=settings.workers)
 
 
-def _dream_config(settings: Settings, features, start: str, random_seed: int):
+def _dream_config(settings: Settings, features, start: str, random_seed: int, method: str = "paper"):
+    """The dream of one method: ``paper`` (alpha ``settings.step``, ``settings.iterations``) or ``default``
+    (the engine's default method and step, ``settings.default_iterations``)."""
     from DeepDreamAnalysisLib.config import AnalysisConfig, DreamConfig, FeatureConfig
 
     noise = start == "noise"
-    return AnalysisConfig(
-        dream=DreamConfig(iterations=settings.iterations, step=settings.step, method="paper",  # the paper's update
-                          start="noise" if noise else "image",
-                          noise_mean=NOISE_MEAN if noise else None, noise_std=NOISE_STD if noise else None,
-                          random_seed=random_seed, device="cpu"),
-        features=FeatureConfig(names=features, every=settings.feature_every),
-        snapshot_every=settings.snapshot_every)
+    common = dict(start="noise" if noise else "image", noise_mean=NOISE_MEAN if noise else None,
+                  noise_std=NOISE_STD if noise else None, random_seed=random_seed, device="cpu")
+    if method == "paper":
+        dream = DreamConfig(iterations=settings.iterations, step=settings.step, method="paper", **common)
+    elif method == "default":
+        dream = DreamConfig(iterations=settings.default_iterations, **common)  # the engine's default method and step
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    return AnalysisConfig(dream=dream, features=FeatureConfig(names=features, every=settings.feature_every),
+                          snapshot_every=settings.snapshot_every)
 
 
 # ----------------------------------------------------------------------------- section 3.1
@@ -330,94 +423,150 @@ WINDOW_KEYS = ("window_response", "window_selectivity")
 STARTS = ("noise", "healthy")
 
 
-def section_31(out: Path, settings: Settings, train_h, val_h, demo_volume, points, reuse: bool,
-               variant: str = "thin") -> dict:
-    """Section 3.1 with the marking ``variant`` (a key of MARKINGS): train G_p, measure Dice, dream
-    every network at every seed point from both starts; write tables, per-run CSV and the figure."""
+def jobs_31(settings: Settings, train_h, val_h, variant: str) -> list[TrainJob]:
+    """The G_p networks of marking ``variant``, ``settings.training_seeds`` trainings each."""
+    suffix = "" if variant == "thin" else "_aa"
+    base = HypointenseLesions(contrast_hu=CONTRAST_31)
+    marking = LineMarking(width=MARKINGS[variant])
+    return [TrainJob(model_name(f"G_{p:g}{suffix}", t), f"G_{p:g}{suffix}", t, settings.seed + t, train_h, val_h,
+                     MarkedLesions(base=base, p=p, marking=marking), base,
+                     f"section 3.1: lesions marked by 135-degree lines ({variant}) with probability {p:g}; "
+                     f"training seed {settings.seed + t}")
+            for p in PS for t in range(settings.training_seeds)]
+
+
+def dream_quality(res, seed_kji) -> dict:
+    """How good the dream of one run is, as scripts/evaluate_methods.py measures it: ``reached`` (final
+    p(seed) > 0.5), ``checkerboard`` (:func:`checkerboard_index` of the final change), ``component_share``
+    (the seed's mask component / crop voxels: a compact object is a few percent), ``touches_border``,
+    ``flags`` (quality flag codes, space-separated) and ``clean`` (reached, component <= 10 % of the crop,
+    off the border, no flag)."""
+    from DeepDreamAnalysisLib.engine.quality import checkerboard_index
+    from DeepDreamAnalysisLib.mask import seed_component
+
+    last, first = res.snapshots[-1], res.snapshots[0]
+    prob = np.asarray(last.probability)
+    if prob.ndim == 2:
+        prob = prob[None]
+    comp = seed_component(prob, tuple(int(v) for v in seed_kji), 0.5)
+    border = False
+    if comp.any():
+        for axis in range(3):
+            if prob.shape[axis] > 1:
+                border |= bool(comp.take(0, axis).any() or comp.take(-1, axis).any())
+    change = np.asarray(last.image, np.float64) - np.asarray(first.image, np.float64)
+    flags = sorted({f.code if hasattr(f, "code") else f["code"] for f in (res.quality_flags or [])})
+    reached = bool(res.steps[-1].probability > 0.5)
+    share = float(comp.sum() / prob.size)
+    return {"reached": reached, "checkerboard": checkerboard_index(change), "component_share": share,
+            "touches_border": border, "flags": " ".join(flags),
+            "clean": bool(reached and share <= 0.10 and not border and not flags)}
+
+
+def section_31(out: Path, settings: Settings, trained: dict, val_h, demo_volume, points, variant: str = "antialiased") -> dict:
+    """Section 3.1 with the marking ``variant`` (a key of MARKINGS): Dice of the trained G_p networks, then
+    every network (every training seed) dreams at every seed point from both starts with every method;
+    write tables, per-run CSV and the figures."""
     width = MARKINGS[variant]
     suffix = "" if variant == "thin" else "_aa"
     d = out / ("section3.1" if variant == "thin" else f"section3.1_{variant}")
     d.mkdir(parents=True, exist_ok=True)
     base = HypointenseLesions(contrast_hu=CONTRAST_31)
     marking = LineMarking(width=width)
-    models, dice_rows = {}, []
-    for p in PS:
-        name = f"G_{p:g}{suffix}"
-        model, tlog = train_or_load(
-            name, out, settings, train_h, val_h, MarkedLesions(base=base, p=p, marking=marking), val_lesion_fn=base,
-            description=f"section 3.1: lesions marked by 135-degree lines ({variant}) with probability {p:g}",
-            reuse=reuse)
-        models[name] = model
-        dice_rows.append({"p": p, "network": name, "dice_unmarked": float(tlog["val_dice"]),
-                          "dice_marked": dice_on(model, val_h, MarkedLesions(base=base, p=1.0, marking=marking),
-                                                 settings.seed)})
+    models, dice_rows, group_of = {}, [], {}
+    for job in jobs_31(settings, [], [], variant):
+        model, tlog = trained[job.name]
+        models[job.name] = model
+        group_of[job.name] = (job.group, job.training_seed)
+        dice_rows.append({"p": float(job.group.split("_")[1]), "network": job.group, "training_seed": job.training_seed,
+                          "model": job.name, "dice_unmarked": float(tlog["val_dice"]),
+                          "dice_marked": dice_on(model, val_h, MarkedLesions(base=base, p=1.0, marking=marking), job.seed)})
     runs, curves, example = [], {}, {}
     t0 = time.perf_counter()
-    for start in STARTS:
-        for s, (i, j) in enumerate(points):
-            seed = (i, j, 0)
-            cfg = _dream_config(settings, FEATURES_31, start, random_seed=1000 * s)
-            comp = _compare(out, settings, f"s31{suffix}_{start}_sp{s}", demo_volume, seed, models, cfg, None,
-                            settings.restarts, RESTART_NOISE)
-            for name, results in comp.results.items():
-                for r, res in enumerate(results):
-                    crop_seed = (seed[1] - res.crop.start[1], seed[0] - res.crop.start[2])
-                    snaps = [(sn.iteration, *window_features(sn.image[0], crop_seed)) for sn in res.snapshots]
-                    its = np.array([x[0] for x in snaps])
-                    resp = np.array([x[1] for x in snaps])
-                    sel = np.array([x[2] for x in snaps])
-                    curves.setdefault((name, start), []).append((its, resp, sel))
-                    if s == 0 and r == 0:
-                        example[(name, start)] = (res.snapshots[-1].image[0], res.snapshots[-1].mask[0], crop_seed)
-                    runs.append({
-                        "network": name, "start": start, "seed_point": s, "seed_i": i, "seed_j": j, "restart": r,
-                        "random_seed": comp.metadata["random_seeds"][r], "status": res.status,
-                        "p_start": res.steps[0].probability, "p_final": res.steps[-1].probability,
-                        "first_above_0.5": res.first_iteration_above(0.5),
-                        "mask_final": res.steps[-1].mask_voxels,
-                        "window_response_start": float(resp[0]), "window_response_final": float(resp[-1]),
-                        "window_selectivity_start": float(sel[0]), "window_selectivity_final": float(sel[-1]),
-                        "window_response_gain": float(resp[-1] - resp[0]),
-                        "window_selectivity_gain": float(sel[-1] - sel[0]),
-                        "mask_response_final": _last_finite(res.column("line135_response")),
-                        "mask_selectivity_final": _last_finite(res.column("line135_selectivity")),
-                    })
-            log(f"  {variant}, {start} start, seed point {s} (i, j) = ({i}, {j}): {len(models)} networks x "
-                f"{comp.restarts} restarts ({time.perf_counter() - t0:.0f} s so far)")
-    claim = claim_31(dice_rows, runs)
-    summary = summarise_31(dice_rows, runs)
+    for method in settings.methods:
+        for start in settings.starts:
+            for s, (i, j) in enumerate(points):
+                seed = (i, j, 0)
+                cfg = _dream_config(settings, FEATURES_31, start, random_seed=1000 * s, method=method)
+                comp = _compare(out, settings, f"s31{suffix}_{method}_{start}_sp{s}", demo_volume, seed, models, cfg,
+                                None, settings.restarts, RESTART_NOISE)
+                for name, results in comp.results.items():
+                    group, t = group_of[name]
+                    for r, res in enumerate(results):
+                        crop_seed = (seed[1] - res.crop.start[1], seed[0] - res.crop.start[2])
+                        snaps = [(sn.iteration, *window_features(sn.image[0], crop_seed)) for sn in res.snapshots]
+                        its = np.array([x[0] for x in snaps])
+                        resp = np.array([x[1] for x in snaps])
+                        sel = np.array([x[2] for x in snaps])
+                        curves.setdefault((method, group, start), []).append((its, resp, sel))
+                        if s == 0 and r == 0 and t == 0:
+                            example[(method, group, start)] = (res.snapshots[-1].image[0], res.snapshots[-1].mask[0],
+                                                               crop_seed, res.snapshots[0].image[0])
+                        row = {
+                            "method": method, "network": group, "training_seed": t, "model": name, "start": start,
+                            "seed_point": s, "seed_i": i, "seed_j": j, "restart": r,
+                            "random_seed": comp.metadata["random_seeds"][r], "status": res.status,
+                            "p_start": res.steps[0].probability, "p_final": res.steps[-1].probability,
+                            "first_above_0.5": res.first_iteration_above(0.5),
+                            "mask_final": res.steps[-1].mask_voxels,
+                            "window_response_start": float(resp[0]), "window_response_final": float(resp[-1]),
+                            "window_selectivity_start": float(sel[0]), "window_selectivity_final": float(sel[-1]),
+                            "window_response_gain": float(resp[-1] - resp[0]),
+                            "window_selectivity_gain": float(sel[-1] - sel[0]),
+                            "mask_response_final": _last_finite(res.column("line135_response")),
+                            "mask_selectivity_final": _last_finite(res.column("line135_selectivity")),
+                        }
+                        row.update(dream_quality(res, (seed[2] - res.crop.start[0], *crop_seed)))
+                        runs.append(row)
+                log(f"  {variant}, {method}, {start} start, seed point {s} (i, j) = ({i}, {j}): {len(models)} networks x "
+                    f"{comp.restarts} restarts ({time.perf_counter() - t0:.0f} s so far)")
+    claims = {m: claim_31(dice_rows, runs, method=m) for m in settings.methods}
+    summary = summarise_31(dice_rows, runs, settings.methods)
+    quality = method_quality(runs, settings.methods)
     _write_table(runs, d / "runs_3_1.csv")
+    _write_table(dice_rows, d / "dice_3_1.csv")
     _write_table(summary, d / "table_3_1.csv")
     (d / "table_3_1.md").write_text(_table_31_md(summary) + "\n")
-    _plot_31(d / "fig4_characteristic_feature.png", variant, summary, curves, example, models)
-    return {"variant": variant, "marking_width": width, "dice": dice_rows, "summary": summary, "claim": claim,
-            "runs": len(runs), "dream_seconds": round(time.perf_counter() - t0, 1)}
+    (d / "methods_3_1.md").write_text(_quality_md(quality) + "\n")
+    groups = list(dict.fromkeys(r["network"] for r in dice_rows))
+    for m in settings.methods:
+        _plot_31(d / f"fig4_{m}.png", variant, m, [r for r in summary if r["method"] == m], curves, example, groups)
+    _plot_dreams(d / "dreams_G0_G1.png", variant, example, settings.methods, groups[0], groups[-1])
+    return {"variant": variant, "marking_width": width, "dice": dice_rows, "summary": summary, "claims": claims,
+            "quality": quality, "runs": len(runs), "dream_seconds": round(time.perf_counter() - t0, 1)}
 
 
 def dice_groups(dice_rows) -> dict:
-    """Networks grouped by unmarked Dice against G_0's: relying, not_relying (robust), intermediate."""
-    g0 = next(r for r in dice_rows if r["p"] == 0.0)["dice_unmarked"]
-    out = {"baseline_dice": g0, "relying": [], "not_relying": [], "intermediate": []}
+    """Networks grouped by unmarked Dice (the mean over their training seeds) against G_0's: relying,
+    not_relying (robust), intermediate."""
+    dice: dict = {}
     for r in dice_rows:
-        if r["dice_unmarked"] >= g0 - NEAR_BASELINE:
-            out["not_relying"].append(r["network"])
-        elif r["dice_unmarked"] < RELIES * g0:
-            out["relying"].append(r["network"])
+        dice.setdefault(r["network"], []).append(r["dice_unmarked"])
+    dice = {n: float(np.mean(v)) for n, v in dice.items()}
+    g0 = dice[next(r["network"] for r in dice_rows if r["p"] == 0.0)]
+    out = {"baseline_dice": g0, "dice_unmarked": dice, "relying": [], "not_relying": [], "intermediate": []}
+    for n, v in dice.items():
+        if v >= g0 - NEAR_BASELINE:
+            out["not_relying"].append(n)
+        elif v < RELIES * g0:
+            out["relying"].append(n)
         else:
-            out["intermediate"].append(r["network"])
+            out["intermediate"].append(n)
     return out
 
 
-def claim_31(dice_rows, runs) -> dict:
-    """The section 3.1 verdicts: per start and per window feature (final response, final selectivity),
-    every relying network above every robust one, paired over seed points (:func:`paired_verdict`)."""
+def claim_31(dice_rows, runs, method: str | None = None) -> dict:
+    """The section 3.1 verdicts of one dream ``method`` (None: every run): per start and per window feature
+    (final response, final selectivity), every relying network above every robust one, paired over seed
+    points (and training seeds: the unit is then the training seed, :func:`paired_verdict`)."""
     out = dice_groups(dice_rows)
     out["by_start"] = {}
-    for start in STARTS:
+    by_method = {} if method is None else {"method": method}
+    for start in [st for st in STARTS if any(r["start"] == st for r in runs)]:
         b = {}
         for key in WINDOW_KEYS:
-            units = {r["network"]: unit_means(runs, f"{key}_final", network=r["network"], start=start)
-                     for r in dice_rows}
+            units = {n: unit_means(runs, f"{key}_final", network=n, start=start, **by_method)
+                     for n in out["dice_unmarked"]}
             pairs = [{"relying": a, "robust": n, **paired_verdict(units[a], units[n], ">")}
                      for a in out["relying"] for n in out["not_relying"]]
             if not out["relying"] or not out["not_relying"]:
@@ -429,23 +578,64 @@ def claim_31(dice_rows, runs) -> dict:
     return out
 
 
-def summarise_31(dice_rows, runs) -> list[dict]:
-    """One row per network and start: Dice, and mean [95 % CI] over seed points of the window features."""
+def method_quality(runs, methods) -> list[dict]:
+    """Per method and start: runs, runs reaching p > 0.5, clean dreams, mean checkerboard index, median
+    component share (mask compactness), runs touching the border, and the count of each quality flag."""
     rows = []
-    for dr in dice_rows:
+    for m in methods:
         for start in STARTS:
-            row = {"network": dr["network"], "p": dr["p"], "start": start, "dice_unmarked": dr["dice_unmarked"],
-                   "dice_marked": dr["dice_marked"]}
-            for key in ("window_response_final", "window_selectivity_final", "window_response_gain",
-                        "window_selectivity_gain", "mask_response_final", "mask_selectivity_final", "p_final"):
-                c = mean_ci(unit_means(runs, key, network=dr["network"], start=start).values())
-                row.update({f"{key}_mean": c["mean"], f"{key}_lo": c["lo"], f"{key}_hi": c["hi"]})
-            mine = [r for r in runs if r["network"] == dr["network"] and r["start"] == start]
-            row["window_response_start_mean"] = float(np.mean([r["window_response_start"] for r in mine]))
-            row["window_selectivity_start_mean"] = float(np.mean([r["window_selectivity_start"] for r in mine]))
-            row["runs"] = len(mine)
-            row["runs_reaching_0.5"] = sum(r["first_above_0.5"] is not None for r in mine)
-            rows.append(row)
+            mine = [r for r in runs if r.get("method") == m and r["start"] == start]
+            if not mine:
+                continue
+            flags: dict = {}
+            for r in mine:
+                for f in (r.get("flags") or "").split():
+                    flags[f] = flags.get(f, 0) + 1
+            cb = [r["checkerboard"] for r in mine if r["checkerboard"] is not None and math.isfinite(r["checkerboard"])]
+            rows.append({"method": m, "start": start, "runs": len(mine),
+                         "reached": sum(bool(r["reached"]) for r in mine), "clean": sum(bool(r["clean"]) for r in mine),
+                         "checkerboard_mean": float(np.mean(cb)) if cb else math.nan,
+                         "component_share_median": float(np.median([r["component_share"] for r in mine])),
+                         "touches_border": sum(bool(r["touches_border"]) for r in mine),
+                         "flags": ", ".join(f"{k} {v}" for k, v in sorted(flags.items())) or "none"})
+    return rows
+
+
+def _quality_md(rows) -> str:
+    lines = ["| method | start | reached p > 0.5 | clean | checkerboard index (mean) | component share (median) | "
+             "touching the crop border | quality flags (runs) |", "|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| `{r['method']}` | {r['start']} | {r['reached']}/{r['runs']} | {r['clean']}/{r['runs']} | "
+                     f"{_f(r['checkerboard_mean'], '.2f')} | {r['component_share_median']:.1%} | "
+                     f"{r['touches_border']}/{r['runs']} | {r['flags']} |")
+    return "\n".join(lines)
+
+
+def summarise_31(dice_rows, runs, methods=(None,)) -> list[dict]:
+    """One row per method, network and start: Dice (mean over training seeds), and mean [95 % CI] over the
+    statistical units (training seeds, or seed points with one training) of the window features."""
+    rows = []
+    groups = list(dict.fromkeys(r["network"] for r in dice_rows))
+    for method in methods:
+        by_method = {} if method is None else {"method": method}
+        for g in groups:
+            mine_d = [r for r in dice_rows if r["network"] == g]
+            for start in [st for st in STARTS if any(r["start"] == st for r in runs)]:
+                row = {"method": method, "network": g, "p": mine_d[0]["p"], "start": start,
+                       "training_seeds": len(mine_d),
+                       "dice_unmarked": float(np.mean([r["dice_unmarked"] for r in mine_d])),
+                       "dice_marked": float(np.mean([r["dice_marked"] for r in mine_d]))}
+                for key in ("window_response_final", "window_selectivity_final", "window_response_gain",
+                            "window_selectivity_gain", "mask_response_final", "mask_selectivity_final", "p_final"):
+                    c = unit_ci(runs, key, network=g, start=start, **by_method)
+                    row.update({f"{key}_mean": c["mean"], f"{key}_lo": c["lo"], f"{key}_hi": c["hi"]})
+                mine = [r for r in runs if r["network"] == g and r["start"] == start
+                        and all(r.get(k) == v for k, v in by_method.items())]
+                row["window_response_start_mean"] = float(np.mean([r["window_response_start"] for r in mine])) if mine else math.nan
+                row["window_selectivity_start_mean"] = float(np.mean([r["window_selectivity_start"] for r in mine])) if mine else math.nan
+                row["runs"] = len(mine)
+                row["runs_reaching_0.5"] = sum(r["first_above_0.5"] is not None for r in mine)
+                rows.append(row)
     return rows
 
 
@@ -454,37 +644,43 @@ def _ci_cols(row, key, fmt) -> str:
 
 
 def _table_31_md(summary) -> str:
-    lines = ["| network | start | Dice unmarked | Dice marked | window response final (HU) | window selectivity "
+    lines = ["| method | network | start | Dice unmarked | Dice marked | window response final (HU) | window selectivity "
              "start -> final | selectivity gain | runs with p(seed) > 0.5 |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in summary:
         lines.append(
-            f"| {r['network']} | {r['start']} | {r['dice_unmarked']:.3f} | {r['dice_marked']:.3f} | "
-            f"{_ci_cols(r, 'window_response_final', '.1f')} | {r['window_selectivity_start_mean']:+.3f} -> "
+            f"| {r['method']} | {r['network']} | {r['start']} | {r['dice_unmarked']:.3f} | {r['dice_marked']:.3f} | "
+            f"{_ci_cols(r, 'window_response_final', '.1f')} | {_f(r['window_selectivity_start_mean'])} -> "
             f"{_ci_cols(r, 'window_selectivity_final', '+.3f')} | {_ci_cols(r, 'window_selectivity_gain', '+.3f')} | "
             f"{r['runs_reaching_0.5']}/{r['runs']} |")
     return "\n".join(lines)
 
 
-def _plot_31(path: Path, variant: str, summary, curves, example, models) -> None:
+def _plot_31(path: Path, variant: str, method: str, summary, curves, example, names) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(models)
     fig, ax = plt.subplots(2, 5, figsize=(18, 7))
     colours = plt.cm.viridis(np.linspace(0, 0.9, len(names)))
     for row, start in enumerate(STARTS):
-        xT, mT, (sj, si) = example[(names[-1], start)]
+        if not any(r["start"] == start for r in summary):
+            for a in ax[row]:
+                a.axis("off")
+            continue
         a = ax[row, 0]
-        a.imshow(xT, cmap="gray", vmin=-100, vmax=250)
-        a.contour(mT, levels=[0.5], colors="r", linewidths=0.8)
-        a.plot(si, sj, "r+")
-        a.set_title(f"(a) {names[-1]} from {start}, seed point 0 (final)", fontsize=9)
+        if (method, names[-1], start) in example:
+            xT, mT, (sj, si), _ = example[(method, names[-1], start)]
+            a.imshow(xT, cmap="gray", vmin=-100, vmax=250)
+            a.contour(mT, levels=[0.5], colors="r", linewidths=0.8)
+            a.plot(si, sj, "r+")
+        a.set_title(f"(a) {names[-1]} (training seed 0) from {start}, seed point 0 (final)", fontsize=9)
         a.axis("off")
         for n, name in enumerate(names):
-            cs = curves[(name, start)]
+            cs = curves.get((method, name, start), [])
+            if not cs:
+                continue
             its = cs[0][0]
             for col, k in ((1, 2), (2, 1)):
                 v = np.array([c[k] for c in cs if len(c[k]) == len(its)])
@@ -513,10 +709,45 @@ def _plot_31(path: Path, variant: str, summary, curves, example, models) -> None
             b.set_ylim(0, 1)
             b.set_ylabel("Dice unmarked")
             a.set_title(f"(c) Dice (black) and {label} ({start})", fontsize=9)
-    fig.suptitle(f"Section 3.1 on LiTS 117, marking '{variant}': networks G_p trained with a 135-degree line marking "
-                 f"of probability p; statistics over seed points x restarts", fontsize=10)
+    fig.suptitle(f"Section 3.1 on LiTS 117, marking '{variant}', method '{method}': networks G_p trained with a "
+                 f"135-degree line marking of probability p; 95% CI over training seeds", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=60)
+    plt.close(fig)
+
+
+def _plot_dreams(path: Path, variant: str, example, methods, g0: str, g1: str, start: str = "healthy") -> None:
+    """The dreams of G_0 and G_1 (training seed 0, seed point 0, from the healthy slice) side by side per
+    method: the final image with its mask, and the change (dream - start) on a symmetric window."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in methods if (m, g0, start) in example and (m, g1, start) in example]
+    if not methods:
+        return
+    fig, ax = plt.subplots(len(methods), 4, figsize=(13, 3.4 * len(methods)), squeeze=False)
+    for r, m in enumerate(methods):
+        for c, g in enumerate((g0, g1)):
+            x, mask, (sj, si), x0 = example[(m, g, start)]
+            a = ax[r, 2 * c]
+            a.imshow(x, cmap="gray", vmin=-100, vmax=250)
+            a.contour(mask, levels=[0.5], colors="r", linewidths=0.8)
+            a.plot(si, sj, "r+")
+            a.set_title(f"{m}: {g} dream (HU -100..250)", fontsize=9)
+            a.axis("off")
+            change = x - x0
+            lim = float(np.nanpercentile(np.abs(change), 99.5)) or 1.0
+            a = ax[r, 2 * c + 1]
+            im = a.imshow(change, cmap="RdBu_r", vmin=-lim, vmax=lim)
+            a.set_title(f"{m}: {g} change (dream - start, HU)", fontsize=9)
+            a.axis("off")
+            fig.colorbar(im, ax=a, fraction=0.046)
+    fig.suptitle(f"Section 3.1, marking '{variant}': dreams of {g0} and {g1} from the healthy slice (training seed 0, "
+                 f"seed point 0)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
     plt.close(fig)
 
 
@@ -555,101 +786,136 @@ CLAIMS_32 = {
 """The section 3.2 claims: final raw value (primary) and sensitivity score against the real tumours (secondary)."""
 
 
-def section_32(out: Path, settings: Settings, volume, train_h, val_h, train_r, val_r, val_k, demo_volume, points,
-               reuse: bool) -> dict:
+GROUPS_32 = ("real", "synthetic_round", "synthetic_elongated")
+
+
+def jobs_32(settings: Settings, train_h, val_h, train_r, val_r) -> list[TrainJob]:
+    """The section 3.2 networks, ``settings.training_seeds`` trainings each."""
+    round_l, elong_l = HypointenseLesions(shape="round"), HypointenseLesions(shape="elongated")
+    spec = {"real": (train_r, val_r, None, "section 3.2: real LiTS tumours"),
+            "synthetic_round": (train_h, val_h, round_l, "section 3.2: synthetic round hypointense lesions"),
+            "synthetic_elongated": (train_h, val_h, elong_l, "section 3.2: synthetic elongated hypointense lesions")}
+    return [TrainJob(model_name(g, t), g, t, settings.seed + t, spec[g][0], spec[g][1], spec[g][2], "same",
+                     f"{spec[g][3]}; training seed {settings.seed + t}")
+            for g in GROUPS_32 for t in range(settings.training_seeds)]
+
+
+def section_32(out: Path, settings: Settings, trained: dict, volume, val_h, val_r, val_k, demo_volume, points) -> dict:
     from DeepDreamAnalysisLib.compare import _assemble, plot_comparison, write_comparison
 
     d = out / "section3.2"
     d.mkdir(parents=True, exist_ok=True)
     round_l, elong_l = HypointenseLesions(shape="round"), HypointenseLesions(shape="elongated")
-    nets, dice = {}, {}
-    m, t = train_or_load("real", out, settings, train_r, val_r, None, description="section 3.2: real LiTS tumours", reuse=reuse)
-    nets["real"], dice["real"] = m, {"own": t["val_dice"]}
-    m, t = train_or_load("synthetic_round", out, settings, train_h, val_h, round_l,
-                         description="section 3.2: synthetic round hypointense lesions", reuse=reuse)
-    nets["synthetic_round"], dice["synthetic_round"] = m, {"own": t["val_dice"]}
-    m, t = train_or_load("synthetic_elongated", out, settings, train_h, val_h, elong_l,
-                         description="section 3.2: synthetic elongated hypointense lesions", reuse=reuse)
-    nets["synthetic_elongated"], dice["synthetic_elongated"] = m, {"own": t["val_dice"]}
     real_imgs = [s.image for s in val_r]
     real_labs = [s.label for s in val_r]
-    for name, model in nets.items():
-        dice[name]["real_tumours"] = float(training.evaluate(model.network, real_imgs, real_labs)["dice"])
-        dice[name]["synthetic_round"] = dice_on(model, val_h, round_l, settings.seed)
-        dice[name]["synthetic_elongated"] = dice_on(model, val_h, elong_l, settings.seed)
+    nets, dice, group_of = {}, [], {}
+    for job in jobs_32(settings, [], [], [], []):
+        model, tlog = trained[job.name]
+        nets[job.name] = model
+        group_of[job.name] = (job.group, job.training_seed)
+        dice.append({"network": job.group, "training_seed": job.training_seed, "own": tlog["val_dice"],
+                     "real_tumours": float(training.evaluate(model.network, real_imgs, real_labs)["dice"]),
+                     "synthetic_round": dice_on(model, val_h, round_l, job.seed),
+                     "synthetic_elongated": dice_on(model, val_h, elong_l, job.seed)})
     reference, n_lesions = real_reference(volume, val_k)
     log(f"  reference: {n_lesions} real tumour cross-sections in the held-out slices")
     t0 = time.perf_counter()
-    runs, pooled = [], {n: [] for n in nets}
-    for s, (i, j) in enumerate(points):
-        cfg = _dream_config(settings, FEATURES_32, "healthy", random_seed=1000 * s)
-        comp = _compare(out, settings, f"s32_sp{s}", demo_volume, (i, j, 0), nets, cfg, reference,
-                        settings.restarts, RESTART_NOISE)
-        sens = comp.sensitivities()
-        for name in nets:
-            pooled[name].extend(comp.results[name])
-            for r in range(comp.restarts):
-                row = {"network": name, "seed_point": s, "seed_i": i, "seed_j": j, "restart": r,
-                       "p_final": comp.results[name][r].steps[-1].probability,
-                       "first_above_0.5": comp.results[name][r].first_iteration_above(0.5)}
-                for n, f in enumerate(comp.features):
-                    row[f"{f}_start"] = _first_finite(comp.values(name, f, "raw")[r])
-                    row[f"{f}_final"] = _last_finite(comp.values(name, f, "raw")[r])
-                    row[f"{f}_final_z"] = _last_finite(comp.values(name, f, "z")[r])
-                    row[f"{f}_score"] = float(sens[name][r][n].score)
-                runs.append(row)
-        log(f"  seed point {s} (i, j) = ({i}, {j}): {len(nets)} networks x {comp.restarts} restarts "
-            f"({time.perf_counter() - t0:.0f} s so far)")
-    allc = _assemble(list(nets), pooled, reference)
-    allc.metadata.update({"status": "completed", "seed_points": [list(p) for p in points],
-                          "restarts_per_seed_point": settings.restarts, "restart_noise_std": RESTART_NOISE,
-                          "note": "runs pooled over seed points: 'restart' n = seed point n // restarts, "
-                                  "restart n % restarts"})
-    paths = write_comparison(allc, d, title="Section 3.2: all runs (seed points x restarts)")
-    nruns = allc.restarts
-    plot_comparison(allc, d / "fig5_raw.png", features=FIG5, kind="raw",
-                    title=f"Section 3.2 (like Fig. 5): RMS (HU), max diameter (mm), elongation; mean and min-max "
-                          f"of {nruns} runs")
-    plot_comparison(allc, d / "fig5_z.png", features=FIG5, kind="z",
-                    title="Section 3.2: the same as z-scores against the real tumours (normal range shaded)")
-    claims = {}
-    for key, (f, q, a, rel, b) in CLAIMS_32.items():
-        ua = unit_means(runs, f"{f}_{q}", network=a)
-        ub = unit_means(runs, f"{f}_{q}", network=b)
-        claims[key] = {"feature": f, "quantity": q, "network": a, "relation": rel, "other": b,
-                       "mean": mean_ci(ua.values())["mean"], "other_mean": mean_ci(ub.values())["mean"],
-                       **paired_verdict(ua, ub, rel)}
+    runs, pooled = [], {m: {g: [] for g in GROUPS_32} for m in settings.methods}
+    features = None
+    for method in settings.methods:
+        for s, (i, j) in enumerate(points):
+            cfg = _dream_config(settings, FEATURES_32, "healthy", random_seed=1000 * s, method=method)
+            comp = _compare(out, settings, f"s32_{method}_sp{s}", demo_volume, (i, j, 0), nets, cfg, reference,
+                            settings.restarts, RESTART_NOISE)
+            features = comp.features
+            sens = comp.sensitivities()
+            for name in nets:
+                group, t = group_of[name]
+                pooled[method][group].extend(comp.results[name])
+                for r in range(comp.restarts):
+                    res = comp.results[name][r]
+                    row = {"method": method, "network": group, "training_seed": t, "model": name, "seed_point": s,
+                           "seed_i": i, "seed_j": j, "restart": r, "p_final": res.steps[-1].probability,
+                           "first_above_0.5": res.first_iteration_above(0.5),
+                           "flags": " ".join(sorted({f.code if hasattr(f, "code") else f["code"]
+                                                     for f in (res.quality_flags or [])}))}
+                    for n, f in enumerate(comp.features):
+                        row[f"{f}_start"] = _first_finite(comp.values(name, f, "raw")[r])
+                        row[f"{f}_final"] = _last_finite(comp.values(name, f, "raw")[r])
+                        row[f"{f}_final_z"] = _last_finite(comp.values(name, f, "z")[r])
+                        row[f"{f}_score"] = float(sens[name][r][n].score)
+                    runs.append(row)
+            log(f"  {method}, seed point {s} (i, j) = ({i}, {j}): {len(nets)} networks x {comp.restarts} restarts "
+                f"({time.perf_counter() - t0:.0f} s so far)")
+    files, rankings = {}, {}
+    for method in settings.methods:
+        allc = _assemble(list(GROUPS_32), pooled[method], reference)
+        allc.metadata.update({"status": "completed", "method": method, "seed_points": [list(p) for p in points],
+                              "restarts_per_seed_point": settings.restarts, "training_seeds": settings.training_seeds,
+                              "restart_noise_std": RESTART_NOISE,
+                              "note": "runs pooled over training seeds, seed points and restarts"})
+        dm = d / method
+        dm.mkdir(exist_ok=True)
+        files[method] = {k: str(v) for k, v in write_comparison(allc, dm, title=f"Section 3.2 ({method}): all runs").items()}
+        rankings[method] = [dataclasses.asdict(r) for r in allc.ranking()]
+        nruns = allc.restarts
+        plot_comparison(allc, d / f"fig5_raw_{method}.png", features=FIG5, kind="raw",
+                        title=f"Section 3.2 (like Fig. 5), method '{method}': RMS (HU), max diameter (mm), elongation; "
+                              f"mean and min-max of {nruns} runs")
+        plot_comparison(allc, d / f"fig5_z_{method}.png", features=FIG5, kind="z",
+                        title=f"Section 3.2, method '{method}': z-scores against the real tumours (normal range shaded)")
+    claims = {m: claims_32(runs, m) for m in settings.methods}
     summary = []
-    for name in nets:
-        row = {"network": name, **{f"dice_{k}": v for k, v in dice[name].items()}}
-        for f in FEATURES_32:
-            for q in ("start", "final", "final_z", "score"):
-                c = mean_ci(unit_means(runs, f"{f}_{q}", network=name).values())
-                row.update({f"{f}_{q}_mean": c["mean"], f"{f}_{q}_lo": c["lo"], f"{f}_{q}_hi": c["hi"]})
-        mine = [r for r in runs if r["network"] == name]
-        row["runs"] = len(mine)
-        row["runs_reaching_0.5"] = sum(r["first_above_0.5"] is not None for r in mine)
-        summary.append(row)
+    for method in settings.methods:
+        for g in GROUPS_32:
+            mine_d = [r for r in dice if r["network"] == g]
+            row = {"method": method, "network": g,
+                   **{f"dice_{k}": float(np.mean([r[k] for r in mine_d]))
+                      for k in ("own", "real_tumours", "synthetic_round", "synthetic_elongated")}}
+            for f in FEATURES_32:
+                for q in ("start", "final", "final_z", "score"):
+                    c = unit_ci(runs, f"{f}_{q}", network=g, method=method)
+                    row.update({f"{f}_{q}_mean": c["mean"], f"{f}_{q}_lo": c["lo"], f"{f}_{q}_hi": c["hi"]})
+            mine = [r for r in runs if r["network"] == g and r["method"] == method]
+            row["runs"] = len(mine)
+            row["runs_reaching_0.5"] = sum(r["first_above_0.5"] is not None for r in mine)
+            row["runs_flagged"] = sum(bool(r["flags"]) for r in mine)
+            summary.append(row)
     _write_table(runs, d / "runs_3_2.csv")
+    _write_table(dice, d / "dice_3_2.csv")
     _write_table(summary, d / "table_3_2.csv")
     (d / "table_3_2.md").write_text(_table_32_md(summary) + "\n")
-    return {"summary": summary, "claims": claims, "ranking": [dataclasses.asdict(r) for r in allc.ranking()],
-            "files": {k: str(v) for k, v in paths.items()}, "reference_lesions": n_lesions,
-            "dream_seconds": round(time.perf_counter() - t0, 1)}
+    return {"summary": summary, "claims": claims, "ranking": rankings, "files": files, "dice": dice,
+            "reference_lesions": n_lesions, "dream_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def claims_32(runs, method: str | None = None) -> dict:
+    """The section 3.2 verdicts (CLAIMS_32) of one dream ``method`` (None: every run)."""
+    by_method = {} if method is None else {"method": method}
+    claims = {}
+    for key, (f, q, a, rel, b) in CLAIMS_32.items():
+        ua = unit_means(runs, f"{f}_{q}", network=a, **by_method)
+        ub = unit_means(runs, f"{f}_{q}", network=b, **by_method)
+        claims[key] = {"feature": f, "quantity": q, "network": a, "relation": rel, "other": b,
+                       "mean": mean_ci(statistical_units(ua).values())["mean"],
+                       "other_mean": mean_ci(statistical_units(ub).values())["mean"],
+                       **paired_verdict(ua, ub, rel)}
+    return claims
 
 
 def _table_32_md(summary) -> str:
-    lines = ["| network | Dice own val | Dice real tumours | RMS start -> final (HU) | max diameter final (mm) | "
-             "elongation final | score RMS | score elongation | runs with p(seed) > 0.5 |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | network | Dice own val | Dice real tumours | RMS start -> final (HU) | max diameter final (mm) | "
+             "elongation final | score RMS | score elongation | runs with p(seed) > 0.5 | runs flagged |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary:
         lines.append(
-            f"| {r['network']} | {r['dice_own']:.3f} | {r['dice_real_tumours']:.3f} | "
+            f"| {r['method']} | {r['network']} | {r['dice_own']:.3f} | {r['dice_real_tumours']:.3f} | "
             f"{_f(r['firstorder_RootMeanSquared_start_mean'], '.1f')} -> "
             f"{_ci_cols(r, 'firstorder_RootMeanSquared_final', '.1f')} | "
             f"{_ci_cols(r, 'shape2D_MaximumDiameter_final', '.1f')} | {_ci_cols(r, 'shape2D_Elongation_final', '.3f')} | "
             f"{_ci_cols(r, 'firstorder_RootMeanSquared_score', '+.2f')} | "
-            f"{_ci_cols(r, 'shape2D_Elongation_score', '+.2f')} | {r['runs_reaching_0.5']}/{r['runs']} |")
+            f"{_ci_cols(r, 'shape2D_Elongation_score', '+.2f')} | {r['runs_reaching_0.5']}/{r['runs']} | "
+            f"{r.get('runs_flagged', 0)}/{r['runs']} |")
     return "\n".join(lines)
 
 
@@ -700,37 +966,49 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results/reproduce")
     ap.add_argument("--quick", action="store_true",
-                    help="a smoke run: 2 epochs, 20 iterations, 2 seed points x 2 restarts (numbers meaningless)")
+                    help="a smoke run: 2 epochs, 20 iterations, 2 seed points, 2 training seeds (numbers meaningless)")
     ap.add_argument("--epochs", type=int, default=None)
-    ap.add_argument("--iterations", type=int, default=None)
-    ap.add_argument("--step", type=float, default=None)
-    ap.add_argument("--restarts", type=int, default=None, help="random restarts per seed point (default 2)")
-    ap.add_argument("--seed-points", type=int, default=None, help="seed points in the liver (default 4)")
+    ap.add_argument("--iterations", type=int, default=None, help="iterations of the paper method (default 600)")
+    ap.add_argument("--default-iterations", type=int, default=None,
+                    help="iterations of the default method (default 300, the engine's)")
+    ap.add_argument("--step", type=float, default=None, help="the paper method's alpha (default 300)")
+    ap.add_argument("--restarts", type=int, default=None, help="random restarts per seed point (default 1)")
+    ap.add_argument("--seed-points", type=int, default=None, help="seed points in the liver (default 8)")
+    ap.add_argument("--training-seeds", type=int, default=None,
+                    help="trainings (seeds 0, 1, ...) of every network (default 3; the statistical unit of the verdicts)")
+    ap.add_argument("--methods", default=None,
+                    help=f"dream methods, comma-separated (default {','.join(METHODS)}; 'default' is the engine's)")
     ap.add_argument("--markings", default=None,
-                    help=f"section 3.1 marking variants, comma-separated (default {','.join(MARKINGS)})")
+                    help=f"section 3.1 marking variants, comma-separated (default antialiased; also {', '.join(MARKINGS)})")
+    ap.add_argument("--starts", default=None,
+                    help=f"section 3.1 dream starts, comma-separated (default {','.join(STARTS)})")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)")
     ap.add_argument("--reuse", action="store_true", help="reuse networks already trained in --out/models")
     ap.add_argument("--only", choices=("3.1", "3.2"), default=None)
     ap.add_argument("--workers", type=int, default=None,
-                    help="dream on the study engine (a local Ray) with this many workers (`make reproduce`: one per core)")
+                    help="dream on the study engine (a local Ray) with this many workers, and train this many networks "
+                         "at once (`make reproduce`: one per core)")
     ap.add_argument("--address", default=None, help="dream on this Ray cluster instead (auto, ray://HOST:10001)")
     args = ap.parse_args(argv)
     s = Settings(threads=args.threads, workers=args.workers, address=args.address)
     if args.quick:
-        s = dataclasses.replace(s, epochs=2, iterations=20, restarts=2, seed_points=2, snapshot_every=5, feature_every=1)
-    for k in ("epochs", "iterations", "step", "restarts", "seed_points"):
-        if getattr(args, k) is not None:
-            setattr(s, k, getattr(args, k))
-    if args.markings is not None:
-        s.markings = tuple(m.strip() for m in args.markings.split(",") if m.strip())
-        unknown = [m for m in s.markings if m not in MARKINGS]
-        if unknown or not s.markings:
-            ap.error(f"--markings: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(MARKINGS)}")
+        s = dataclasses.replace(s, epochs=2, iterations=20, default_iterations=20, restarts=1, seed_points=2,
+                                training_seeds=2, snapshot_every=5, feature_every=1)
+    for k in ("epochs", "iterations", "default_iterations", "step", "restarts", "seed_points", "training_seeds"):
+        v = getattr(args, k)
+        if v is not None:
+            if v <= 0:
+                ap.error(f"--{k.replace('_', '-')} must be positive, got {v}")
+            setattr(s, k, v)
+    for opt, known in (("markings", MARKINGS), ("methods", METHODS), ("starts", STARTS)):
+        value = getattr(args, opt)
+        if value is not None:
+            chosen = tuple(dict.fromkeys(m.strip() for m in value.split(",") if m.strip()))
+            unknown = [m for m in chosen if m not in known]
+            if unknown or not chosen:
+                ap.error(f"--{opt}: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)}")
+            setattr(s, opt, chosen)
     torch.set_num_threads(s.threads)
-    if s.workers is not None or s.address is not None:  # one Ray for every comparison of the run
-        from DeepDreamAnalysisLib.studies.engine import _start_ray, require_ray
-
-        _start_ray(require_ray(), s.address, s.workers, 10.0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -741,26 +1019,43 @@ def main(argv=None) -> int:
     train_k, val_k = training.split_indices(volume[0].shape[0])
     train_h = training.lits_slices(train_k, "healthy", volume=volume)
     val_h = training.lits_slices(val_k, "healthy", volume=volume)
+    train_r = training.lits_slices(train_k, "real", volume=volume)
+    val_r = training.lits_slices(val_k, "real", volume=volume)
     demo_volume, _ = lits.demo_case()
     liver = lits.healthy_slice(volume[0], volume[1], lits.DEMO_SLICE).liver
     points = seed_points(liver, s.seed_points)
     log(f"Dream start: healthy slice {lits.DEMO_SLICE} (held out), seed points (i, j) = {points}, "
-        f"{s.restarts} restarts each")
+        f"{s.restarts} restart(s) each, {s.training_seeds} training seeds per network, methods {', '.join(s.methods)}")
     results = {"settings": dataclasses.asdict(s), "commit": commit, "seed_points_ij": [list(p) for p in points],
                "slice": lits.DEMO_SLICE, "torch": torch.__version__}
+    jobs = []
+    if args.only in (None, "3.1"):
+        for variant in s.markings:
+            jobs += jobs_31(s, train_h, val_h, variant)
+    if args.only in (None, "3.2"):
+        jobs += jobs_32(s, train_h, val_h, train_r, val_r)
+    trained = train_all(out, s, jobs, args.reuse)  # before Ray starts: the training processes are spawned
+    results["time_training_s"] = round(time.perf_counter() - t0, 1)
+    if s.workers is not None or s.address is not None:  # one Ray for every comparison of the run
+        from DeepDreamAnalysisLib.studies.engine import _start_ray, require_ray
+
+        _start_ray(require_ray(), s.address, s.workers, 10.0)
     if args.only in (None, "3.1"):
         results["section_3_1"] = {}
         for variant in s.markings:
             log(f"Section 3.1, marking '{variant}': networks G_p")
-            results["section_3_1"][variant] = section_31(out, s, train_h, val_h, demo_volume, points, args.reuse, variant)
+            results["section_3_1"][variant] = section_31(out, s, trained, val_h, demo_volume, points, variant)
         results["time_3_1_s"] = round(time.perf_counter() - t0, 1)
     if args.only in (None, "3.2"):
         log("Section 3.2: real vs synthetic, elongated vs round")
-        train_r = training.lits_slices(train_k, "real", volume=volume)
-        val_r = training.lits_slices(val_k, "real", volume=volume)
-        results["section_3_2"] = section_32(out, s, volume, train_h, val_h, train_r, val_r, val_k, demo_volume, points,
-                                            args.reuse)
+        results["section_3_2"] = section_32(out, s, trained, volume, val_h, val_r, val_k, demo_volume, points)
     results["total_s"] = round(time.perf_counter() - t0, 1)
+    try:
+        import os
+
+        results["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        pass
     (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
     (out / "results.md").write_text(_results_md(results) + "\n")
     log("")
@@ -776,41 +1071,53 @@ def _pair_text(p) -> str:
 
 def _claims_text(results) -> str:
     lines = []
+    st = results["settings"]
     n = len(results["seed_points_ij"])
-    lines.append(f"(verdicts: paired over {n} seed points, restarts averaged; 95% t-interval of the difference)")
+    ts = st.get("training_seeds", 1)
+    unit = (f"the unit is the training seed ({ts}), its value the mean over {n} seed points"
+            if ts > 1 else f"the unit is the seed point ({n})")
+    lines.append(f"(verdicts: paired differences, {unit}, restarts averaged; 95% t-interval of the mean difference)")
     for variant, sec in results.get("section_3_1", {}).items():
-        c = sec["claim"]
-        lines.append(f"3.1 [{variant}]: G_0 Dice {c['baseline_dice']:.3f}; relying on the marking (Dice < {RELIES:g} x "
-                     f"G_0's): {', '.join(c['relying']) or 'none'}; robust (Dice within {NEAR_BASELINE:g} of G_0's): "
-                     f"{', '.join(c['not_relying']) or 'none'}; intermediate: {', '.join(c['intermediate']) or 'none'}.")
-        for start, b in c["by_start"].items():
-            for key, label in (("window_response", "raw max 135-degree response (the paper's)"),
-                               ("window_selectivity", "contrast-normalised selectivity")):
-                v = b[key]
-                lines.append(f"3.1 [{variant}] ({start} start, {label}): every relying network above every robust one "
-                             f"-> {v['verdict'].upper()}; differences: "
-                             + "; ".join(_pair_text(p) for p in v["pairs"]))
+        for method, c in sec["claims"].items():
+            lines.append(f"3.1 [{variant}, {method}]: G_0 Dice {c['baseline_dice']:.3f}; relying on the marking "
+                         f"(Dice < {RELIES:g} x G_0's): {', '.join(c['relying']) or 'none'}; robust (Dice within "
+                         f"{NEAR_BASELINE:g} of G_0's): {', '.join(c['not_relying']) or 'none'}; intermediate: "
+                         f"{', '.join(c['intermediate']) or 'none'}.")
+            for start, b in c["by_start"].items():
+                for key, label in (("window_response", "raw max 135-degree response (the paper's)"),
+                                   ("window_selectivity", "contrast-normalised selectivity")):
+                    v = b[key]
+                    lines.append(f"3.1 [{variant}, {method}] ({start} start, {label}): every relying network above "
+                                 f"every robust one -> {v['verdict'].upper()}; differences: "
+                                 + "; ".join(_pair_text(p) for p in v["pairs"]))
     if "section_3_2" in results:
-        for key, c in results["section_3_2"]["claims"].items():
-            lines.append(f"3.2 {key}: {c['quantity']} {c['feature']} {c['network']} {_f(c['mean'], '.3f')} "
-                         f"{c['relation']} {c['other']} {_f(c['other_mean'], '.3f')}? difference "
-                         f"{_f(c['diff_mean'], '+.3f')} [{_f(c['diff_lo'], '+.3f')}, {_f(c['diff_hi'], '+.3f')}] "
-                         f"-> {c['verdict'].upper()}.")
+        for method, claims in results["section_3_2"]["claims"].items():
+            for key, c in claims.items():
+                lines.append(f"3.2 [{method}] {key}: {c['quantity']} {c['feature']} {c['network']} {_f(c['mean'], '.3f')} "
+                             f"{c['relation']} {c['other']} {_f(c['other_mean'], '.3f')}? difference "
+                             f"{_f(c['diff_mean'], '+.3f')} [{_f(c['diff_lo'], '+.3f')}, {_f(c['diff_hi'], '+.3f')}] "
+                             f"-> {c['verdict'].upper()}.")
     return "\n".join(lines)
 
 
 def _results_md(results) -> str:
+    st = results["settings"]
     out = ["# Reproduction results", "",
-           f"Commit {results['commit']}; settings `{json.dumps(results['settings'])}`; dream start: healthy slice "
+           f"Commit {results['commit']}; settings `{json.dumps(st)}`; dream start: healthy slice "
            f"{results['slice']}, seed points (i, j) = {results['seed_points_ij']}; total "
-           f"{results['total_s'] / 60:.1f} min. Values: mean [95 % CI] over seed points (restarts averaged).", ""]
+           f"{results['total_s'] / 60:.1f} min (training {results.get('time_training_s', 0) / 60:.1f} min), load average "
+           f"at the end {results.get('load_average_at_end')}. Values: mean [95 % CI] over training seeds of the "
+           f"seed-point means (restarts averaged); Dice: mean over training seeds.", ""]
     for variant, sec in results.get("section_3_1", {}).items():
         folder = "section3.1" if variant == "thin" else f"section3.1_{variant}"
         out += [f"## Section 3.1, marking '{variant}'", "", _table_31_md(sec["summary"]), "",
-                f"![fig4]({folder}/fig4_characteristic_feature.png)", ""]
+                "### Dream quality per method on the G_p networks", "", _quality_md(sec["quality"]), "",
+                f"![dreams of G_0 and G_1 per method]({folder}/dreams_G0_G1.png)", ""]
+        out += [f"![fig4 {m}]({folder}/fig4_{m}.png)" for m in st["methods"]] + [""]
     if "section_3_2" in results:
-        out += ["## Section 3.2", "", _table_32_md(results["section_3_2"]["summary"]), "",
-                "![fig5](section3.2/fig5_raw.png)", "", "![fig5z](section3.2/fig5_z.png)", ""]
+        out += ["## Section 3.2", "", _table_32_md(results["section_3_2"]["summary"]), ""]
+        for m in st["methods"]:
+            out += [f"![fig5 {m}](section3.2/fig5_raw_{m}.png)", "", f"![fig5z {m}](section3.2/fig5_z_{m}.png)", ""]
     out += ["## Verdicts", "", "```", _claims_text(results), "```"]
     return "\n".join(out)
 
