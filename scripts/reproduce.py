@@ -125,7 +125,7 @@ class Settings:
     seed: int = 0
     snapshot_every: int = 10
     feature_every: int = 2
-    markings: tuple = ("antialiased",)
+    markings: tuple = ("thin",)
     methods: tuple = METHODS
     starts: tuple = ("noise", "healthy")
     """Section 3.1 dream starts (white noise, the healthy slice)."""
@@ -979,7 +979,7 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=None,
                     help=f"dream methods, comma-separated (default {','.join(METHODS)}; 'default' is the engine's)")
     ap.add_argument("--markings", default=None,
-                    help=f"section 3.1 marking variants, comma-separated (default antialiased; also {', '.join(MARKINGS)})")
+                    help=f"section 3.1 marking variants, comma-separated (default thin; also {', '.join(MARKINGS)})")
     ap.add_argument("--starts", default=None,
                     help=f"section 3.1 dream starts, comma-separated (default {','.join(STARTS)})")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)")
