@@ -356,3 +356,30 @@ def test_seed_points_are_deterministic_deep_in_the_liver_and_spread_out():
     assert all(depth[j, i] >= R.MIN_DEPTH for i, j in pts)
     gaps = [math.hypot(a[0] - b[0], a[1] - b[1]) for n, a in enumerate(pts) for b in pts[:n]]
     assert min(gaps) > 20  # far apart, not clustered at the deepest voxel
+
+
+def test_with_training_seeds_the_unit_is_the_training_seed_not_the_seed_point():
+    R = _reproduce_module()
+    runs = []
+    # network a is 1.0 above b at every seed point of training seed 0 and 1, but 1.0 below at training seed 2
+    for t, delta in ((0, 1.0), (1, 1.0), (2, -1.0)):
+        for s in range(4):
+            for r in range(2):
+                runs.append({"network": "a", "training_seed": t, "seed_point": s, "restart": r, "x": 10.0 * s + delta + r})
+                runs.append({"network": "b", "training_seed": t, "seed_point": s, "restart": r, "x": 10.0 * s + r})
+    ua, ub = R.unit_means(runs, "x", network="a"), R.unit_means(runs, "x", network="b")
+    assert ua[(2, 3)] == pytest.approx(29.5) and len(ua) == 12  # (training seed, seed point) cells, restarts averaged
+    units = R.statistical_units(ua)
+    assert sorted(units) == [0, 1, 2] and units[0] == pytest.approx(16.5)  # mean over the 4 seed points
+    v = R.paired_verdict(ua, ub, ">")
+    # 12 cells, but 3 units (the training seeds): differences +1, +1, -1 -> mean 1/3, interval covers 0
+    assert v["unit"] == "training seed" and v["n"] == 3 and v["cells"] == 12
+    assert v["diff_mean"] == pytest.approx(1.0 / 3.0)
+    assert v["verdict"] == "inconclusive (difference within spread)"
+    # every training seed above (+1, +1, +1.1): holds over the 3 units
+    for row in runs:
+        if row["network"] == "a" and row["training_seed"] == 2:
+            row["x"] += 2.1
+    v = R.paired_verdict(R.unit_means(runs, "x", network="a"), R.unit_means(runs, "x", network="b"), ">")
+    assert v["verdict"] == "holds" and v["n"] == 3
+    assert R.unit_ci(runs, "x", network="b")["n"] == 3

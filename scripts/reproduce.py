@@ -1,24 +1,31 @@
 """Reproduce the paper's experiments (Couteaux et al. 2019, sections 3.1 and 3.2) on real CT.
 
-    python scripts/reproduce.py --out results/reproduce          # what `make reproduce` runs (about 25 min)
-    python scripts/reproduce.py --out /tmp/smoke --quick         # a smoke run (minutes; numbers meaningless)
+    python scripts/reproduce.py --out results/reproduce --workers 2    # what `make reproduce` runs
+    python scripts/reproduce.py --out /tmp/smoke --quick               # a smoke run (numbers meaningless)
 
 Data: axial slices of LiTS volume 117 (128^3, CC BY-NC-SA 4.0; `make data` fetches it), tumours
 inpainted away for the "healthy" slices (DeepDreamAnalysisLib.lits). Assumed spacing 1.6 x 1.6 mm
 in-plane, 3.0 mm between slices (not recorded in the files). Slices 38-50 are held out for
 validation (35-37 and 51-53 unused), training uses the others (scripts/training.py).
 
+Networks: every network is trained ``--training-seeds`` (3) times, seeds 0, 1, 2 (``<name>_t<seed>``;
+seed 0 is the single network of earlier versions), ``--workers`` trainings at once in separate
+processes.
+
 Dreams and statistics. Every dream starts on held-out healthy slice 44, at each of
-``--seed-points`` (4) seed points in its liver, chosen deterministically (:func:`seed_points`: the
+``--seed-points`` (8) seed points in its liver, chosen deterministically (:func:`seed_points`: the
 demo seed, the liver voxel deepest inside the liver, then farthest-point sampling among the liver
 voxels at least MIN_DEPTH voxels inside the liver and 16 from the image border), with
-``--restarts`` (2) random restarts each (DeepDreamAnalysisLib.compare.compare_models, one call per
-seed point, or the same runs on the study engine with ``--workers N``/``--address``, docs/studies.md; restart noise 10 HU on the healthy slice, a fresh white noise per restart and seed
-point for the noise start). Every network of a comparison sees the same start images. The unit of
-the statistics is the seed point (its restarts are averaged): per network and feature, the mean
-over the seed points and its 95 % Student-t confidence interval. A claim "A above B" is judged on
-the paired differences A - B over the seed points: **holds** when the difference's 95 % interval
-lies entirely on the claimed side, **does not hold** when it lies entirely on the other side,
+``--restarts`` (1) run(s) each, with every dream method of ``--methods`` (``paper``: the paper's plain
+update X <- X + 300 * dlogit/dX, 600 iterations; ``default``: the engine's default method,
+robust+spectral, with its image-unit step, ``--default-iterations`` 300), through
+studies.compare_models, or the same runs on the study engine with ``--workers N``/``--address``
+(docs/studies.md). Every network of a comparison sees the same start images. The statistical unit
+is the **training seed** (with one training seed: the seed point): per network and feature, the
+mean over the training seeds of the seed-point means, and its 95 % Student-t interval. A claim "A
+above B" is judged on paired differences A_t - B_t (same training seed t, same seed points),
+averaged over the seed points per training seed: **holds** when the 95 % interval over training
+seeds lies entirely on the claimed side, **does not hold** when entirely on the other side,
 **inconclusive (difference within spread)** otherwise.
 
 Section 3.1, the controlled experiment (the paper used COCO cats and dogs; here liver CT):
@@ -26,18 +33,19 @@ networks G_p, p in {0, 0.2, 0.5, 0.9, 1.0}, learn to segment synthetic low-contr
 lesions in healthy slices; each training lesion is marked with probability p by a texture of
 135-degree line segments with random positions and intensities (synthetic.MarkedLesions). Dice is
 measured on the held-out slices with *unmarked* lesions (and, for information, with every lesion
-marked). Each network dreams from liver-like white noise (100 +- 20 HU) and from the healthy slice.
-The characteristic feature is measured on the dream in a 31 x 31 voxel window around the seed:
-``line135_response`` (the paper's maximum response of a 135-degree line filter) and
-``line135_selectivity`` (its contrast-normalised variant, (E135 - E45)/(E135 + E45), see
-features/custom.py). Networks are grouped by unmarked Dice: relying on the marking (below half of
-G_0's), robust (within 0.1 of G_0's), intermediate (neither; not part of the claim). Claim: every
-relying network ends its dream with a higher characteristic feature than every robust network
-(paired over seed points, per start and per feature). Two markings, each with its own five
-networks: ``thin`` (the original one-voxel rasterised segments) and ``antialiased`` (the same
-random draws drawn as anti-aliased segments 2 voxels wide, synthetic.LineMarking(width=2)); the
-second is the one fix tried for the selectivity failure of the first run (G_1 dreamed an
-unoriented checkerboard), chosen before any run with it and not tuned afterwards.
+marked). Each network dreams from liver-like white noise (100 +- 20 HU) and from the healthy slice
+(``--starts``). The characteristic feature is measured on the dream in a 31 x 31 voxel window
+around the seed: ``line135_response`` (the paper's maximum response of a 135-degree line filter)
+and ``line135_selectivity`` (its contrast-normalised variant, (E135 - E45)/(E135 + E45), see
+features/custom.py). Networks are grouped by unmarked Dice (mean over training seeds): relying on
+the marking (below half of G_0's), robust (within 0.1 of G_0's), intermediate (neither; not part
+of the claim). Claim: every relying network ends its dream with a higher characteristic feature
+than every robust network (per method, per start and per feature). Markings (``--markings``):
+``thin`` (default; one-voxel rasterised segments) and ``antialiased`` (opt-in; 2 voxels wide,
+the earlier run's attempted fix, with which the marked networks did not learn the task). Per
+method, the dream quality on the G_p networks (runs reaching p > 0.5, checkerboard index, mask
+compactness, quality flags, as scripts/evaluate_methods.py measures them) and a figure of the
+dreams of G_0 and G_1 side by side.
 
 Section 3.2: a network trained on the real tumours against one trained on synthetic round
 hypointense lesions; a network trained on synthetic elongated lesions against the round one.
@@ -47,10 +55,9 @@ intensity is lower; secondary: its RMS sensitivity score is higher); the elongat
 is more sensitive to elongation (its dreams' final pyradiomics Elongation is lower, i.e. more
 elongated; secondary: its Elongation sensitivity score is higher).
 
-Smaller than the paper: 2D MONAI UNets with 8/16/32 channels, 40 epochs; 600 dream iterations of
-the paper's plain update X <- X + 300 * dlogit/dX (HU). Everything is written into --out: tables
-(CSV and markdown, per-run CSVs), figures (PNG), ``results.md`` (tables, verdicts),
-``results.json``, the trained networks (``models/``).
+Smaller than the paper: 2D MONAI UNets with 8/16/32 channels, 40 epochs. Everything is written
+into --out: tables (CSV and markdown, per-run CSVs), figures (PNG), ``results.md`` (tables,
+verdicts), ``results.json``, the trained networks (``models/``).
 """
 
 from __future__ import annotations

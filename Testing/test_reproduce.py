@@ -1,0 +1,98 @@
+"""The reproduction's statistics with training seeds and dream methods (scripts/reproduce.py)."""
+
+import importlib
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _reproduce():
+    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    return importlib.import_module("reproduce")
+
+
+def _runs(values, method="paper", start="healthy", key="window_response_final"):
+    """values[network][training_seed][seed_point] -> one run record each (one restart)."""
+    return [{"method": method, "network": net, "training_seed": t, "start": start, "seed_point": s, "restart": 0,
+             key: v}
+            for net, per_seed in values.items() for t, per_point in enumerate(per_seed) for s, v in enumerate(per_point)]
+
+
+def test_with_training_seeds_the_cells_are_pairs_and_the_unit_is_the_training_seed():
+    R = _reproduce()
+    runs = _runs({"a": [[1.0, 3.0], [5.0, math.nan]]})
+    cells = R.unit_means(runs, "window_response_final", network="a")
+    assert cells == {(0, 0): 1.0, (0, 1): 3.0, (1, 0): 5.0}
+    assert R.statistical_units(cells) == {0: 2.0, 1: 5.0}  # per training seed, the mean over its seed points
+    c = R.unit_ci(runs, "window_response_final", network="a")
+    assert c["n"] == 2 and c["mean"] == pytest.approx(3.5)
+
+
+def test_training_variance_enters_the_verdict():
+    R = _reproduce()
+    b = {(t, s): 10.0 for t in range(3) for s in range(8)}
+    # a above b by 1 at every seed point of every training seed: holds, n = 3 training seeds (not 24 cells)
+    a = {(t, s): 11.0 + 0.01 * s for t in range(3) for s in range(8)}
+    v = R.paired_verdict(a, b, ">")
+    assert v["verdict"] == "holds" and v["n"] == 3 and v["cells"] == 24 and v["unit"] == "training seed"
+    # one training far above, two slightly below: over the 24 cells the mean difference is positive and its
+    # pseudo-replicated interval would exclude 0, but over the 3 trainings it is within the spread
+    a = {(t, s): (40.0 if t == 0 else 9.5) + 0.01 * s for t in range(3) for s in range(8)}
+    pooled = R.mean_ci([a[k] - b[k] for k in a])
+    assert pooled["lo"] > 0  # what (training seed x seed point) units would have called "holds"
+    assert R.paired_verdict(a, b, ">")["verdict"] == "inconclusive (difference within spread)"
+    # every training below: does not hold
+    a = {(t, s): 9.0 - 0.1 * t for t in range(3) for s in range(8)}
+    assert R.paired_verdict(a, b, ">")["verdict"] == "does not hold"
+    # one training seed in common: not testable
+    assert R.paired_verdict({(0, 0): 5.0}, b, ">")["verdict"].startswith("not testable (1 training seed")
+
+
+def test_section_31_verdict_per_method_with_training_seeds():
+    R = _reproduce()
+    dice = [{"p": p, "network": f"G_{p:g}", "training_seed": t, "dice_unmarked": d + 0.01 * t}
+            for p, d in ((0.0, 0.60), (0.2, 0.55), (0.5, 0.40), (0.9, 0.05), (1.0, 0.0)) for t in range(3)]
+    robust = [[50.0, 40.0, 55.0, 45.0], [52.0, 44.0, 53.0, 47.0], [49.0, 42.0, 51.0, 46.0]]
+    high = [[150.0, 120.0, 170.0, 140.0], [160.0, 110.0, 175.0, 130.0], [155.0, 115.0, 165.0, 135.0]]
+    # paper: the relying networks dream more of the marking; default: one training of G_1 dreams less
+    low_once = [high[0], [20.0, 10.0, 30.0, 25.0], high[2]]
+    runs = _runs({"G_0": robust, "G_0.2": robust, "G_0.5": high, "G_0.9": high, "G_1": high}, "paper") \
+        + _runs({"G_0": robust, "G_0.2": robust, "G_0.5": high, "G_0.9": high, "G_1": low_once}, "default")
+    paper = R.claim_31(dice, runs, method="paper")
+    assert paper["relying"] == ["G_0.9", "G_1"] and paper["not_relying"] == ["G_0", "G_0.2"]
+    assert paper["dice_unmarked"]["G_0"] == pytest.approx(0.61)  # mean over the three trainings
+    v = paper["by_start"]["healthy"]["window_response"]
+    assert v["verdict"] == "holds" and all(p["n"] == 3 for p in v["pairs"])
+    assert "noise" not in paper["by_start"]  # no noise-start runs: no noise verdict
+    default = R.claim_31(dice, runs, method="default")
+    assert default["by_start"]["healthy"]["window_response"]["verdict"] == "inconclusive (difference within spread)"
+
+
+def test_method_quality_counts_reached_clean_and_flags_per_method():
+    R = _reproduce()
+    runs = [{"method": "paper", "start": "healthy", "reached": True, "clean": False, "checkerboard": 0.8,
+             "component_share": 0.01, "touches_border": False, "flags": "checkerboard"},
+            {"method": "paper", "start": "healthy", "reached": False, "clean": False, "checkerboard": 0.6,
+             "component_share": 0.0, "touches_border": False, "flags": "checkerboard no_dream"},
+            {"method": "default", "start": "healthy", "reached": True, "clean": True, "checkerboard": 0.1,
+             "component_share": 0.02, "touches_border": False, "flags": ""}]
+    rows = {r["method"]: r for r in R.method_quality(runs, ("paper", "default"))}
+    assert rows["paper"]["reached"] == 1 and rows["paper"]["clean"] == 0 and rows["paper"]["runs"] == 2
+    assert rows["paper"]["checkerboard_mean"] == pytest.approx(0.7)
+    assert rows["paper"]["flags"] == "checkerboard 2, no_dream 1"
+    assert rows["default"]["clean"] == 1 and rows["default"]["flags"] == "none"
+    assert "| `default` | healthy | 1/1 | 1/1 | 0.10 |" in R._quality_md(R.method_quality(runs, ("default",)))
+
+
+def test_unknown_method_or_zero_training_seeds_is_refused_with_the_choices(capsys):
+    R = _reproduce()
+    with pytest.raises(SystemExit) as e:
+        R.main(["--methods", "paper,magic"])
+    assert e.value.code == 2 and "choose from paper, default" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        R.main(["--training-seeds", "0"])
+    assert e.value.code == 2 and "--training-seeds must be positive" in capsys.readouterr().err
