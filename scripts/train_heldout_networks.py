@@ -311,6 +311,25 @@ def card(spec: Spec, log: dict) -> dict:
     }
 
 
+def write_reference(spec: Spec, path: Path, images: int = 24, seed: int = 4242) -> None:
+    """Reference statistics of this network's lesions (the default features, native backend, and the
+    lesion amplitude spectrum that ``--method lesion-spectrum`` needs) from ``images`` generated training
+    images with two lesions each (a generator seed no training or test image uses), written to ``path``."""
+    from DeepDreamAnalysisLib.config import FeatureConfig
+    from DeepDreamAnalysisLib.features import build_feature_set
+    from DeepDreamAnalysisLib.reference import compute_reference
+    from DeepDreamAnalysisLib.volume import Volume
+
+    rng = np.random.default_rng(seed)
+    lesion = spec.target_class if spec.activation == "softmax" else 1
+    pairs = []
+    for _ in range(images):
+        image, label = make_sample(spec, rng, n_lesions=2)
+        pairs.append((Volume(image, spacing=spec.spacing), Volume((label == lesion).astype(np.float32), spacing=spec.spacing)))
+    stats = compute_reference(pairs, build_feature_set(FeatureConfig(backend="native"), spec.dims))
+    stats.save(str(path))
+    print(f"{spec.name}: reference statistics of {stats.lesion_count} lesions -> {path}")
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="Testing/Data/heldout")
@@ -319,14 +338,19 @@ def main(argv=None) -> int:
     ap.add_argument("--round", type=int, choices=(1, 2), default=1,
                     help="1: the first held-out set (Testing/Data/heldout); 2: the second, made after all "
                          "tuning (write it with --out Testing/Data/heldout2)")
+    ap.add_argument("--references-only", action="store_true",
+                    help="only (re)write each network's reference.json (lesion statistics and spectrum)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     for spec in (SPECS if args.round == 1 else SPECS_ROUND2):
         if args.only and spec.name not in args.only:
             continue
+        folder = Path(args.out) / spec.name
+        if args.references_only:
+            write_reference(spec, folder / "reference.json")
+            continue
         net, log = train(spec, args.steps, seed=0)
         log["val_dice"] = round(dice(spec, net), 3)
-        folder = Path(args.out) / spec.name
         folder.mkdir(parents=True, exist_ok=True)
         torch.save({k: v.detach().contiguous() for k, v in net.state_dict().items()}, folder / "model.pt")
         (folder / "model.card.json").write_text(json.dumps(card(spec, log), indent=2) + "\n")
@@ -335,6 +359,7 @@ def main(argv=None) -> int:
         itk.SetSpacing(spec.spacing)
         sitk.WriteImage(itk, str(folder / "healthy.nii.gz"), useCompression=True)
         (folder / "seeds.json").write_text(json.dumps({"seeds_ijk": seeds}, indent=1) + "\n")
+        write_reference(spec, folder / "reference.json")
         print(f"{spec.name}: dice {log['val_dice']:.3f}, loss {log['final_loss']:.3f}, {log['seconds']} s")
     return 0
 
