@@ -465,7 +465,10 @@ def bench_slicer_gil(device: str, iterations: int, rounds: int = 3, cancel_after
     # a worker thread, for comparison (it starves under the loop: few iterations)
     handle = AnalysisLogicCore().run(node, path, seed, config=panel_config("paper", 20), referencePath=reference,
                                      waitForCompletion=False, process=False)
-    thread_rate = run_through_loop(handle).rate
+    try:
+        thread_rate = run_through_loop(handle, timeout_s=120).rate
+    except TimeoutError:  # starved past the limit (on a loaded machine): no rate, the run is cancelled
+        thread_rate = float("nan")
     head_paper = headless_rate(vol, seed, model, panel_config("paper", 60))
     logic = AnalysisLogicCore()
     handle = logic.run(node, path, seed, config=panel_config("paper", 100000), referencePath=reference,
