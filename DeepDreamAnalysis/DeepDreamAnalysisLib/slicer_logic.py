@@ -550,6 +550,11 @@ class AnalysisLogicCore:
             scene=self.scene,
             metadata={"model": str(getattr(loaded, "path", modelPath)), "seed_ijk": list(seed_ijk),
                       "device": device, "features": list(names)})
+        # composed before the worker starts: nothing after runner.start() may fail and orphan a worker
+        step_text = "auto" if config.dream.step is None else f"{config.dream.step:g}"
+        running_message = (f"Running {'in a worker process: ' if process else ''}{config.dream.iterations} iterations "
+                           f"(method {config.dream.method}, step {step_text}) at seed "
+                           f"(i,j,k)={seed_ijk} with {len(names)} features.")
         try:
             if process:
                 from .process_runner import ProcessRunner
@@ -571,10 +576,7 @@ class AnalysisLogicCore:
             scene_mod.remove_run_nodes(self.scene, updater.run_id)
             raise
         self.handle = handle
-        step_text = "auto" if config.dream.step is None else f"{config.dream.step:g}"
-        _say(logCallback, f"Running {'in a worker process: ' if process else ''}{config.dream.iterations} iterations "
-                          f"(method {config.dream.method}, step {step_text}) at seed "
-                          f"(i,j,k)={seed_ijk} with {len(names)} features.")
+        _say(logCallback, running_message)
         if not waitForCompletion:
             return self.handle
         return self.handle.wait(idle=idle)
