@@ -18,7 +18,7 @@ demo seed, the liver voxel deepest inside the liver, then farthest-point samplin
 voxels at least MIN_DEPTH voxels inside the liver and 16 from the image border), with
 ``--restarts`` (1) run(s) each, with every dream method of ``--methods`` (``paper``: the paper's plain
 update X <- X + 300 * dlogit/dX, 600 iterations; ``default``: the engine's default method,
-robust+spectral, with its image-unit step, ``--default-iterations`` 300), through
+robust+spectral, with its image-unit step, ``--default-iterations`` 150), through
 studies.compare_models, or the same runs on the study engine with ``--workers N``/``--address``
 (docs/studies.md). Every network of a comparison sees the same start images. The statistical unit
 is the **training seed** (with one training seed: the seed point): per network and feature, the
@@ -121,8 +121,8 @@ class Settings:
     epochs: int = 40
     iterations: int = 600
     """Iterations of the ``paper`` method."""
-    default_iterations: int = 300
-    """Iterations of the ``default`` method (the engine's default; it reaches p > 0.5 in tens)."""
+    default_iterations: int = 150
+    """Iterations of the ``default`` method (it reaches p > 0.5 within 27 on the G_p networks, docs/reproduction.md)."""
     step: float = 300.0
     """The ``paper`` method's alpha (HU per unit of dlogit/dX); the default method uses the engine's step."""
     restarts: int = 1
@@ -977,7 +977,7 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--iterations", type=int, default=None, help="iterations of the paper method (default 600)")
     ap.add_argument("--default-iterations", type=int, default=None,
-                    help="iterations of the default method (default 300, the engine's)")
+                    help="iterations of the default method (default 150)")
     ap.add_argument("--step", type=float, default=None, help="the paper method's alpha (default 300)")
     ap.add_argument("--restarts", type=int, default=None, help="random restarts per seed point (default 1)")
     ap.add_argument("--seed-points", type=int, default=None, help="seed points in the liver (default 8)")
@@ -989,6 +989,9 @@ def main(argv=None) -> int:
                     help=f"section 3.1 marking variants, comma-separated (default thin; also {', '.join(MARKINGS)})")
     ap.add_argument("--starts", default=None,
                     help=f"section 3.1 dream starts, comma-separated (default {','.join(STARTS)})")
+    ap.add_argument("--feature-every", type=int, default=None,
+                    help="compute the mask features every N iterations (default 2; the verdicts use the window "
+                         "features of the snapshots, every 10)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)")
     ap.add_argument("--reuse", action="store_true", help="reuse networks already trained in --out/models")
     ap.add_argument("--only", choices=("3.1", "3.2"), default=None)
@@ -1001,7 +1004,8 @@ def main(argv=None) -> int:
     if args.quick:
         s = dataclasses.replace(s, epochs=2, iterations=20, default_iterations=20, restarts=1, seed_points=2,
                                 training_seeds=2, snapshot_every=5, feature_every=1)
-    for k in ("epochs", "iterations", "default_iterations", "step", "restarts", "seed_points", "training_seeds"):
+    for k in ("epochs", "iterations", "default_iterations", "step", "restarts", "seed_points", "training_seeds",
+              "feature_every"):
         v = getattr(args, k)
         if v is not None:
             if v <= 0:
