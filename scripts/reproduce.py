@@ -9,7 +9,7 @@ in-plane, 3.0 mm between slices (not recorded in the files). Slices 38-50 are he
 validation (35-37 and 51-53 unused), training uses the others (scripts/training.py).
 
 Networks: every network is trained ``--training-seeds`` (3) times, seeds 0, 1, 2 (``<name>_t<seed>``;
-seed 0 is the single network of earlier versions), ``--workers`` trainings at once in separate
+seed 0 is the earlier versions' seed), ``--workers`` trainings at once in separate
 processes.
 
 Dreams and statistics. Every dream starts on held-out healthy slice 44, at each of
