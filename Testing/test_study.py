@@ -164,8 +164,27 @@ def test_unreachable_address_fails_fast_with_a_clear_message(files, tmp_path, ca
 def first_study(cluster, files, tmp_path_factory):
     out = tmp_path_factory.mktemp("study") / "out"
     study = _write(files["folder"], _spec(files), "first.json")
+    before = _shipped_model_folders()
     rc = cli.main(["study", str(study), "--out", str(out)])
+    _LEFT_IN_TMP[:] = sorted(_shipped_model_folders() - before)
     return study, out, rc
+
+
+_LEFT_IN_TMP: list = []
+
+
+def _shipped_model_folders() -> set:
+    import glob
+    import tempfile
+
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "ddstudy-*"))) - set(
+        glob.glob(os.path.join(tempfile.gettempdir(), "ddstudy-features-*")))
+
+
+def test_workers_leave_no_copy_of_a_shipped_model_in_tmp(first_study):
+    study, out, rc = first_study
+    assert rc == 0
+    assert _LEFT_IN_TMP == [], f"the study left {len(_LEFT_IN_TMP)} folders in /tmp: {_LEFT_IN_TMP[:3]}"
 
 
 def test_study_command_runs_every_run_and_writes_the_table(first_study, files):

@@ -18,6 +18,9 @@ runs in progress ``interrupted`` and the same command resumes.
 
 from __future__ import annotations
 
+import atexit
+import shutil
+
 import json
 import logging
 import os
@@ -98,16 +101,16 @@ def _load_shipped_model(payload: dict):
         from ..models import load_model
 
         if payload.get("bytes") is None:  # a folder (MONAI bundle): the cluster must see the path
-            path, card = payload["path"], payload.get("card_path")
-        else:
-            folder = Path(tempfile.mkdtemp(prefix="ddstudy-"))
-            path = folder / payload["filename"]
-            path.write_bytes(payload["bytes"])
-            card = None
-            if payload.get("card_bytes") is not None:
-                card = folder / "card.json"
-                card.write_bytes(payload["card_bytes"])
-        model = load_model(path, card=card, device="cpu")
+            model = load_model(payload["path"], card=payload.get("card_path"), device="cpu")
+        else:  # the shipped copy lives only while it is loaded: nothing is left in the worker's /tmp
+            with tempfile.TemporaryDirectory(prefix="ddstudy-") as folder:
+                path = Path(folder) / payload["filename"]
+                path.write_bytes(payload["bytes"])
+                card = None
+                if payload.get("card_bytes") is not None:
+                    card = Path(folder) / "card.json"
+                    card.write_bytes(payload["card_bytes"])
+                model = load_model(path, card=card, device="cpu")
         model.path = payload["path"]  # the run.json names the user's file, not the worker's copy
         _MODEL_CACHE.clear()  # one model at a time per worker keeps memory bounded
         _MODEL_CACHE[key] = model
@@ -227,6 +230,7 @@ def _local_custom(spec: StudySpec) -> dict[str, str]:
         if not same:
             if sha not in _CUSTOM_FILES or not _CUSTOM_FILES[sha].is_file():
                 folder = Path(tempfile.mkdtemp(prefix="ddstudy-features-"))
+                atexit.register(shutil.rmtree, folder, True)  # the feature's code is imported from it during the runs
                 (folder / path.name).write_bytes(data)
                 _CUSTOM_FILES[sha] = folder / path.name
             targets[name] = f"{_CUSTOM_FILES[sha]}:{targets[name].rpartition(':')[2]}"
