@@ -101,6 +101,18 @@ def demo_model():
     return Model(unet(2), card(2, (96, 96)))
 
 
+def demo_crop(device: str, count: int = 1):
+    """The demo network on ``device``, its card, ``count`` liver-like starts of its roi (HU, float32,
+    ``[k, j, i]``, drawn in turn from one generator seeded 0) and the crop's centre as the seed."""
+    model = demo_model()
+    c = model.card
+    roi = c.roi_size or (96, 96)
+    shape = (1,) + tuple(roi) if c.spatial_dims == 2 else tuple(roi)
+    rng = np.random.default_rng(0)
+    starts = [rng.normal(110.0, 15.0, shape).astype(np.float32) for _ in range(count)]
+    return model.network.to(device), c, starts, tuple(n // 2 for n in shape)
+
+
 def liver_slice(shape=(1, 128, 128)) -> Volume:
     rng = np.random.default_rng(0)
     return Volume(rng.normal(110.0, 15.0, shape).astype(np.float32), spacing=(1.6, 1.6, 3.0))
@@ -122,14 +134,7 @@ def config(iterations, names=(), step=2000.0, device="cpu", every=1, backend="au
 
 def bench_loop_overhead(device: str, iterations: int) -> dict:
     """Our DreamLoop (no features) against the bare minimum torch loop, same model and crop."""
-    model = demo_model()
-    net = model.network.to(device)
-    c = model.card
-    roi = c.roi_size or (96, 96)
-    shape = (1,) + tuple(roi) if c.spatial_dims == 2 else tuple(roi)
-    rng = np.random.default_rng(0)
-    start = rng.normal(110.0, 15.0, shape).astype(np.float32)
-    seed = tuple(n // 2 for n in shape)
+    net, c, (start,), seed = demo_crop(device)
     dev = torch.device(device)
 
     def ours():
@@ -154,7 +159,7 @@ def bench_loop_overhead(device: str, iterations: int) -> dict:
     t_ours, t_bare = _best_of(ours, bare, device, repeats=5)
     return {"ratio": t_ours / t_bare, "ours_ms_per_iteration": 1000 * t_ours / iterations,
             "bare_ms_per_iteration": 1000 * t_bare / iterations, "iterations": iterations,
-            "model": c.name, "crop": list(shape)}
+            "model": c.name, "crop": list(start.shape)}
 
 
 BENCH_METHODS = ("ascent", "robust", "spectral", "accentuate", "adam", "robust+spectral", "lesion-spectrum")
@@ -163,13 +168,7 @@ BENCH_METHODS = ("ascent", "robust", "spectral", "accentuate", "adam", "robust+s
 def bench_methods(device: str, iterations: int) -> dict:
     """One line per dream method: time per iteration against ``paper`` on the same demo crop
     (docs/dream-methods.md). ``robust`` runs its K=4 copies as one batched forward."""
-    model = demo_model()
-    net = model.network.to(device)
-    c = model.card
-    roi = c.roi_size or (96, 96)
-    shape = (1,) + tuple(roi) if c.spatial_dims == 2 else tuple(roi)
-    start = np.random.default_rng(0).normal(110.0, 15.0, shape).astype(np.float32)
-    seed = tuple(n // 2 for n in shape)
+    net, c, (start,), seed = demo_crop(device)
     dev = torch.device(device)
     ref_path = ROOT / "Resources" / "DemoModel" / "demo_reference.json"
     reference = None
@@ -202,14 +201,7 @@ def bench_batched_restarts(device: str, iterations: int, restarts: int = 4) -> d
     default method (``batched_restarts``, target <= 2.0) and for ``paper`` (``batched_restarts paper``)."""
     from DeepDreamAnalysisLib.engine.batched import BatchedDreamLoop
 
-    model = demo_model()
-    net = model.network.to(device)
-    c = model.card
-    roi = c.roi_size or (96, 96)
-    shape = (1,) + tuple(roi) if c.spatial_dims == 2 else tuple(roi)
-    rng = np.random.default_rng(0)
-    starts = [rng.normal(110.0, 15.0, shape).astype(np.float32) for _ in range(restarts)]
-    seed = tuple(n // 2 for n in shape)
+    net, c, starts, seed = demo_crop(device, restarts)
     dev = torch.device(device)
     out = {}
     for method, name in (("robust+spectral", "batched_restarts"), ("paper", "batched_restarts paper")):
