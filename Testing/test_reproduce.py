@@ -96,3 +96,38 @@ def test_unknown_method_or_zero_training_seeds_is_refused_with_the_choices(capsy
     with pytest.raises(SystemExit) as e:
         R.main(["--training-seeds", "0"])
     assert e.value.code == 2 and "--training-seeds must be positive" in capsys.readouterr().err
+
+
+def test_a_training_that_did_not_learn_is_retrained_with_a_new_seed_and_recorded(tmp_path):
+    """The rule of replace_failed_trainings on real (one-epoch) trainings of a G_1 network."""
+    from DeepDreamAnalysisLib import lits
+
+    try:
+        volume = lits.load_lits117()
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"the demo CT is part of `make test`'s set-up: {exc}")
+    R = _reproduce()
+    training = R.training
+    train_k, val_k = training.split_indices(volume[0].shape[0])
+    train_h = training.lits_slices(train_k[:6], "healthy", volume=volume)
+    val_h = training.lits_slices(val_k[:3], "healthy", volume=volume)
+    settings = R.Settings(epochs=1, training_seeds=2, seed=0)
+    job = [j for j in R.jobs_31(settings, train_h, val_h, "thin") if j.name == "G_1_t1"]
+    trained = R.train_all(tmp_path, settings, job)
+    first = trained["G_1_t1"][0]
+
+    assert R.replace_failed_trainings(tmp_path, settings, job, trained, min_dice=0.0) == []  # learned: kept
+    assert trained["G_1_t1"][0] is first
+
+    records = R.replace_failed_trainings(tmp_path, settings, job, trained, min_dice=1.01, max_replacements=2)
+    (rec,) = records
+    assert rec["failed"] == "G_1_t1" and rec["training_seed"] == 1 and rec["network"] == "G_1"
+    assert [a["model"] for a in rec["attempts"]] == ["G_1_t1_retrain1", "G_1_t1_retrain2"]
+    assert [a["seed"] for a in rec["attempts"]] == [101, 201]
+    assert rec["learned"] is False and rec["replacement"] == "G_1_t1_retrain2"
+    assert (tmp_path / "models" / "G_1_t1_retrain2" / "G_1_t1_retrain2.pt").is_file()
+    model, tlog = trained["G_1_t1"]  # the slot now holds the last attempt
+    assert model is not first and tlog["replaces"] == "G_1_t1" and tlog["name"] == "G_1_t1_retrain2"
+    md = R._results_md({"settings": {"methods": []}, "commit": "x", "slice": 44, "seed_points_ij": [],
+                        "total_s": 60, "replaced_trainings": records})
+    assert "G_1_t1 (seed 1, own Dice" in md and "G_1_t1_retrain2 (seed 201" in md and "still did not learn" in md
