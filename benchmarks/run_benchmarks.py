@@ -600,8 +600,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--update-readme", action="store_true",
-                    help="write the table into README.md's Benchmarks section (with --only: the other rows from the "
-                         "newest full run recorded in --out)")
+                    help="write the table into README.md's Benchmarks section (with --only: each other row from the "
+                         "newest run recorded in --out that measured it)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads for the in-process benchmarks (default: torch's; a study worker uses 1)")
     args = ap.parse_args(argv)
@@ -649,28 +649,31 @@ def main(argv=None) -> int:
     print(f"\nwritten {path}")
     if args.update_readme:
         if args.only:
-            record = _merged_with_last_full_run(record, out, args.device)
+            record = _merged_with_earlier_runs(record, out, args.device)
         update_readme(record, path)
     return 0
 
 
-def _merged_with_last_full_run(record: dict, folder: Path, device: str) -> dict:
-    """``record`` with the rows it lacks taken from the newest full (not --quick, not --only) run on
-    ``device`` in ``folder``, the README header naming that file too."""
-    runs = []
-    for f in sorted(folder.glob(f"*-{device}.json")):
+def _merged_with_earlier_runs(record: dict, folder: Path, device: str) -> dict:
+    """``record`` with the rows it lacks taken, row by row, from the newest earlier run on ``device``
+    in ``folder`` that measured that row (full or ``--only`` runs; never ``--quick`` ones, never a row
+    that failed), so an ``--only`` run never puts back an older figure over a newer one. The README
+    header names the files the other rows come from."""
+    rows: dict = {}
+    for f in sorted(folder.glob(f"*-{device}.json")):  # file names start with the UTC time: oldest first
         try:
             old = json.loads(f.read_text())
         except (OSError, ValueError):
             continue
-        if not old.get("quick") and not old.get("only"):
-            runs.append((f, old))
-    if not runs:
-        return record
-    f, old = runs[-1]
-    merged = dict(old["results"])
+        if old.get("quick"):
+            continue
+        for name, value in old.get("results", {}).items():
+            if not (isinstance(value, dict) and "error" in value):
+                rows[name] = (f.name, value)
+    merged = {name: value for name, (_, value) in rows.items()}
     merged.update(record["results"])
-    return dict(record, results=merged, also_from=f.name)
+    sources = sorted({src for name, (src, _) in rows.items() if name not in record["results"]})
+    return dict(record, results=merged, also_from=", ".join(sources)) if sources else record
 
 
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
