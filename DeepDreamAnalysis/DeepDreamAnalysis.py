@@ -488,16 +488,29 @@ class DeepDreamAnalysisLogic(ScriptedLoadableModuleLogic, AnalysisLogicCore):
         self._timer.start()
 
     def _onTimer(self) -> None:
-        if self.handle is None or not self.handle.processEvents():
+        going = False
+        for handle in (self.handle, self._comparison):  # a run and a comparison: one drain path
+            if handle is not None and handle.processEvents():
+                going = True
+        if not going:
             self._timer.stop()
 
     def compareModels(self, volumeNode, models, seed=None, **kwargs):
-        """See AnalysisLogicCore.compareModels; keeps Slicer's GUI painting while it waits."""
-        kwargs.setdefault("idle", slicer.app.processEvents)
+        """See AnalysisLogicCore.compareModels. Blocking: keeps Slicer's GUI painting while it
+        waits. Non-blocking (``waitForCompletion=False``): a worker process (``PythonSlicer``) for
+        model paths, drained by this logic's timer (``manualDrain=True``: call
+        handle.processEvents() yourself); returns the handle."""
+        waitForCompletion = kwargs.get("waitForCompletion", True)
+        if waitForCompletion:
+            kwargs.setdefault("idle", slicer.app.processEvents)
         from DeepDreamAnalysisLib.slicer_deps import require_torch
 
         require_torch()
-        return AnalysisLogicCore.compareModels(self, volumeNode, models, seed, **kwargs)
+        manualDrain = kwargs.pop("manualDrain", False)
+        result = AnalysisLogicCore.compareModels(self, volumeNode, models, seed, **kwargs)
+        if not waitForCompletion and not manualDrain:
+            self._startTimer()
+        return result
 
     def abandon(self, timeout: float = 10.0) -> None:
         if self._timer is not None:

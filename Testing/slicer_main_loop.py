@@ -65,9 +65,20 @@ class LoopFigures:
     receipts: list = field(default_factory=list, repr=False)
 
 
+def _iterations_done(report) -> int:
+    """Iterations a report stands for: a run's ``Progress`` counts its own; a comparison's
+    ``CompareProgress`` counts the runs before it too (restarts run as a batch, so this is a rough,
+    not always increasing, count)."""
+    step = getattr(report, "step", None)
+    if step is not None:
+        return step.iteration + 1
+    return report.run_index * report.progress.total_iterations + report.progress.step.iteration + 1
+
+
 def run_through_loop(handle, *, tick_s: float = TICK_S, cancel_after: int | None = None, timeout_s: float = 300.0,
                      hold_gil: bool = True) -> LoopFigures:
-    """Drain ``handle`` (a :class:`~DeepDreamAnalysisLib.slicer_logic.RunHandle`) from a loop that
+    """Drain ``handle`` (a :class:`~DeepDreamAnalysisLib.slicer_logic.RunHandle`, or a
+    ``ComparisonHandle``: then ``rate`` stays NaN and iterations count roughly) from a loop that
     idles ``tick_s`` between drains, holding the GIL (``hold_gil``) or not (``time.sleep``).
     ``cancel_after``: call ``handle.cancel()`` at the first drain that has received that many
     iterations, and measure how long until the run has ended."""
@@ -85,11 +96,12 @@ def run_through_loop(handle, *, tick_s: float = TICK_S, cancel_after: int | None
         now = time.perf_counter()
         figures.max_drain_s = max(figures.max_drain_s, now - t0)
         last = handle.lastProgress
-        if last is not None and last.step.iteration + 1 > seen:
-            seen = last.step.iteration + 1
-            if not figures.receipts:
+        if last is not None and _iterations_done(last) > seen:
+            seen = _iterations_done(last)
+            if figures.startup_s != figures.startup_s:
                 figures.startup_s = now - started
-            figures.receipts.append((last.elapsed_s, seen))
+            if hasattr(last, "step"):
+                figures.receipts.append((last.elapsed_s, seen))
         if not going:
             break
         if cancel_after is not None and cancelled_at is None and seen >= cancel_after:

@@ -117,3 +117,22 @@ def test_the_panel_on_real_qt(panel, mrml_scene):
     widget.cleanup()
     widget.cleanup()
     assert app.connections == []
+
+
+@pytest.mark.slow
+def test_the_logic_timer_drains_a_non_blocking_comparison_in_a_worker_process(panel, tmp_path):
+    """DeepDreamAnalysisLogic.compareModels(waitForCompletion=False): a worker process, drained by the
+    logic's real QTimer (the same timer and drain path as a run)."""
+    widget, app, errors, model, volume = panel
+    other = tmp_path / "other.pt"
+    torch.jit.save(torch.jit.script(tiny_net(3, seed=1)), str(other))
+    (tmp_path / "other.pt.card.json").write_text((tmp_path / "tiny.pt.card.json").read_text())
+    logic = widget.logic
+    handle = logic.compareModels(volume, {"a": model, "b": other}, (20, 20, 12), restarts=2,
+                                 waitForCompletion=False, device="cpu")
+    assert handle.runner.process is not None and logic._timer.isActive()
+    _until(lambda: not handle.is_running)
+    assert handle.status == "completed", handle.error
+    assert set(logic.comparisonNodes.tables) == {"a", "b"}
+    _until(lambda: not logic._timer.isActive(), timeout=5)
+    assert not errors

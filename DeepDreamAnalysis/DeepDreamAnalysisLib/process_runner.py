@@ -19,6 +19,11 @@ process"). :class:`ProcessRunner` has the interface of :class:`~.runner.Analysis
 - the end: ``outcome.pkl`` holds the result or the error. A child that dies without one (killed,
   out of memory, crashed) gives a :class:`WorkerProcessError` naming the exit code and the last
   lines of its log; the iterations already polled stay with the caller.
+
+:class:`ProcessComparisonRunner` does the same for a model comparison
+(``studies.compare.compare_models``: several model files, restarts, one image and seed): the same
+files, the same frames (each a ``CompareProgress``), the same cancel and crash handling; its result
+is the ``Comparison``.
 """
 
 from __future__ import annotations
@@ -88,6 +93,9 @@ def _package_parent() -> str:
 class ProcessRunner:
     """Run one analysis in a child process. See the module docstring."""
 
+    what = "analysis"
+    """What the child computes, for messages."""
+
     def __init__(self, volume, seed_ijk, model, config: AnalysisConfig | None = None, reference=None,
                  *, model_path=None, reference_path=None, allow_code_targets: bool = False,
                  queue_size: int = 4, python: str | None = None, threads: int | None = None):
@@ -127,20 +135,27 @@ class ProcessRunner:
 
         return plan_crop(self.volume, self.seed_ijk, self.model.card, self.config)
 
-    def start(self) -> "ProcessRunner":
-        if self.process is not None:
-            raise RuntimeError("This runner was started already; make a new one for another run.")
+    def _check(self) -> None:
+        """Refuse, before anything is written, what the child could not load."""
         if not self.model_path or not Path(self.model_path).exists():
             raise DeepDreamError(f"The worker process loads the model from its file, and {self.model_path!r} "
                                  "does not exist. Give the model's path (not a model object), or run in-process.")
+
+    def _job(self) -> dict:
+        """What ``job.pkl`` holds besides the image (worker.py's module docstring)."""
+        return {"spacing": tuple(self.volume.spacing), "origin": tuple(self.volume.origin),
+                "direction": np.asarray(self.volume.direction).tolist(), "seed_ijk": self.seed_ijk,
+                "model_path": self.model_path, "allow_code_targets": self.allow_code_targets,
+                "config": self.config, "reference_path": self.reference_path,
+                "torch_threads": self.threads}
+
+    def start(self) -> "ProcessRunner":
+        if self.process is not None:
+            raise RuntimeError("This runner was started already; make a new one for another run.")
+        self._check()
         self.folder = Path(tempfile.mkdtemp(prefix="deepdream-run-"))
         np.save(self.folder / "volume.npy", np.ascontiguousarray(self.volume.array, dtype=np.float32))
-        job = {"spacing": tuple(self.volume.spacing), "origin": tuple(self.volume.origin),
-               "direction": np.asarray(self.volume.direction).tolist(), "seed_ijk": self.seed_ijk,
-               "model_path": self.model_path, "allow_code_targets": self.allow_code_targets,
-               "config": self.config, "reference_path": self.reference_path,
-               "torch_threads": self.threads}
-        (self.folder / "job.pkl").write_bytes(pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL))
+        (self.folder / "job.pkl").write_bytes(pickle.dumps(self._job(), protocol=pickle.HIGHEST_PROTOCOL))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([_package_parent()] + [p for p in [env.get("PYTHONPATH")] if p])
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -154,7 +169,7 @@ class ProcessRunner:
                 stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=str(self.folder), **kwargs)
         except OSError as exc:
             self._cleanup()
-            raise DeepDreamError(f"Could not start the analysis process ({self.python}): {exc}. "
+            raise DeepDreamError(f"Could not start the {self.what} process ({self.python}): {exc}. "
                                  "Run in-process instead (process=False).") from None
         return self
 
@@ -192,7 +207,7 @@ class ProcessRunner:
                     pass
         self._collected = True
         if self.error is None and self.result is None:
-            self.error = WorkerProcessError("The analysis process was stopped.")
+            self.error = WorkerProcessError(f"The {self.what} process was stopped.")
         self._cleanup_when_gone()
 
     @property
@@ -321,12 +336,13 @@ class ProcessRunner:
                    -15: "terminated (SIGTERM)"}.get(code, f"exit code {code}")
             if self._cancel_at is not None and code in (-9, -15, 1):
                 how += ", after it was asked to cancel"
-            tail = self._log_tail()
-            self.error = WorkerProcessError(
-                f"The analysis process ended without a result ({how}). The {self.received} iterations received "
+            self.error = WorkerProcessError(self._lost_message(how, self._log_tail()))
+        self._cleanup_when_gone()
+
+    def _lost_message(self, how: str, tail: str) -> str:
+        return (f"The analysis process ended without a result ({how}). The {self.received} iterations received "
                 f"before are kept in the output nodes." + (f" Its last output: {tail}" if tail else "")
                 + " If it ran out of memory, use a smaller crop (roi_size) or the CPU.")
-        self._cleanup_when_gone()
 
     def _log_tail(self, chars: int = 600) -> str:
         try:
@@ -352,3 +368,45 @@ class ProcessRunner:
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None
+
+
+class ProcessComparisonRunner(ProcessRunner):
+    """Compare models (``studies.compare.compare_models``) in a child process: the interface of
+    :class:`ProcessRunner`; :meth:`poll` returns ``CompareProgress`` reports (without snapshots),
+    ``result`` is the ``Comparison``. A cancelled comparison ends within one iteration with the
+    restarts that finished, or with ``compare_models``' DeepDreamError when no model had finished one.
+    """
+
+    what = "comparison"
+
+    def __init__(self, volume, seed_ijk, model_paths: dict, config: AnalysisConfig | None = None, *,
+                 reference_path=None, restarts: int = 3, restart_noise_std: float | None = None,
+                 allow_code_targets: bool = False, python: str | None = None, threads: int | None = None):
+        super().__init__(volume, seed_ijk, None, config, None, model_path="", reference_path=reference_path,
+                         allow_code_targets=allow_code_targets, python=python, threads=threads)
+        self.model_paths = {str(name): str(Path(path).resolve()) for name, path in model_paths.items()}
+        self.restarts = restarts
+        self.restart_noise_std = restart_noise_std
+
+    @property
+    def crop(self):
+        raise AttributeError("A comparison has no single crop.")
+
+    def _check(self) -> None:
+        if not self.model_paths:
+            raise DeepDreamError("Give at least one model file to compare.")
+        for name, path in self.model_paths.items():
+            if not Path(path).exists():
+                raise DeepDreamError(f"The comparison process loads each model from its file, and {path!r} "
+                                     f"({name}) does not exist. Give model paths, or compare in-process.")
+
+    def _job(self) -> dict:
+        job = super()._job()
+        job.update(kind="compare", model_paths=self.model_paths, restarts=self.restarts,
+                   restart_noise_std=self.restart_noise_std)
+        return job
+
+    def _lost_message(self, how: str, tail: str) -> str:
+        return (f"The comparison process ended without a result ({how}); nothing is shown. "
+                + (f"Its last output: {tail}" if tail else "")
+                + " If it ran out of memory, compare fewer models or restarts at once, or use the CPU.")

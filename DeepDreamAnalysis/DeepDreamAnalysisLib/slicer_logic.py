@@ -5,7 +5,8 @@
 every 150 ms. Without Qt (slicer-core, CI) call ``handle.processEvents()`` yourself, or use the
 blocking form (``waitForCompletion=True``), which drains on the calling thread until the end.
 
-Threads: the worker thread (``runner.AnalysisRunner``) computes with torch and numpy only; every
+Threads: the worker (``runner.AnalysisRunner``, a thread; ``process_runner.ProcessRunner`` and
+``ProcessComparisonRunner``, a process) computes with torch and numpy only; every
 MRML update happens in :meth:`RunHandle.processEvents`, on the thread that calls it (Slicer's main
 thread). Imports torch only when a run starts.
 
@@ -447,7 +448,7 @@ class AnalysisLogicCore:
     def __init__(self, scene=None):
         self._scene = scene
         self.handle: RunHandle | None = None
-        self._comparison: _ComparisonJob | None = None
+        self._comparison: ComparisonHandle | None = None
         self.comparisonNodes = None
         self._models: dict[tuple[str, bool], Any] = {}
 
@@ -459,7 +460,7 @@ class AnalysisLogicCore:
     def isRunning(self) -> bool:
         """True while this logic's analysis (or comparison) runs."""
         return (self.handle is not None and self.handle.is_running) or \
-            (self._comparison is not None and self._comparison in _ACTIVE)
+            (self._comparison is not None and self._comparison.is_running)
 
     def resolveSeed(self, volumeNode, seed=None, seedRAS=None) -> tuple[int, int, int]:
         """The seed voxel (i, j, k): from a markups node (its last placed point, world
@@ -615,6 +616,7 @@ class AnalysisLogicCore:
                       referencePath=None, device: str = "auto", config: AnalysisConfig | None = None,
                       restartNoiseStd: float | None = None, allowCodeTargets: bool = False, show: bool = True,
                       feature: str | None = None, progressCallback=None, logCallback=None,
+                      finishedCallback=None, waitForCompletion: bool = True, process: bool | None = None,
                       idle: Callable[[], None] | None = None, interval: float = 0.1):
         """Compare several models (``compare.compare_models``) on ``volumeNode`` at one seed, with
         ``restarts`` random restarts each, and show the mean curves as nodes.
@@ -622,14 +624,28 @@ class AnalysisLogicCore:
         ``models``: name -> model path (file or bundle folder; the card beside it) or a loaded
         model. Seed, features, reference, device, iterations, step and ``config`` as in :meth:`run`;
         ``restartNoiseStd`` (image units, HU) as in ``compare_models`` (None: its default).
-        Blocking: the comparison runs in a worker thread while this call waits, calling ``idle``
-        between waits (Slicer: ``slicer.app.processEvents``, so the GUI keeps painting) and
-        ``progressCallback(CompareProgress)``. :meth:`cancel` or closing the scene stops it within
-        one iteration; the comparison then holds the runs that finished (``metadata["status"]``
-        is ``cancelled``); if no run of every model had finished, :meth:`cancel` raises
-        ``compare_models``' DeepDreamError and the scene closing returns None. With ``show`` (and the scene still open) the result becomes nodes
-        (``scene.show_comparison``: a mean table per model and one chart of ``feature``, default
-        the first); they are in ``self.comparisonNodes``. Returns the ``compare.Comparison``.
+
+        ``waitForCompletion=True`` (default) blocks until the end, calling ``idle`` between waits
+        (Slicer: ``slicer.app.processEvents``, so the GUI keeps painting) and returns the
+        ``compare.Comparison``. False returns a :class:`ComparisonHandle` at once (``status``,
+        ``lastProgress``, ``cancel()``, ``result``, ``error``, ``processEvents()``, ``wait()``: the
+        interface of :class:`RunHandle`); a timer (Slicer) or the caller drains it.
+
+        ``process``: run the comparison in a worker process (:class:`~.process_runner.ProcessComparisonRunner`,
+        ``PythonSlicer`` in Slicer), which Slicer's main thread cannot starve; it loads each model from
+        its path. None (default): a process for a non-blocking comparison of model paths, a thread
+        otherwise (the blocking call waits in ``Thread.join``, which releases the GIL, so a thread
+        keeps its pace there; loaded models can only go to a thread).
+
+        ``progressCallback(CompareProgress)`` hears the latest report at each drain. :meth:`cancel`
+        or closing the scene stops it within one iteration; the comparison then holds the runs that
+        finished (``metadata["status"]`` is ``cancelled``); if no run of every model had finished,
+        the handle's ``error`` (raised by the blocking form) is ``compare_models``' DeepDreamError,
+        and after the scene closed the blocking form returns None. With ``show`` (and the scene still
+        open) the result becomes nodes (``scene.show_comparison``: a mean table per model and one chart
+        of ``feature``, default the first); they are in ``self.comparisonNodes`` and ``handle.nodes``.
+        A worker process that dies (killed, out of memory) gives a
+        :class:`~.process_runner.WorkerProcessError` saying how it ended.
         """
         from .compare import DEFAULT_RESTART_NOISE_STD, compare_models
 
@@ -640,7 +656,7 @@ class AnalysisLogicCore:
             raise ConfigError("Give at least one model to compare: {name: model path}.")
         volume = scene_mod.volume_from_node(volumeNode)
         seed_ijk = self.resolveSeed(volumeNode, seed, seedRAS)
-        loaded = {}
+        loaded, paths = {}, {}
         for name, m in models.items():
             if hasattr(m, "card") and hasattr(m, "network"):
                 loaded[str(name)] = m
@@ -650,6 +666,12 @@ class AnalysisLogicCore:
                 if m is None or str(m).strip() in ("", "."):
                     raise ConfigError(f"No model path given for {name!r}.")
                 loaded[str(name)] = load_model(m, device="cpu", allow_code_targets=allowCodeTargets)
+                paths[str(name)] = m
+        if process is None:
+            process = not waitForCompletion and len(paths) == len(loaded)
+        if process and len(paths) < len(loaded):
+            raise ConfigError("A comparison in a worker process loads each model from its file: give model paths "
+                              "instead of loaded models, or pass process=False.")
         dims = next(iter(loaded.values())).card.spatial_dims
         if config is None:
             cards = [m.card for m in loaded.values()]
@@ -672,37 +694,34 @@ class AnalysisLogicCore:
             reference = ReferenceStats.load(referencePath)
         preload_engine()
         noise = DEFAULT_RESTART_NOISE_STD if restartNoiseStd is None else restartNoiseStd
-        job = _ComparisonJob(self.scene, lambda on_progress, cancel: compare_models(
-            volume, seed_ijk, loaded, config, reference, restarts=restarts, on_progress=on_progress,
-            cancel=cancel, restart_noise_std=noise))
-        self._comparison = job
+        if process:
+            from .process_runner import ProcessComparisonRunner
+
+            runner = ProcessComparisonRunner(volume, seed_ijk, paths, config, reference_path=referencePath,
+                                             restarts=restarts, restart_noise_std=noise,
+                                             allow_code_targets=allowCodeTargets)
+        else:
+            runner = _ComparisonThreadRunner(lambda on_progress, cancel: compare_models(
+                volume, seed_ijk, loaded, config, reference, restarts=restarts, on_progress=on_progress,
+                cancel=cancel, restart_noise_std=noise))
+        handle = ComparisonHandle(runner, self.scene, show=show, feature=feature, progressCallback=progressCallback,
+                                  logCallback=logCallback, finishedCallback=finishedCallback, logic=self)
+        try:
+            runner.start()
+        except BaseException:
+            handle._release()
+            raise
+        self._comparison = handle
         self.comparisonNodes = None
         _say(logCallback, f"Comparing {', '.join(loaded)} ({restarts} restarts each, {config.dream.iterations} "
-                          f"iterations) at seed (i,j,k)={seed_ijk}.")
+                          f"iterations) at seed (i,j,k)={seed_ijk}{' in a worker process' if process else ''}.")
+        if not waitForCompletion:
+            return handle
         try:
-            job.start()
-            while not job.join(interval):
-                latest = job.take()
-                if latest is not None and progressCallback is not None:
-                    progressCallback(latest)
-                if idle is not None:
-                    idle()
+            return handle.wait(idle=idle, interval=interval)
         finally:
-            job.cancel()  # only matters if the wait itself was interrupted
-            job.join(30.0)
-            job.release()
-        if job.sceneClosed:
-            _say(logCallback, "The scene was closed: the comparison was cancelled and is not shown.")
-            if job.error is not None and isinstance(job.error, DeepDreamError):
-                return None  # cancelled before one run of every model had ended: nothing to return
-        if job.error is not None:
-            raise job.error
-        comparison = job.result
-        if show and not job.sceneClosed:
-            self.comparisonNodes = scene_mod.show_comparison(comparison, feature=feature, scene=self.scene)
-        _say(logCallback, f"Comparison {comparison.metadata.get('status')}: {len(comparison.models)} models x "
-                          f"{comparison.restarts} restarts.")
-        return comparison
+            if handle.is_running:  # the wait itself was interrupted (KeyboardInterrupt)
+                handle.abandon(timeout=30.0, reason="the waiting call was interrupted")
 
     @staticmethod
     def cropFor(volume, seed_ijk, card, config: AnalysisConfig):
@@ -715,7 +734,7 @@ class AnalysisLogicCore:
         """Cancel this logic's running analysis or comparison (it stops within one iteration)."""
         if self.handle is not None:
             self.handle.cancel()
-        if self._comparison is not None:
+        if self._comparison is not None and self._comparison.is_running:
             self._comparison.cancel()
 
     def abandon(self, timeout: float = 10.0) -> None:
@@ -724,44 +743,53 @@ class AnalysisLogicCore:
         if self.handle is not None:
             self.handle.abandon(timeout)
         if self._comparison is not None:
-            self._comparison.cancel()
+            self._comparison.abandon(timeout)
 
 
-class _ComparisonJob:
-    """``compare_models`` in a worker thread (torch and numpy only), cancelled by the scene closing."""
+class _ComparisonThreadRunner:
+    """``compare_models`` in a daemon thread (torch and numpy only), with the interface of
+    :class:`~.process_runner.ProcessComparisonRunner` (``start``, ``poll``, ``cancel``, ``done``,
+    ``join``, ``result``, ``error``). :meth:`poll` returns the latest report only."""
 
-    def __init__(self, scene, work: Callable):
-        self.scene = scene
+    def __init__(self, work: Callable):
         self.work = work
-        self.event = threading.Event()
+        self._cancel = threading.Event()
         self.result = None
         self.error: BaseException | None = None
-        self.sceneClosed = False
         self._latest = None
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._closeTag = scene.AddObserver(scene.StartCloseEvent, self._onSceneStartClose) \
-            if hasattr(scene, "StartCloseEvent") else None
-        _ACTIVE.append(self)
 
-    def start(self) -> None:
+    def start(self) -> "_ComparisonThreadRunner":
         self._thread = threading.Thread(target=self._run, name="DeepDreamAnalysis compare", daemon=True)
         self._thread.start()
+        return self
 
     def _run(self) -> None:
         try:
-            self.result = self.work(self._push, self.event)
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            self.result = self.work(self._push, self._cancel)
+        except BaseException as exc:  # noqa: BLE001 - handed to the draining thread
             self.error = exc
 
     def _push(self, progress) -> None:
         with self._lock:
             self._latest = progress
 
-    def take(self):
+    def poll(self) -> list:
         with self._lock:
             latest, self._latest = self._latest, None
-        return latest
+        return [] if latest is None else [latest]
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._thread is not None and not self._thread.is_alive()
 
     def join(self, timeout: float | None = None) -> bool:
         if self._thread is None:
@@ -769,24 +797,167 @@ class _ComparisonJob:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
-    def cancel(self) -> None:
-        self.event.set()
+
+class ComparisonHandle:
+    """One model comparison going on (in a worker process or a thread), and, once it has ended,
+    its nodes. The interface of :class:`RunHandle`: :meth:`processEvents` on the scene's thread (a
+    timer in Slicer) takes the reports and, at the end, shows the comparison; :meth:`cancel`,
+    :meth:`wait`, ``status``, ``lastProgress`` (a ``CompareProgress``), ``result`` (the
+    ``Comparison``), ``error``, ``nodes`` (``scene.ComparisonNodes`` once shown)."""
+
+    def __init__(self, runner, scene, *, show: bool = True, feature: str | None = None,
+                 progressCallback=None, logCallback=None, finishedCallback=None, logic=None):
+        self.runner = runner
+        self.scene = scene
+        self.show = show
+        self.feature = feature
+        self.progressCallback = progressCallback
+        self.logCallback = logCallback
+        self.finishedCallback = finishedCallback
+        self.logic = logic
+        self.lastProgress = None
+        self.nodes = None
+        self.finished = False
+        self.abandoned = False
+        self.sceneClosed = False
+        self.started = time.monotonic()
+        self._closeTag = scene.AddObserver(scene.StartCloseEvent, self._onSceneStartClose) \
+            if hasattr(scene, "StartCloseEvent") else None
+        _ACTIVE.append(self)
+
+    # --- state -------------------------------------------------------------------------------
+
+    @property
+    def result(self):
+        return self.runner.result
+
+    @property
+    def error(self) -> BaseException | None:
+        return self.runner.error
+
+    @property
+    def is_running(self) -> bool:
+        return not self.finished
+
+    @property
+    def status(self) -> str:
+        """running / cancelling, then completed / cancelled / fault (an error, or a worker process lost)."""
+        if not self.finished:
+            return "cancelling" if self.runner.cancelled else "running"
+        if self.abandoned or (self.sceneClosed and self.result is None):
+            return "cancelled"
+        if self.error is not None:
+            return "cancelled" if self.runner.cancelled and not _is_lost(self.error) else "fault"
+        return str((self.result.metadata or {}).get("status", "completed"))
 
     def describe(self) -> str:
-        latest = self._latest
-        if latest is None:
+        p = self.lastProgress
+        if p is None:
             return "a model comparison, starting"
-        return (f"a model comparison, run {latest.run_index + 1}/{latest.total_runs} (model {latest.model}, "
-                f"restart {latest.restart})")
+        return (f"a model comparison, run {p.run_index + 1}/{p.total_runs} (model {p.model}, restart {p.restart}, "
+                f"iteration {p.progress.step.iteration + 1}/{p.progress.total_iterations})")
+
+    def statusText(self) -> str:
+        if not self.finished:
+            return self.describe()
+        return f"Comparison {self.status}" + (f": {self.error}" if self.error is not None else "")
+
+    # --- control -----------------------------------------------------------------------------
+
+    def cancel(self) -> None:
+        """Ask the comparison to stop; it ends within one iteration."""
+        self.runner.cancel()
+
+    def processEvents(self) -> bool:
+        """Take the reports; at the end show the comparison. True while it goes on. Never raises."""
+        if self.finished:
+            return False
+        done = self.runner.done
+        self._drain()
+        if done:
+            self._drain()
+            self._finish()
+            return False
+        return True
 
     def finishIfDone(self) -> bool:
-        return False  # the waiting compareModels call releases it
+        if self.finished or not self.runner.done:
+            return self.finished
+        while self.processEvents():
+            pass
+        return True
+
+    def wait(self, timeout: float | None = None, interval: float = 0.1, idle: Callable[[], None] | None = None):
+        """Drain until the end (or ``timeout`` s; then None), calling ``idle`` between waits. Returns
+        the ``Comparison``; raises its error, except after the scene closed, when it returns None
+        if nothing had finished."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.processEvents():
+            if end is not None and time.monotonic() > end:
+                return None
+            self.runner.join(interval)
+            if idle is not None:
+                idle()
+        if self.sceneClosed:
+            if self.error is not None and isinstance(self.error, DeepDreamError):
+                return None  # cancelled before one run of every model had ended: nothing to return
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    def abandon(self, timeout: float = 10.0, reason: str = "the module was reloaded or Slicer is quitting") -> None:
+        """Stop the comparison and show nothing (scene closing, module reload, exit); a worker
+        process is terminated at once, a thread gets up to ``timeout`` s to end."""
+        if self.finished:
+            return
+        self.runner.cancel()
+        self.finished = True
+        self.abandoned = True
+        self._release()
+        terminate = getattr(self.runner, "terminate", None)
+        if terminate is not None:
+            terminate()
+        elif timeout and timeout > 0:
+            self.runner.join(timeout)
+        self._log(f"Comparison cancelled: {reason}.")
+        _call(self.finishedCallback, self)
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        reports = self.runner.poll()
+        if reports:
+            self.lastProgress = reports[-1]
+            _call(self.progressCallback, self.lastProgress)
+
+    def _finish(self) -> None:
+        self.finished = True
+        self._release()
+        if self.sceneClosed:
+            self._log("The scene was closed: the comparison was cancelled and is not shown.")
+        elif self.error is not None:
+            self._log(f"The comparison {'was cancelled' if self.status == 'cancelled' else 'failed'}: {self.error}")
+        else:
+            comparison = self.result
+            if self.show:
+                try:
+                    self.nodes = scene_mod.show_comparison(comparison, feature=self.feature, scene=self.scene)
+                    if self.logic is not None and self.logic._comparison is self:
+                        self.logic.comparisonNodes = self.nodes
+                except Exception as exc:  # noqa: BLE001 - the result stays in handle.result
+                    log.exception("Showing the comparison failed")
+                    self._log(f"Could not show the comparison: {exc}")
+            self._log(f"Comparison {comparison.metadata.get('status')}: {len(comparison.models)} models x "
+                      f"{comparison.restarts} restarts.")
+        _call(self.finishedCallback, self)
 
     def _onSceneStartClose(self, caller=None, event=None) -> None:
         self.sceneClosed = True
         self.cancel()
+        if getattr(self.runner, "terminate", None) is not None and not self.finished:
+            self.abandon(timeout=0, reason="the scene was closed")
 
-    def release(self) -> None:
+    def _release(self) -> None:
         if self in _ACTIVE:
             _ACTIVE.remove(self)
         if self._closeTag is not None:
@@ -795,6 +966,25 @@ class _ComparisonJob:
             except Exception:  # noqa: BLE001
                 pass
             self._closeTag = None
+
+    def _log(self, message: str) -> None:
+        _say(self.logCallback, message)
+
+
+def _is_lost(error: BaseException) -> bool:
+    from .process_runner import WorkerProcessError
+
+    return isinstance(error, WorkerProcessError)
+
+
+def _call(callback, *args) -> None:
+    """A user callback; its exception is logged, never raised into the drain (Slicer's timer)."""
+    if callback is None:
+        return
+    try:
+        callback(*args)
+    except Exception:  # noqa: BLE001
+        log.exception("A DeepDreamAnalysis callback (%s) raised", getattr(callback, "__name__", callback))
 
 
 def _say(callback, message: str) -> None:

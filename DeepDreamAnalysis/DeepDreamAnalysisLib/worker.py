@@ -11,12 +11,18 @@ loop never competes with Slicer's main thread for the GIL. Everything goes throu
   image, probability and mask, written before the frame that names it); ``outcome.pkl``
   (``("result", AnalysisResult)`` or ``("error", exception)``), written last by rename.
 
+A job with ``kind: "compare"`` (:class:`~.process_runner.ProcessComparisonRunner`) compares models
+instead: ``model_paths`` (name -> file), ``restarts`` and ``restart_noise_std`` go to
+``studies.compare.compare_models``; its frames are ``(CompareProgress without snapshot, None)`` and
+its outcome ``("result", Comparison)``.
+
 Control: a line ``cancel`` on stdin, or stdin closing (the parent died or let go), cancels the run;
 it ends within one iteration with a ``cancelled`` result. Imports torch; never Qt, VTK or MRML.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import struct
@@ -45,10 +51,12 @@ class _Writer:
         self.stream = open(folder / "progress.bin", "ab")
         self.snapshots: list[Path] = []
 
-    def __call__(self, progress) -> None:
+    def __call__(self, report) -> None:
+        inner = getattr(report, "progress", None)  # a comparison's CompareProgress wraps a run's Progress
+        progress = report if inner is None else inner
         snap_name = None
         snap = progress.snapshot
-        if snap is not None:
+        if snap is not None and inner is None:  # a comparison shows no live images: no snapshot files
             snap_name = f"snap-{snap.iteration}.npz"
             tmp = self.folder / (snap_name + ".part.npz")
             np.savez(tmp, iteration=snap.iteration, image=snap.image, probability=snap.probability, mask=snap.mask)
@@ -63,6 +71,8 @@ class _Writer:
         light = type(progress)(step=progress.step, snapshot=None, total_iterations=progress.total_iterations,
                                elapsed_s=progress.elapsed_s, eta_s=progress.eta_s,
                                late_steps=list(getattr(progress, "late_steps", []) or []))
+        if inner is not None:
+            light = dataclasses.replace(report, progress=light)
         data = pickle.dumps((light, snap_name), protocol=pickle.HIGHEST_PROTOCOL)
         self.stream.write(FRAME_HEADER.pack(len(data)) + data)
         self.stream.flush()
@@ -87,21 +97,32 @@ def run_job(folder: Path, cancel: threading.Event) -> int:
             import torch
 
             torch.set_num_threads(int(job["torch_threads"]))
-        from .analysis import run_analysis
         from .models import load_model
         from .volume import Volume
 
         volume = Volume(np.load(folder / "volume.npy"), spacing=job["spacing"], origin=job["origin"],
                         direction=np.asarray(job["direction"]))
         (folder / "volume.npy").unlink()  # read: the image's copy leaves the disk at once
-        model = load_model(job["model_path"], device="cpu", allow_code_targets=job["allow_code_targets"])
         reference = None
         if job.get("reference_path"):
             from .reference import ReferenceStats
 
             reference = ReferenceStats.load(job["reference_path"])
-        result = run_analysis(volume, tuple(job["seed_ijk"]), model, job["config"], reference,
-                              on_progress=writer, cancel=cancel)
+        if job.get("kind") == "compare":
+            from .studies.compare import DEFAULT_RESTART_NOISE_STD, compare_models
+
+            models = {name: load_model(path, device="cpu", allow_code_targets=job["allow_code_targets"])
+                      for name, path in job["model_paths"].items()}
+            noise = job.get("restart_noise_std")
+            result = compare_models(volume, tuple(job["seed_ijk"]), models, job["config"], reference,
+                                    restarts=job["restarts"], on_progress=writer, cancel=cancel,
+                                    restart_noise_std=DEFAULT_RESTART_NOISE_STD if noise is None else noise)
+        else:
+            from .analysis import run_analysis
+
+            model = load_model(job["model_path"], device="cpu", allow_code_targets=job["allow_code_targets"])
+            result = run_analysis(volume, tuple(job["seed_ijk"]), model, job["config"], reference,
+                                  on_progress=writer, cancel=cancel)
     except BaseException as exc:  # noqa: BLE001 - handed to the parent
         _write_outcome(folder, "error", exc)
         return 0
