@@ -39,8 +39,11 @@ WARMUP_ITERATIONS = 5
 
 
 def _rate(stamps) -> float:
-    """Iterations per second from ``(elapsed_s, iterations done)`` stamps of the run's own clock,
-    from the first stamp past the warm-up to the last."""
+    """Iterations per second from ``(elapsed_s, iterations done)`` stamps of the run's own clock
+    (``Progress.elapsed_s``: from the loop's start, before the worker's start-up is over and
+    without it), from the first stamp past the warm-up to the last. Both sides of a comparison
+    pass one stamp per iteration, so both count the same window (iterations 6 to the last)."""
+    stamps = sorted(set(stamps), key=lambda s: s[1])
     stamps = [s for s in stamps if s[1] > WARMUP_ITERATIONS] or list(stamps)
     if len(stamps) < 2 or stamps[-1][0] <= stamps[0][0]:
         return float("nan")
@@ -51,14 +54,18 @@ def _rate(stamps) -> float:
 @dataclass
 class LoopFigures:
     """What :func:`run_through_loop` measured. ``rate``: iterations per second of the run, from the
-    run's own clock (``Progress.elapsed_s``) of the iterations the main thread received, past the
+    run's own clock (``Progress.elapsed_s``) of every iteration the main thread received, past the
     warm-up (a starved worker thread shows as a slow clock; the drain's 150 ms ticks do not blur it).
-    ``startup_s``: from the start to the first iteration received (a worker process's start-up)."""
+    ``startup_s``: from the start to the first iteration received (a worker process's start-up).
+    ``max_drain_s``: the longest drain, wall clock (it includes time the main process waited for a
+    core on a loaded machine); ``max_drain_cpu_s``: the most CPU time one drain used (the drain's
+    own work)."""
 
     iterations: int = 0
     rate: float = float("nan")
     startup_s: float = float("nan")
     max_drain_s: float = 0.0
+    max_drain_cpu_s: float = 0.0
     cancel_latency_s: float | None = None
     iteration_s: float = float("nan")
     status: str = ""
@@ -75,6 +82,12 @@ def _iterations_done(report) -> int:
     return report.run_index * report.progress.total_iterations + report.progress.step.iteration + 1
 
 
+def _run_handle_class():
+    from DeepDreamAnalysisLib.slicer_logic import RunHandle
+
+    return RunHandle
+
+
 def run_through_loop(handle, *, tick_s: float = TICK_S, cancel_after: int | None = None, timeout_s: float = 300.0,
                      hold_gil: bool = True) -> LoopFigures:
     """Drain ``handle`` (a :class:`~DeepDreamAnalysisLib.slicer_logic.RunHandle`, or a
@@ -83,6 +96,15 @@ def run_through_loop(handle, *, tick_s: float = TICK_S, cancel_after: int | None
     ``cancel_after``: call ``handle.cancel()`` at the first drain that has received that many
     iterations, and measure how long until the run has ended."""
     figures = LoopFigures()
+    runner = getattr(handle, "runner", None)
+    poll = getattr(runner, "poll", None)
+    if poll is not None and isinstance(handle, _run_handle_class()):
+        def recording_poll():  # every iteration's stamp, not only the last of each drain
+            out = poll()
+            figures.receipts.extend((p.elapsed_s, p.step.iteration + 1) for p in out)
+            return out
+
+        runner.poll = recording_poll
     started = time.perf_counter()
     cancelled_at = None
     seen = 0
@@ -91,17 +113,16 @@ def run_through_loop(handle, *, tick_s: float = TICK_S, cancel_after: int | None
             idle_holding_gil(tick_s)
         else:
             time.sleep(tick_s)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         going = handle.processEvents()
         now = time.perf_counter()
         figures.max_drain_s = max(figures.max_drain_s, now - t0)
+        figures.max_drain_cpu_s = max(figures.max_drain_cpu_s, time.thread_time() - c0)
         last = handle.lastProgress
         if last is not None and _iterations_done(last) > seen:
             seen = _iterations_done(last)
             if figures.startup_s != figures.startup_s:
                 figures.startup_s = now - started
-            if hasattr(last, "step"):
-                figures.receipts.append((last.elapsed_s, seen))
         if not going:
             break
         if cancel_after is not None and cancelled_at is None and seen >= cancel_after:

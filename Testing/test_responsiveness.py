@@ -167,3 +167,26 @@ def test_a_run_with_an_automatic_step_starts_and_says_so(case):
     result = AnalysisLogicCore().run(node, path, SEED, config=cfg, logCallback=messages.append)
     assert result.status == "completed" and len(result.steps) == 3
     assert any("method robust, step auto" in m for m in messages), messages
+
+
+def test_the_workers_snapshot_files_are_bounded_and_read_back(tmp_path):
+    """The worker writes a snapshot as one pickle file (half an .npz's cost); undrained ones beyond
+    MAX_UNREAD_SNAPSHOTS go; the parent reads a frame's snapshot back as it was."""
+    import numpy as np
+
+    from DeepDreamAnalysisLib.process_runner import ProcessRunner
+    from DeepDreamAnalysisLib.result import Progress, Snapshot, Step
+    from DeepDreamAnalysisLib.worker import MAX_UNREAD_SNAPSHOTS, _Writer
+
+    writer = _Writer(tmp_path)
+    rng = np.random.default_rng(0)
+    for it in range(0, 200, 5):
+        snap = Snapshot(it, rng.normal(size=(1, 8, 8)).astype(np.float32), rng.random((1, 8, 8)).astype(np.float32),
+                        rng.random((1, 8, 8)) > 0.5)
+        writer(Progress(Step(it, 0.0, 0.5, 3, {"f": 1.0}), snap, 200, 0.1 * it, 1.0))
+    writer.stream.close()
+    files = sorted(tmp_path.glob("snap-*"), key=lambda p: int(p.stem.split("-")[1]))
+    assert len(files) == MAX_UNREAD_SNAPSHOTS and files[-1].name == "snap-195.pkl"
+    back = ProcessRunner._load_snapshot(files[-1])
+    assert back.iteration == 195 and np.array_equal(back.image, snap.image) and np.array_equal(back.mask, snap.mask)
+    assert ProcessRunner._load_snapshot(tmp_path / "snap-0.pkl") is None  # deleted: no snapshot, no error

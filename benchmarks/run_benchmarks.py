@@ -19,8 +19,9 @@ compared across machines; absolute times are recorded beside them for context.
     slicer_gil           the demo's run in the panel's worker process, drained by a main loop that
                          holds the GIL as Slicer's does, iterations/s / the same run headless in a
                          fresh process with the same torch threads, for the card's method and paper,
-                         best of 3 interleaved (target >= 0.9); also against torch's default threads,
-                         a worker thread's ratio, the longest drain and the cancel time
+                         the median of 5 paired interleaved rounds (target >= 0.9; best vs best
+                         beside it); also against torch's default threads, a worker thread's ratio,
+                         the longest drain (wall and CPU) and the cancel time
     batched_restarts     time per iteration of 4 restarts batched through the demo network / 1 run,
                          default method (target <= 2.0); "batched_restarts paper": the same for paper
     gpu (--device cuda)  iterations/s of a 3D MONAI UNet on a 128^3 crop, and the achieved fraction
@@ -362,23 +363,38 @@ def bench_responsiveness(device: str, iterations: int, tick_s: float = 0.05) -> 
             "iterations": iterations}
 
 
-def bench_slicer_gil(device: str, iterations: int, rounds: int = 3, cancel_after: int = 10) -> dict:
+def bench_slicer_gil(device: str, iterations: int, rounds: int = 5, cancel_after: int = 10) -> dict:
     """The panel's run drained by a main loop that holds the GIL as Slicer's does
     (Testing/slicer_main_loop.py: C-level idle holding the GIL, a drain every 150 ms, MRML nodes from
     slicer-core), against the same run headless.
 
-    The run is the demo's (the demo network, the healthy LiTS slice and its seed, the paper's seven
-    features with the demo reference), with the panel's settings (snapshots every 5 iterations), for
-    the card's method (robust+spectral) and for ``paper``. Per method and round, interleaved so that
-    the machine's load hits every side: the headless run in a fresh process (as ``deepdream-analysis
-    run`` does it) with the worker's torch threads, the panel's run (worker process, the same
-    threads), the headless run with torch's default threads (what the command line uses). Rates
-    are the run's own clock past the warm-up; best of ``rounds`` per side, spread = min..max.
+    What is compared. The run is the demo's (the demo network, the healthy LiTS slice and its seed,
+    the paper's seven features with the demo reference), with the panel's settings (snapshots every 5
+    iterations), for the card's method (robust+spectral) and for ``paper``. Sides:
 
-    ``ratio``: the lower over the methods of panel / headless at the same threads (target >= 0.9).
-    ``ratio_vs_cli_default``: panel / headless at torch's default threads. ``thread_ratio``: a worker
-    *thread* (what starves in Slicer). ``max_drain_s``: the longest a drain kept the main thread
-    (target <= 0.2). ``cancel_s``: from cancel to the run's end (target <= one iteration + 2 s)."""
+    - ``panel``: ``logic.run(..., waitForCompletion=False, process=True)``: the worker process
+      (``python -m DeepDreamAnalysisLib.worker``, torch threads = cores - 1, its snapshot and progress
+      files), drained by the GIL-holding loop into real MRML nodes;
+    - ``headless``: ``run_analysis`` in a fresh Python process (as ``deepdream-analysis run --threads``
+      does it) with the worker's torch threads, no files, no GUI loop;
+    - ``headless_cli_default``: the same with torch's default threads (the command line's default).
+
+    Each side's rate is the run's own clock (``Progress.elapsed_s``, which starts when the loop
+    starts: a process's start-up, imports and model loading are not in it) over the same window on
+    every side: iterations 6 to the last, from one stamp per iteration. Per method and round the
+    sides run one after the other (the order reversed every other round), so a round's sides see
+    about the same machine load; ``rounds`` rounds.
+
+    ``ratio`` (target >= 0.9): the lower over the methods of the median over the rounds of the
+    paired ratio panel / headless (same round, same threads): the panel's systematic cost with the
+    load's drift paired out. ``ratio_best`` beside it: best panel against best headless over the
+    rounds (on this shared machine a single run moves by +-30%, and best against best takes each
+    side's luckiest moment). ``ratio_vs_cli_default``: median paired panel / headless at torch's
+    default threads. ``thread_ratio``: a worker *thread* (what starves in Slicer). ``max_drain_s``:
+    the longest a drain kept the main thread, wall clock (target <= 0.2; on a loaded machine it
+    includes waiting for a core); ``max_drain_cpu_s``: the most CPU one drain used. ``cancel_s``:
+    from cancel to the run's end (target <= one iteration + 2 s)."""
+    import statistics
     import tempfile
 
     sys.path.insert(0, str(ROOT / "Testing"))
@@ -423,9 +439,17 @@ def bench_slicer_gil(device: str, iterations: int, rounds: int = 3, cancel_after
         dream = dream_settings(model.card, n, None, method=method).config(device=device)
         return AnalysisConfig(dream=dream, features=FeatureConfig(names=tuple(names)), snapshot_every=5)
 
+    def paired(a: list[float], b: list[float]) -> list[float]:
+        return [x / y for x, y in zip(a, b)]
+
+    def median(values: list[float]) -> float:
+        finite = [v for v in values if v == v]
+        return statistics.median(finite) if finite else float("nan")
+
     out: dict = {"case": case, "iterations": iterations, "rounds": rounds, "worker_threads": threads,
-                 "default_threads": torch.get_num_threads(), "methods": {}}
-    drains, startups = [], []
+                 "default_threads": torch.get_num_threads(), "load_1min_before": round(os.getloadavg()[0], 2),
+                 "methods": {}}
+    drains, drain_cpus, startups = [], [], []
     for method in methods:
         rates: dict[str, list[float]] = {"headless": [], "panel": [], "headless_cli_default": []}
         for r in range(rounds):
@@ -439,6 +463,7 @@ def bench_slicer_gil(device: str, iterations: int, rounds: int = 3, cancel_after
                     f = run_through_loop(handle)
                     rates["panel"].append(f.rate)
                     drains.append(f.max_drain_s)
+                    drain_cpus.append(f.max_drain_cpu_s)
                     startups.append(f.startup_s)
                     continue
                 try:
@@ -448,11 +473,14 @@ def bench_slicer_gil(device: str, iterations: int, rounds: int = 3, cancel_after
                 except subprocess.TimeoutExpired:
                     rates[side].append(float("nan"))  # a pathological slow-down under load: counted as no rate
         best = {k: max((v for v in vs if v == v), default=float("nan")) for k, vs in rates.items()}
+        rounds_ratio = paired(rates["panel"], rates["headless"])
         out["methods"][method] = {
-            "ratio": best["panel"] / best["headless"],
-            "ratio_vs_cli_default": best["panel"] / best["headless_cli_default"],
-            "round_ratios": [p / h for p, h in zip(rates["panel"], rates["headless"])],
+            "ratio": median(rounds_ratio),
+            "ratio_best": best["panel"] / best["headless"],
+            "ratio_vs_cli_default": median(paired(rates["panel"], rates["headless_cli_default"])),
+            "round_ratios": rounds_ratio,
             **{f"{k}_it_s": best[k] for k in rates},
+            **{f"{k}_ms_median": round(1000 / median(vs), 2) for k, vs in rates.items()},
             **{f"{k}_ms_spread": _ms_spread(vs) for k, vs in rates.items()}}
     # a worker thread, for comparison (it starves under the loop: few iterations)
     handle = AnalysisLogicCore().run(node, path, seed, config=panel_config("paper", 20), referencePath=reference,
@@ -469,8 +497,10 @@ def bench_slicer_gil(device: str, iterations: int, rounds: int = 3, cancel_after
     out["cancel_status"] = f.status if f.cancel_latency_s is not None else f"{f.status}: {handle.error}"
     per = out["methods"]
     out.update(ratio=min(m["ratio"] for m in per.values()),
+               ratio_best=min(m["ratio_best"] for m in per.values()),
                ratio_vs_cli_default=min(m["ratio_vs_cli_default"] for m in per.values()),
-               thread_ratio=thread_rate / head_paper, max_drain_s=max(drains), worker_startup_s=min(startups),
+               thread_ratio=thread_rate / head_paper, max_drain_s=max(drains), max_drain_cpu_s=max(drain_cpus),
+               worker_startup_s=min(startups),
                cancel_s=f.cancel_latency_s, iteration_s=f.iteration_s,
                cancel_within_target=f.cancel_latency_s is not None and f.cancel_latency_s <= f.iteration_s + 2.0,
                load_1min_after=round(os.getloadavg()[0], 2))
@@ -565,18 +595,27 @@ def table(results: dict) -> str:
             det = f"50 ms ticks, mean {1000 * r['mean_gap_s']:.0f} ms"
         elif name == "slicer_gil":
             fig = f"{r['ratio']:.2f}x headless"
-            per = "; ".join(f"{m}: {v['ratio']:.2f}x ({1000 / v['panel_it_s']:.1f} vs {1000 / v['headless_it_s']:.1f} ms/it, "
-                            f"rounds {'/'.join(f'{x:.2f}' for x in v['round_ratios'])}; vs the CLI's default threads "
-                            f"{_vs_default(v['ratio_vs_cli_default'])})" for m, v in r.get("methods", {}).items())
+            paired = "ratio_best" in r  # records from 2026-12-04 07:00 on: median of paired rounds
+            per = "; ".join(
+                f"{m}: {v['ratio']:.2f}x"
+                + (f" (best vs best {v['ratio_best']:.2f}x; median {v['panel_ms_median']:.1f} vs "
+                   f"{v['headless_ms_median']:.1f} ms/it" if paired else
+                   f" ({1000 / v['panel_it_s']:.1f} vs {1000 / v['headless_it_s']:.1f} ms/it")
+                + f", rounds {'/'.join(f'{x:.2f}' for x in v['round_ratios'])}; vs the CLI's default threads "
+                f"{_vs_default(v['ratio_vs_cli_default'])})" for m, v in r.get("methods", {}).items())
             if "methods" not in r:  # a record from before the per-method rounds (2026-12-04 05:00)
                 det = (f"worker process {r['process_it_s']:.1f} it/s vs headless {r['headless_it_s']:.1f} it/s "
                        f"(in the benchmark's process, torch's default threads); a worker thread {r['thread_ratio']:.2f}x")
             else:
-                det = (f"{r.get('case', '')}, {r['iterations']} iterations, best of {r.get('rounds', 2)} interleaved, "
+                how = (f"median of {r.get('rounds')} paired interleaved rounds" if paired
+                       else f"best of {r.get('rounds', 2)} interleaved")
+                drain_cpu = f" ({1000 * r['max_drain_cpu_s']:.0f} ms CPU)" if "max_drain_cpu_s" in r else ""
+                det = (f"{r.get('case', '')}, {r['iterations']} iterations, {how}, "
                        f"{r.get('worker_threads', '?')} torch thread(s) both sides; {per}; a worker thread "
-                       f"{r['thread_ratio']:.2f}x; longest drain {1000 * r['max_drain_s']:.0f} ms; cancel "
+                       f"{r['thread_ratio']:.2f}x; longest drain {1000 * r['max_drain_s']:.0f} ms{drain_cpu}; cancel "
                        f"{r['cancel_s'] or float('nan'):.2f} s (iteration {r['iteration_s']:.3f} s); start-up "
-                       f"{r['worker_startup_s']:.1f} s; load {r.get('load_1min_after', '?')}")
+                       f"{r['worker_startup_s']:.1f} s; load {r.get('load_1min_before', '?')} before, "
+                       f"{r.get('load_1min_after', '?')} after")
         elif name == "gpu":
             fig = f"{r['iterations_per_s']:.1f} it/s"
             det = f"{r['gpu']}, {r['achieved_tflops']:.2f} TFLOP/s" + (
@@ -615,7 +654,7 @@ def main(argv=None) -> int:
         "scale": lambda: bench_scale(args.device, 5 if q else 20),
         "memory": lambda: bench_memory(args.device, 20 if q else 100, 200 if q else 1000),
         "responsiveness": lambda: bench_responsiveness(args.device, 30 if q else 150),
-        "slicer_gil": lambda: bench_slicer_gil(args.device, 60 if q else 300, 2 if q else 3),
+        "slicer_gil": lambda: bench_slicer_gil(args.device, 60 if q else 300, 2 if q else 5),
     }
     plan["study"] = lambda: _study_benchmarks(10 if q else 20, 20 if q else 150)
     plan["methods"] = lambda: bench_methods(args.device, 10 if q else 50)

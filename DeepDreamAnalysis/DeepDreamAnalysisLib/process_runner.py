@@ -308,11 +308,11 @@ class ProcessRunner:
     @staticmethod
     def _load_snapshot(path: Path) -> Snapshot | None:
         try:
-            with np.load(path) as z:
-                return Snapshot(iteration=int(z["iteration"]), image=z["image"], probability=z["probability"],
-                                mask=z["mask"])
-        except (OSError, ValueError, KeyError):  # deleted by the child (undrained for too long)
+            with open(path, "rb") as f:
+                snap = pickle.load(f)
+        except (OSError, EOFError, pickle.UnpicklingError):  # deleted by the child (undrained for too long)
             return None
+        return snap if isinstance(snap, Snapshot) else None
 
     def _collect(self) -> None:
         if self._collected:
