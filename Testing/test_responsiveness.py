@@ -190,3 +190,22 @@ def test_the_workers_snapshot_files_are_bounded_and_read_back(tmp_path):
     back = ProcessRunner._load_snapshot(files[-1])
     assert back.iteration == 195 and np.array_equal(back.image, snap.image) and np.array_equal(back.mask, snap.mask)
     assert ProcessRunner._load_snapshot(tmp_path / "snap-0.pkl") is None  # deleted: no snapshot, no error
+
+
+@pytest.mark.slow
+def test_a_drain_after_a_long_stall_is_bounded_and_the_backlog_follows(case, monkeypatch):
+    """Slicer's main thread busy for a long time (a modal dialog): the next drain takes at most
+    MAX_FRAMES_PER_POLL reports, the rest come over the next ticks, and every row arrives."""
+    from DeepDreamAnalysisLib import process_runner
+
+    monkeypatch.setattr(process_runner, "MAX_FRAMES_PER_POLL", 7)
+    monkeypatch.setattr(process_runner.ProcessRunner.poll, "__defaults__", (7,))
+    node, path = case
+    handle = AnalysisLogicCore().run(node, path, SEED, config=config(20), waitForCompletion=False, process=True)
+    handle.runner.join(120)  # nobody drains meanwhile
+    drains = 0
+    while handle.processEvents():
+        drains += 1
+        assert handle.runner.backlog <= 20 - 7 * drains
+    assert drains == 2  # 7 + 7 over two ticks, then the last 6 and the end
+    assert handle.status == "completed" and handle.nodes.table.GetNumberOfRows() == 20

@@ -307,7 +307,7 @@ class RunHandle:
             return False
         done = self.runner.done
         self._drain()
-        if done:
+        if done and not getattr(self.runner, "backlog", 0):  # a capped drain's rest goes first
             self._drain()
             self._finish()
             return False
@@ -874,7 +874,7 @@ class ComparisonHandle:
             return False
         done = self.runner.done
         self._drain()
-        if done:
+        if done and not getattr(self.runner, "backlog", 0):  # a capped drain's rest goes first
             self._drain()
             self._finish()
             return False
