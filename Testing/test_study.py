@@ -70,8 +70,10 @@ def _write(folder: Path, spec: dict, name="study.json") -> Path:
 @pytest.fixture(scope="module")
 def cluster():
     """One local Ray with 2 workers for every test of this module (Ray starts in seconds, not ms)."""
+    from DeepDreamAnalysisLib.studies.engine import local_ray_options
+
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(**local_ray_options(2))  # as run_study starts its local Ray
     yield
     ray.shutdown()
 
@@ -185,6 +187,23 @@ def test_workers_leave_no_copy_of_a_shipped_model_in_tmp(first_study):
     study, out, rc = first_study
     assert rc == 0
     assert _LEFT_IN_TMP == [], f"the study left {len(_LEFT_IN_TMP)} folders in /tmp: {_LEFT_IN_TMP[:3]}"
+
+
+def test_local_workers_run_at_the_priority_of_the_process_that_started_them(cluster, monkeypatch):
+    # Ray's default runs workers 15 nice levels lower: every run of a study would yield to any other
+    # program of the user's session, which a plain loop of the same runs does not (benchmarks/study_bench.py)
+    from DeepDreamAnalysisLib.studies.engine import WORKER_NICENESS_ENV, local_ray_options
+
+    def worker_nice():
+        import os
+
+        return os.nice(0)
+
+    assert ray.get(ray.remote(worker_nice).options(num_cpus=1).remote()) == os.nice(0)
+    monkeypatch.setenv(WORKER_NICENESS_ENV, "15")  # the user's own choice is kept
+    assert "_system_config" not in local_ray_options(2)
+    monkeypatch.delenv(WORKER_NICENESS_ENV)
+    assert local_ray_options(2)["_system_config"] == {"worker_niceness": 0}
 
 
 def test_study_command_runs_every_run_and_writes_the_table(first_study, files):

@@ -1,15 +1,33 @@
 """Study-engine benchmarks (issue 12), run by ``run_benchmarks.py`` (``make bench``).
 
     study_overhead   20 runs through the study engine with 1 worker / the same 20 runs in a plain
-                     loop (run_analysis + write_outputs), both on one core with one torch thread
-                                                                                 (target <= 1.10)
+                     loop                                                        (target <= 1.10)
     study_scaling    throughput with 2 workers / with 1 worker                   (target >= 1.7)
 
-Both use the bundled demo network on a 128x128 liver-like slice. Ray's start-up and each
-worker's first run (process start, torch import, model load) are timed separately and left out of
-the ratios, which measure the engine in its steady state: what a study of many runs sees.
-The 1-minute load average before and after is recorded: other processes on the cores distort
-the scaling ratio.
+Both use the bundled demo network on a 128x128 liver-like slice, ``batch: 1`` (each run on its own;
+``batched_restarts`` measures batching).
+
+What "overhead" means here: the plain loop is what a user would script without the engine, in
+one process: for each run of the study, the same start image and configuration (the engine's own
+:func:`~DeepDreamAnalysisLib.studies.engine._run_inputs`), ``run_analysis`` and ``write_outputs``
+into a folder per run, so both sides write the same run folders (curves, figures, snapshots,
+report, manifest). The engine's side is everything ``run_study`` does on top: the study folder's
+lock and manifest, a ``status.json`` per run, Ray's scheduling and object store, and the tables,
+pooled figure and report at the end. Ray's start-up and each worker's first run (process start,
+torch import, model load) are timed separately and left out of the ratios, which measure the
+engine in its steady state: what a study of many runs sees.
+
+Same conditions on both sides: one torch thread (the plain loop sets it, the engine's workers set
+it), and the same CPU priority: the engine's local Ray runs its workers at the priority of the
+process that starts it (:func:`~DeepDreamAnalysisLib.studies.engine.local_ray_options`; Ray's own
+default runs them 15 nice levels lower, which made every run yield to any other program). The
+bench starts Ray exactly as ``run_study`` does, and records the worker's priority and threads
+next to the plain loop's (``plain_threads``, ``worker_threads``, ``plain_nice``, ``worker_nice``).
+
+Load drift: the plain loop runs its first half before the 1-worker study and its second half after
+it, so a load that rises or falls steadily during the benchmark weighs on both sides alike. The
+1-minute load average before and after is recorded: other processes on the cores distort the
+scaling ratio.
 """
 
 from __future__ import annotations
@@ -43,46 +61,49 @@ def _inputs(folder: Path, runs: int, iterations: int) -> dict:
     # measures batching)
 
 
-def _plain_loop(spec, out: Path) -> float:
+class _PlainLoop:
     """The same runs one after another in this process (what a user would script without the engine)."""
-    import torch
 
-    from DeepDreamAnalysisLib.analysis import run_analysis
-    from DeepDreamAnalysisLib.models import load_model
-    from DeepDreamAnalysisLib.report import write_outputs
-    from DeepDreamAnalysisLib.studies import expand_runs
-    from DeepDreamAnalysisLib.studies.spec import analysis_config
-    from DeepDreamAnalysisLib.volume import read_volume
+    def __init__(self, spec, out: Path):
+        import torch
 
-    torch.set_num_threads(1)
-    volume = read_volume(spec.images[0].path)
-    model = load_model(spec.models[0].path)
-    runs = expand_runs(spec)
-    run_analysis(volume, runs[0].seed, model, analysis_config(spec, runs[0].method, model.card))  # warm-up
-    t = time.perf_counter()
-    for run in runs:
-        import dataclasses
+        from DeepDreamAnalysisLib.analysis import run_analysis
+        from DeepDreamAnalysisLib.models import load_model
+        from DeepDreamAnalysisLib.studies import expand_runs
+        from DeepDreamAnalysisLib.studies.engine import _run_inputs
+        from DeepDreamAnalysisLib.volume import read_volume
 
-        base = analysis_config(spec, run.method, model.card)
-        cfg = dataclasses.replace(base, dream=dataclasses.replace(base.dream, random_seed=run.restart))
-        start = volume
-        if run.restart > 0:
-            from DeepDreamAnalysisLib.studies.compare import _perturbed
+        torch.set_num_threads(1)
+        self.spec, self.out = spec, out
+        self.volume = read_volume(spec.images[0].path)
+        self.model = load_model(spec.models[0].path)
+        self.runs = expand_runs(spec)
+        start, config = _run_inputs(self.runs[0], self.model, self.volume, spec)
+        run_analysis(start, self.runs[0].seed, self.model, config)  # warm-up
+        self.threads, self.nice = torch.get_num_threads(), os.nice(0)
 
-            start = _perturbed(volume, run.seed, model.card, cfg, spec.restart_noise_std, run.restart)
-        result = run_analysis(start, run.seed, model, cfg)
-        write_outputs(result, out / run.key, volume, seed_ijk=run.seed)
-    return time.perf_counter() - t
+    def __call__(self, runs) -> float:
+        from DeepDreamAnalysisLib.analysis import run_analysis
+        from DeepDreamAnalysisLib.report import write_outputs
+        from DeepDreamAnalysisLib.studies.engine import _run_inputs
+
+        t = time.perf_counter()
+        for run in runs:
+            start, config = _run_inputs(run, self.model, self.volume, self.spec)
+            result = run_analysis(start, run.seed, self.model, config)
+            write_outputs(result, self.out / run.key, self.volume, seed_ijk=run.seed)
+        return time.perf_counter() - t
 
 
 def _engine(spec_dict, folder: Path, workers: int, name: str) -> dict:
-    """Start Ray with ``workers`` CPUs, warm every worker up, then time the study."""
+    """Start Ray as ``run_study`` does with ``workers`` CPUs, warm every worker up, then time the study."""
     import ray
 
     from DeepDreamAnalysisLib.studies import load_study, run_study_outcome
+    from DeepDreamAnalysisLib.studies.engine import local_ray_options
 
     t = time.perf_counter()
-    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(**local_ray_options(workers))
     startup = time.perf_counter() - t
     try:
         warm = dict(spec_dict, images=[dict(spec_dict["images"][0], seeds=spec_dict["images"][0]["seeds"][:workers])],
@@ -97,9 +118,19 @@ def _engine(spec_dict, folder: Path, workers: int, name: str) -> dict:
         outcome = run_study_outcome(spec, folder / name)
         wall = time.perf_counter() - t
         assert outcome.count("done") == len(outcome.runs), "a benchmark run failed"
+
+        def worker_state():  # nested: shipped by value (this module is not importable on the workers)
+            import os
+
+            import torch
+
+            return os.nice(0), torch.get_num_threads()
+
+        nice, threads = ray.get(ray.remote(worker_state).options(num_cpus=1).remote())
     finally:
         ray.shutdown()
-    return {"wall_s": wall, "startup_s": startup, "warmup_s": warmup, "runs": len(outcome.runs)}
+    return {"wall_s": wall, "startup_s": startup, "warmup_s": warmup, "runs": len(outcome.runs),
+            "worker_nice": nice, "worker_threads": threads}
 
 
 def bench_study(runs: int = 20, iterations: int = 60) -> dict:
@@ -111,14 +142,21 @@ def bench_study(runs: int = 20, iterations: int = 60) -> dict:
         folder = Path(tmp)
         spec_dict = _inputs(folder, runs, iterations)
         (folder / "plain.json").write_text(json.dumps(spec_dict))
-        plain = _plain_loop(load_study(folder / "plain.json"), folder / "plain")
+        loop = _PlainLoop(load_study(folder / "plain.json"), folder / "plain")
+        half = len(loop.runs) // 2
+        plain_first = loop(loop.runs[:half])  # the plain loop brackets the 1-worker study (load drift)
         one = _engine(spec_dict, folder, 1, "one")
+        plain_second = loop(loop.runs[half:])
         two = _engine(spec_dict, folder, 2, "two")
+    plain = plain_first + plain_second
     load_after = os.getloadavg()[0]
     common = {"runs": runs, "iterations": iterations, "load_1min_before": round(load_before, 2),
               "load_1min_after": round(load_after, 2)}
     overhead = {"ratio": one["wall_s"] / plain, "engine_1_worker_s": one["wall_s"], "plain_loop_s": plain,
-                "ray_startup_s": one["startup_s"], "worker_warmup_s": one["warmup_s"], **common}
+                "plain_halves_s": [round(plain_first, 2), round(plain_second, 2)],
+                "ray_startup_s": one["startup_s"], "worker_warmup_s": one["warmup_s"],
+                "plain_threads": loop.threads, "worker_threads": one["worker_threads"],
+                "plain_nice": loop.nice, "worker_nice": one["worker_nice"], **common}
     scaling = {"ratio": one["wall_s"] / two["wall_s"], "workers_1_s": one["wall_s"], "workers_2_s": two["wall_s"],
-               "cores": os.cpu_count(), **common}
+               "cores": os.cpu_count(), "worker_nice": two["worker_nice"], **common}
     return {"study_overhead": overhead, "study_scaling": scaling}

@@ -326,8 +326,29 @@ def _start_ray(ray, address: str | None, workers: int | None, timeout_s: float):
                                    "(`ray status` on the head node) and that its Ray version matches this one "
                                    f"({ray.__version__}).")
         return True
+    ray.init(**local_ray_options(workers))
+    return True
+
+
+WORKER_NICENESS_ENV = "RAY_worker_niceness"
+
+
+def local_ray_options(workers: int | None = None) -> dict:
+    """The ``ray.init`` arguments of the embedded local Ray a study starts: ``workers`` CPUs (default
+    one per core), every GPU, no dashboard, and workers at the priority of this process.
+
+    Ray runs its worker processes 15 nice levels below the process that started it (its
+    ``worker_niceness``), so that its own services stay responsive. For a study that makes every
+    run yield to any other busy program of the user's (the driver writing the tables, a test run, a
+    second study), which the same runs in a plain loop would not (docs/studies.md, "Priority"). The
+    local workers therefore run at this process's priority (``nice deepdream-analysis study ...``
+    lowers both); setting the environment variable ``RAY_worker_niceness`` (15 is Ray's default)
+    keeps Ray's choice. A cluster joined with ``--address`` keeps its own settings.
+    """
     kwargs = {"num_cpus": workers or os.cpu_count() or 1, "include_dashboard": False, "log_to_driver": False,
               "configure_logging": False}
+    if WORKER_NICENESS_ENV not in os.environ:
+        kwargs["_system_config"] = {"worker_niceness": 0}
     try:
         import torch
 
@@ -335,8 +356,7 @@ def _start_ray(ray, address: str | None, workers: int | None, timeout_s: float):
             kwargs["num_gpus"] = torch.cuda.device_count()
     except ImportError:
         pass
-    ray.init(**kwargs)
-    return True
+    return kwargs
 
 
 def _read_status(path: Path) -> dict:
@@ -739,5 +759,5 @@ def _duration(s: float) -> str:
 
 
 __all__ = ["run_study", "run_study_outcome", "StudyProgress", "StudyOutcome", "StudyEngineError", "execute_run",
-           "execute_group", "batch_groups",
+           "execute_group", "batch_groups", "local_ray_options",
            "check_address", "print_progress", "require_ray", "INSTALL_HINT"]

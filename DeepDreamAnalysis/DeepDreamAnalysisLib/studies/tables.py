@@ -108,7 +108,7 @@ def _t_interval(values: np.ndarray) -> tuple[float, float, int]:
 
 def pooled_rows(outcome, use_z: bool) -> list[dict]:
     """The pooled comparison (module docstring) as rows."""
-    data: dict[tuple, dict[tuple, dict[int, float]]] = {}
+    data: dict[tuple, dict[tuple, tuple[np.ndarray, np.ndarray]]] = {}
     for run, curves in _run_curves(outcome):
         its = curves["iteration"].astype(int)
         for name in curves:
@@ -116,29 +116,37 @@ def pooled_rows(outcome, use_z: bool) -> list[dict]:
                 continue
             vals = curves.get(f"{name}_z") if use_z and name not in BASE and f"{name}_z" in curves else curves[name]
             per_run = data.setdefault((run.group, run.method, name), {})
-            per_run[(run.model, run.image, run.seed_index, run.restart)] = dict(zip(its.tolist(), vals.tolist()))
+            per_run[(run.model, run.image, run.seed_index, run.restart)] = (its, np.asarray(vals, dtype=float))
     rows = []
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns give NaN
         for (group, method, curve), per_run in data.items():
-            iterations = sorted({i for d in per_run.values() for i in d})
-            for it in iterations:
-                by_seed: dict[tuple, list[float]] = {}
-                by_model: dict[str, list[float]] = {}
-                allv = []
-                for (model, image, si, _r), d in per_run.items():
-                    v = d.get(it, math.nan)
-                    by_seed.setdefault((image, si), []).append(v)
-                    by_model.setdefault(model, []).append(v)
-                    allv.append(v)
-                mean = float(np.nanmean(allv)) if np.isfinite(allv).any() else math.nan
-                s_lo, s_hi, n_s = _t_interval(np.array([np.nanmean(v) for v in by_seed.values()]))
-                m_lo, m_hi, n_m = _t_interval(np.array([np.nanmean(v) for v in by_model.values()]))
-                rows.append({"group": group, "method": method, "curve": curve, "iteration": it, "mean": mean,
-                             "seed_points": n_s, "ci_seed_low": s_lo, "ci_seed_high": s_hi,
+            # one row per run, one column per iteration any run recorded (NaN where a run has none)
+            iterations = np.unique(np.concatenate([its for its, _ in per_run.values()]))
+            values = np.full((len(per_run), len(iterations)), np.nan)
+            for n, (its, vals) in enumerate(per_run.values()):
+                values[n, np.searchsorted(iterations, its)] = vals
+            keys = list(per_run)
+            mean = np.nanmean(values, axis=0)
+            by_seed = _group_means(values, [(image, si) for _m, image, si, _r in keys])
+            by_model = _group_means(values, [model for model, *_ in keys])
+            for col, it in enumerate(iterations.tolist()):
+                s_lo, s_hi, n_s = _t_interval(by_seed[:, col])
+                m_lo, m_hi, n_m = _t_interval(by_model[:, col])
+                rows.append({"group": group, "method": method, "curve": curve, "iteration": it,
+                             "mean": float(mean[col]), "seed_points": n_s, "ci_seed_low": s_lo, "ci_seed_high": s_hi,
                              "training_seeds": n_m, "ci_training_low": m_lo, "ci_training_high": m_hi,
                              "kind": "z" if use_z and curve not in BASE else "raw"})
     return rows
+
+
+def _group_means(values: np.ndarray, labels: list) -> np.ndarray:
+    """``[group, iteration]``: the NaN-ignoring mean of the rows of ``values`` with each label (in
+    order of first appearance)."""
+    groups: dict = {}
+    for n, label in enumerate(labels):
+        groups.setdefault(label, []).append(n)
+    return np.stack([np.nanmean(values[idx], axis=0) for idx in groups.values()])
 
 
 def _write_csv(path: Path, rows: list[dict], fields=None) -> Path:
@@ -201,11 +209,22 @@ def plot_pooled(rows: list[dict], path: Path, title: str) -> Path:
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(6, max(1, len(labels))), fontsize=8, frameon=False)
     fig.suptitle(title + " - mean; shaded: 95% interval over seed points; dashed: over training seeds", fontsize=9)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.94))
+    _fixed_margins(fig, nrow, ncol)  # tight_layout would draw the whole figure once more just to measure it
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
     return path
+
+
+def _fixed_margins(fig, nrow: int, ncol: int, left=0.6, right=0.15, bottom=0.75, top=0.55, wgap=0.7,
+                   hgap=0.65) -> None:
+    """Place the ``nrow`` x ``ncol`` panels with margins and gaps in inches: room for the tick labels,
+    the x label, each panel's title, the legend below and the title above."""
+    width, height = fig.get_size_inches()
+    aw = (width - left - right - (ncol - 1) * wgap) / ncol
+    ah = (height - bottom - top - (nrow - 1) * hgap) / nrow
+    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height,
+                        wspace=wgap / aw, hspace=hgap / ah)
 
 
 def sensitivity_rows(outcome, use_z: bool):
