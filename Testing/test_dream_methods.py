@@ -59,9 +59,16 @@ class CountingNet(torch.nn.Module):
 
 def test_k_transformed_copies_are_one_batched_forward():
     net = CountingNet(tiny_net(3))
-    loop = _loop(DreamConfig(iterations=3, method="robust", method_options={"copies": 6}), 3, net=net)
+    cfg = DreamConfig(iterations=3, method="robust", method_options={"copies": 6})
+    loop = DreamLoop(net, tiny_card(3), liver_like((12, 12, 12)), (6, 6, 6), cfg, CPU, copy_window=False)
     assert len(list(loop)) == 3
     assert net.calls == 3 and net.batches == [6, 6, 6]
+    # with an exact seed window (dreaming/window.py): the 6 windows in one batch + the full crop without gradient
+    net = CountingNet(tiny_net(3))
+    loop = DreamLoop(net, tiny_card(3), liver_like((12, 12, 12)), (6, 6, 6), cfg, CPU)
+    probes = net.calls
+    assert loop.window is not None and len(list(loop)) == 3
+    assert net.batches[probes:] == [1, 6] * 3
 
 
 def test_batched_copies_equal_separate_ones():

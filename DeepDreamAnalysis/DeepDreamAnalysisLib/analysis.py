@@ -150,6 +150,8 @@ def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None 
     metadata["quality_flags"] = [f.to_dict() for f in flags]
     metadata["seed_output_constant"] = bool(getattr(watch, "stalled", False))
     metadata["relu_redirects"] = int(getattr(getattr(loop, "redirects", None), "redirected", 0))
+    if callable(getattr(loop, "copy_window_record", None)):  # where the transformed copies were evaluated
+        metadata.update(loop.copy_window_record())
     failures = dict(getattr(feature_set, "failures", {}) or {})
     if computer.local_set is not None and computer.local_set is not feature_set:
         failures.update(getattr(computer.local_set, "failures", {}) or {})

@@ -30,6 +30,7 @@ from .card import ModelCard
 from .config import DreamConfig, resolve_objective
 from .dreaming.method import DreamMethod
 from .dreaming.redirect import RedirectCounter, redirected_relus, relu_modules
+from .dreaming.window import WindowMismatch, WindowPlan, close, find_window, forget
 from .errors import ConfigError, ModelError, RunFault, SeedError
 from .result import Crop
 
@@ -131,11 +132,13 @@ class DreamLoop:
 
     def __init__(self, network: torch.nn.Module, card: ModelCard, start: np.ndarray,
                  seed_in_crop: tuple[int, int, int], config: DreamConfig, device: torch.device,
-                 spacing: tuple[float, float, float] | None = None, reference=None):
+                 spacing: tuple[float, float, float] | None = None, reference=None, copy_window: bool = True):
         """``spacing``: the voxel spacing in mm, (i, j, k) order as :class:`Volume`; default the card's,
         else 1 mm (only the millimetre-aware methods, robust, spectral, accentuate and lesion-spectrum,
         use it). ``reference``: the run's :class:`~.reference.ReferenceStats` (``lesion-spectrum`` reads
-        their lesion spectrum; a ConfigError names the fix when it is missing)."""
+        their lesion spectrum; a ConfigError names the fix when it is missing). ``copy_window``: evaluate
+        the transformed copies of the methods that have them on an exact window around the seed when
+        the network allows it (:mod:`.dreaming.window`; False: always on the full crop)."""
         self.network = network
         self.card = card
         self.config = config
@@ -155,6 +158,33 @@ class DreamLoop:
         self.redirects = RedirectCounter()
         """How often a ReLU layer's stuck gradient was redirected (:mod:`.dreaming.redirect`; not for paper)."""
         self._relus = [] if self.method.is_paper else relu_modules(network)
+        self._iteration = 0
+        self.window_plan = self._plan_window(copy_window)
+        """How the transformed copies are evaluated (:class:`~.dreaming.window.WindowPlan`; None without copies)."""
+
+    @property
+    def window(self):
+        """The :class:`~.dreaming.window.CopyWindow` the copies are evaluated on, or None (the full crop)."""
+        return self.window_plan.window if self.window_plan is not None else None
+
+    def _plan_window(self, enabled: bool):
+        if self.method.is_paper or self.method.copies < 2:
+            return None
+        if not enabled:
+            return WindowPlan(None, "full-crop copies: windows turned off")
+        return find_window(self.network, self.card, tuple(self.x0.shape), self.seed, self.device, self._relus)
+
+    def copy_window_record(self) -> dict:
+        """For run.json: ``copy_window`` (the window's size, or None), its start and the reason."""
+        if self.window_plan is None:
+            return {"copy_window": None, "copy_window_start": None,
+                    "copy_window_note": f"no transformed copies (method {self.config.method})"}
+        return self.window_plan.record()
+
+    def drop_window(self, why: str) -> None:
+        """Evaluate the copies on the full crop from now on (the window was found not exact)."""
+        forget(self.network)
+        self.window_plan = WindowPlan(None, f"full-crop copies from iteration {self._iteration}: {why}")
 
     @property
     def update_region(self) -> torch.Tensor | None:
@@ -179,15 +209,54 @@ class DreamLoop:
 
     def forward(self, x: torch.Tensor):
         """(objective averaged over the method's copies, probability map [k, j, i] of copy 0): ONE
-        forward pass of the network on a batch of K copies (K = 1 for the paper)."""
+        forward pass of the network on a batch of K copies (K = 1 for the paper); with a copy window,
+        the K copies' windows with gradient and the full crop once without."""
         if self.method.is_paper:
             return self._objective_and_probability(self.network(self._network_input(x)))
+        if self.window is not None:
+            window_in, full_in = self.window_inputs(x)
+            with torch.no_grad():
+                full = self.network(full_in)
+            with redirected_relus(self._relus, self.redirects):
+                logits = self.network(window_in)
+            try:
+                return self.windowed_objective(logits, full)
+            except WindowMismatch as why:
+                self.drop_window(str(why))
+            return self.full_copies_forward(x, self.method.transforms.last)
+        return self.full_copies_forward(x)
+
+    def full_copies_forward(self, x: torch.Tensor, drawn=None):
+        """The K copies on the full crop, one forward (``drawn``: the random transforms to reuse)."""
         with redirected_relus(self._relus, self.redirects):
-            logits = self.network(self._batch_input(self.method.batch(x)))
+            logits = self.network(self._batch_input(self.method.batch(x, drawn=drawn)))
         return self._objective_and_probability(logits)
 
-    def _objective_and_probability(self, logits: torch.Tensor):
-        t = self.card.target_class
+    def window_inputs(self, x: torch.Tensor):
+        """(the copies' windows as network input ``[K, 1, *window]``, the full crop's ``[1, 1, ...]``,
+        detached: its forward needs no gradient)."""
+        return self._batch_input(self.method.batch(x, self.window)), self._network_input(x.detach())
+
+    def windowed_objective(self, logits: torch.Tensor, full: torch.Tensor):
+        """(objective, probability map) from the copies' window logits and the full crop's logits;
+        :class:`WindowMismatch` when copy 0's seed logits differ from the full crop's."""
+        self._check_logits(full, 1, self._crop_spatial())
+        window = self.window
+        if tuple(logits.shape) != (self.method.copies, self.card.out_channels) + tuple(window.size):
+            raise WindowMismatch(f"the network returned {list(logits.shape)} for the copies' windows")
+        spatial_seed = self.seed[1:] if self.card.spatial_dims == 2 else self.seed
+        at_seed = logits[(slice(None), slice(None)) + tuple(window.seed)]  # [K, C]
+        full_at_seed = full[(0, slice(None)) + spatial_seed]
+        if not close(at_seed[0], full_at_seed):
+            raise WindowMismatch("copy 0's seed logits on the window "
+                                 f"({[round(float(v), 5) for v in at_seed[0].detach()]}) differ from the full crop's "
+                                 f"({[round(float(v), 5) for v in full_at_seed]})")
+        return self._seed_objective(at_seed), self._probability(full[0].detach())
+
+    def _crop_spatial(self) -> tuple[int, ...]:
+        return tuple(self.x0.shape[1:]) if self.card.spatial_dims == 2 else tuple(self.x0.shape)
+
+    def _check_logits(self, logits: torch.Tensor, copies: int, crop: tuple[int, ...]) -> None:
         if logits.dim() != self.card.spatial_dims + 2:
             raise ModelError(
                 f"The network returned a tensor of shape {tuple(logits.shape)}; expected "
@@ -199,25 +268,36 @@ class DreamLoop:
                 f"The network returned {logits.shape[1]} output channels but its model card says out_channels="
                 f"{self.card.out_channels}. Fix out_channels (and target_class) in the model card."
             )
-        spatial_seed = self.seed[1:] if self.card.spatial_dims == 2 else self.seed
-        crop = tuple(self.x0.shape[1:]) if self.card.spatial_dims == 2 else tuple(self.x0.shape)
-        if logits.shape[0] != self.method.copies or tuple(logits.shape[2:]) != crop:
+        if logits.shape[0] != copies or tuple(logits.shape[2:]) != crop:
             raise ModelError(  # else the seed's logit would be read from the wrong voxel
                 f"For an input crop of spatial size {list(crop)} the network returned {list(logits.shape)}, not "
-                f"[{self.method.copies}, {self.card.out_channels}, {', '.join(str(n) for n in crop)}]: the analysis needs one logit per "
+                f"[{copies}, {self.card.out_channels}, {', '.join(str(n) for n in crop)}]: the analysis needs one logit per "
                 "input voxel. Check spatial_dims, roi_size and size_divisible in the model card, or use a network "
                 "whose output has its input's size."
             )
+
+    def _seed_objective(self, at_seed: torch.Tensor) -> torch.Tensor:
+        """The objective averaged over the copies, from their seed logits ``[K, C]``."""
+        t = self.card.target_class
+        objective = at_seed[:, t]
+        if self.card.activation == "softmax" and self.objective == "log_odds":
+            others = torch.cat([at_seed[:, :t], at_seed[:, t + 1:]], dim=1)
+            objective = objective - torch.logsumexp(others, dim=1)
+        return objective.mean()
+
+    def _probability(self, z: torch.Tensor) -> torch.Tensor:
+        """The target's probability map [k, j, i] from one copy's detached logits ``[C, ...]``."""
+        t = self.card.target_class
+        prob = torch.sigmoid(z[t]) if self.card.activation == "sigmoid" else torch.softmax(z, dim=0)[t]
+        return prob.unsqueeze(0) if self.card.spatial_dims == 2 else prob
+
+    def _objective_and_probability(self, logits: torch.Tensor):
+        t = self.card.target_class
+        spatial_seed = self.seed[1:] if self.card.spatial_dims == 2 else self.seed
+        self._check_logits(logits, self.method.copies, self._crop_spatial())
         if not self.method.is_paper:
             at_seed = logits[(slice(None), slice(None)) + spatial_seed]  # [K, C]
-            objective = at_seed[:, t]
-            if self.card.activation == "softmax" and self.objective == "log_odds":
-                others = torch.cat([at_seed[:, :t], at_seed[:, t + 1:]], dim=1)
-                objective = objective - torch.logsumexp(others, dim=1)
-            objective = objective.mean()
-            z = logits[0].detach()
-            prob = torch.sigmoid(z[t]) if self.card.activation == "sigmoid" else torch.softmax(z, dim=0)[t]
-            return objective, (prob.unsqueeze(0) if self.card.spatial_dims == 2 else prob)
+            return self._seed_objective(at_seed), self._probability(logits[0].detach())
         z = logits[0]
         if self.card.activation == "sigmoid":
             prob = torch.sigmoid(z[t])
@@ -269,6 +349,7 @@ class DreamLoop:
         above = 0
         for it in range(cfg.iterations):
             x.requires_grad_(True)
+            self._iteration = it
             try:
                 objective, prob = self.forward(x)
                 total = self._regularised(objective, x)

@@ -65,11 +65,14 @@ class DreamMethod:
     def copies(self) -> int:
         return self.transforms.copies if self.transforms is not None else 1
 
-    def batch(self, x: torch.Tensor) -> torch.Tensor:
-        """The images to forward in one pass, ``[K, (k,) j, i]``; copy 0 is ``x`` itself."""
+    def batch(self, x: torch.Tensor, window=None, drawn=None) -> torch.Tensor:
+        """The images to forward in one pass, ``[K, (k,) j, i]``; copy 0 is ``x`` itself. With a
+        ``window`` (:class:`.window.CopyWindow`) only its voxels, ``[K, *window.size]``; ``drawn``:
+        the random transforms to use (default: new ones; the last are ``transforms.last``)."""
         if self.transforms is not None:
-            return self.transforms.batch(x)
-        return (x[0] if self.card.spatial_dims == 2 else x).unsqueeze(0)
+            return self.transforms.batch(x, window, drawn)
+        image = x[0] if self.card.spatial_dims == 2 else x
+        return (image if window is None else image[window.slices]).unsqueeze(0)
 
     def penalty(self, x: torch.Tensor):
         """A term to subtract from the objective (None: the components pull in :meth:`update` instead)."""

@@ -34,6 +34,8 @@ class RandomTransforms:
         spacing = spacing_kji[1:] if spatial_dims == 2 else spacing_kji
         self.spacing = torch.tensor(spacing, dtype=torch.float32, device=device)
         self.device = device
+        self.last = None
+        """The random draws of the last :meth:`batch` (matrices, shifts, noise)."""
         with warnings.catch_warnings():  # an axis of size 1 is handled in theta (its column is 0)
             warnings.filterwarnings("ignore", message=".*unit-size grids.*")
             eye = torch.eye(len(self.shape), len(self.shape) + 1, device=device).unsqueeze(0)
@@ -56,26 +58,52 @@ class RandomTransforms:
         mats = mats * zoom[:, None, None] / self.spacing.cpu()[None, :, None]
         return mats.to(self.device), shift.to(self.device)
 
-    def batch(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` [k, j, i] -> the copies in the network's spatial layout, ``[K, (k,) j, i]``."""
+    def batch(self, x: torch.Tensor, window=None, drawn=None) -> torch.Tensor:
+        """``x`` [k, j, i] -> the copies in the network's spatial layout, ``[K, (k,) j, i]``.
+
+        ``window`` (a :class:`.window.CopyWindow`): only the window's voxels of each copy,
+        ``[K, *window.size]``; the copies still sample the whole image, so a rotation, zoom or jitter
+        brings in what lies outside the window, and each voxel's value is the full copy's at that
+        voxel, exactly. ``drawn``: the transforms to use (default: draw new ones); the ones used are
+        kept in :attr:`last`, so an iteration can be recomputed with the same copies.
+        """
         image = x[0] if self.spatial_dims == 2 else x
         if self.copies == 1:
-            return image.unsqueeze(0)
-        mats, shift = self.draw()
-        return torch.cat([image.unsqueeze(0), self.apply(image, mats, shift)], dim=0)
+            return (image if window is None else image[window.slices]).unsqueeze(0)
+        mats, shift, noise = self.last = self.draw_all() if drawn is None else drawn
+        copy0 = image if window is None else image[window.slices]
+        return torch.cat([copy0.unsqueeze(0), self.apply(image, mats, shift, noise, window)], dim=0)
 
-    def apply(self, image: torch.Tensor, mats: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        """The copies of ``image`` ([(k,) j, i]) under the given transforms, ``[M, (k,) j, i]``."""
+    def draw_all(self):
+        """(matrices, shifts, intensity noise ``[K-1, (k,) j, i]`` of the whole crop or None): one
+        iteration's random draws, in the generator's order (the transforms, then the noise)."""
+        mats, shift = self.draw()
+        noise = None
+        if self.noise_std > 0:
+            noise = (self.noise_std * torch.randn((mats.shape[0],) + self.shape, generator=self.generator)).to(
+                self.device)
+        return mats, shift, noise
+
+    def apply(self, image: torch.Tensor, mats: torch.Tensor, shift: torch.Tensor, noise=None,
+              window=None) -> torch.Tensor:
+        """The copies of ``image`` ([(k,) j, i]) under the given transforms, ``[M, (k,) j, i]`` (only the
+        ``window``'s voxels with one); ``noise``: the copies' intensity noise over the whole crop
+        (default: drawn here)."""
         theta = self.theta(mats, shift)  # [M, n, n+1]
-        lead = (slice(None),) + (None,) * len(self.shape)
-        grid = theta[lead + (slice(None), len(self.shape))]  # the translation, [M, 1.., n]
-        for a in range(len(self.shape)):  # + sum over input axes of coordinate * column: a few fused ops
-            grid = torch.addcmul(grid, self.base[(None,) + (slice(None),) * len(self.shape) + (slice(a, a + 1),)],
+        nd = len(self.shape)
+        base = self.base if window is None else self.base[window.slices]
+        lead = (slice(None),) + (None,) * nd
+        grid = theta[lead + (slice(None), nd)]  # the translation, [M, 1.., n]
+        for a in range(nd):  # + sum over input axes of coordinate * column: a few fused ops
+            grid = torch.addcmul(grid, base[(None,) + (slice(None),) * nd + (slice(a, a + 1),)],
                                  theta[lead + (slice(None), a)])
         src = image.unsqueeze(0).unsqueeze(0).expand((mats.shape[0], 1) + tuple(image.shape))
         out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=True)[:, 0]
         if self.noise_std > 0:
-            out = out + self.noise_std * torch.randn(out.shape, generator=self.generator).to(out.device)
+            if noise is None:
+                noise = self.noise_std * torch.randn((mats.shape[0],) + self.shape, generator=self.generator).to(
+                    out.device)
+            out = out + (noise if window is None else noise[(slice(None),) + window.slices])
         return out
 
     def theta(self, mats: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,196 @@
+"""Exact seed windows for the transformed copies (DeepDreamAnalysisLib/dreaming/window.py): on real
+MONAI networks the windowed copies give the full-crop copies' objective, gradient and dream (same
+random transforms), a network that mixes the whole image falls back to full-crop copies, and a window
+found not exact during a run is dropped for good, with the reason recorded."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from DeepDreamAnalysisLib.card import ModelCard
+from DeepDreamAnalysisLib.config import DreamConfig
+from DeepDreamAnalysisLib.dream import DreamLoop
+from DeepDreamAnalysisLib.dreaming.window import CopyWindow, WindowPlan, find_window
+from DeepDreamAnalysisLib.models import load_model
+
+from tiny_models import liver_like
+
+monai_nets = pytest.importorskip("monai.networks.nets")
+
+CPU = torch.device("cpu")
+DEMO = Path(__file__).resolve().parents[1] / "Resources" / "DemoModel" / "demo_unet.pt"
+
+
+@pytest.fixture(scope="module")
+def demo():
+    torch.set_num_threads(1)
+    model = load_model(DEMO)
+    return model.network, model.card
+
+
+def _card(dims, **over):
+    data = dict(name="t", spatial_dims=dims, in_channels=1, out_channels=2, activation="softmax", target_class=1,
+                preprocessing={"type": "window", "min": -100.0, "max": 250.0}, size_divisible=4)
+    data.update(over)
+    return ModelCard.from_dict(data)
+
+
+def _unet(dims, norm="batch", act="PRELU", seed=0, out_channels=2):
+    torch.manual_seed(seed)
+    net = monai_nets.UNet(spatial_dims=dims, in_channels=1, out_channels=out_channels, channels=(4, 8, 16), strides=(2, 2),
+                          num_res_units=1, norm=norm, act=act)
+    if norm == "batch":  # trained-looking running statistics, not the identity
+        for m in net.modules():
+            if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+def _run(net, card, image, seed, cfg, window=True, spacing=None):
+    loop = DreamLoop(net, card, image, seed, cfg, CPU, spacing=spacing, copy_window=window)
+    states = [(s.objective, s.probability_at_seed, s.image.clone(), s.probability.clone()) for s in loop]
+    return loop, states
+
+
+def _assert_same_dream(a, b, image_atol=1e-2):
+    assert len(a) == len(b)
+    for (oa, pa, ia, qa), (ob, pb, ib, qb) in zip(a, b):
+        assert oa == pytest.approx(ob, rel=1e-4, abs=1e-4)
+        assert pa == pytest.approx(pb, rel=1e-4, abs=1e-5)
+        torch.testing.assert_close(qa, qb, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ia, ib, rtol=0, atol=image_atol)
+
+
+def _first_gradient(net, card, image, seed, cfg, window, spacing=None):
+    loop = DreamLoop(net, card, image, seed, cfg, CPU, spacing=spacing, copy_window=window)
+    x = loop.initial_image().requires_grad_(True)
+    objective, _ = loop.forward(x)
+    (grad,) = torch.autograd.grad(objective, x)
+    return float(objective.detach()), grad
+
+
+@pytest.mark.parametrize("method", ["robust", "robust+spectral"])
+def test_windowed_copies_dream_as_full_crop_copies_on_the_demo_network(demo, method):
+    net, card = demo
+    image = liver_like((1, 96, 96))
+    cfg = DreamConfig(iterations=12, method=method, random_seed=5)
+    loop, windowed = _run(net, card, image, (0, 48, 48), cfg)
+    assert loop.window is not None and loop.copy_window_record()["copy_window"] == [32, 32], loop.window_plan
+    assert "exact, verified" in loop.window_plan.note
+    _, full = _run(net, card, image, (0, 48, 48), cfg, window=False)
+    _assert_same_dream(windowed, full)
+    ow, gw = _first_gradient(net, card, image, (0, 48, 48), cfg, True)
+    of, gf = _first_gradient(net, card, image, (0, 48, 48), cfg, False)
+    assert ow == pytest.approx(of, rel=1e-5, abs=1e-5)
+    torch.testing.assert_close(gw, gf, rtol=1e-4, atol=1e-5 * float(gf.abs().max()))
+    assert loop.window_plan.window is not None  # no mismatch seen during the run
+
+
+def test_windowed_copies_of_a_3d_unet_with_anisotropic_spacing():
+    net = _unet(3)
+    card = _card(3)
+    image = liver_like((32, 48, 48))
+    seed = (16, 24, 22)
+    spacing = (0.8, 0.8, 2.5)  # (i, j, k) mm
+    cfg = DreamConfig(iterations=4, method="robust+spectral", random_seed=1, method_options={"copies": 3})
+    loop, windowed = _run(net, card, image, seed, cfg, spacing=spacing)
+    w = loop.window
+    assert w is not None, loop.window_plan.note
+    assert all(a % 4 == 0 for a in w.start) and np.prod(w.size) < 0.6 * image.size
+    _, full = _run(net, card, image, seed, cfg, window=False, spacing=spacing)
+    _assert_same_dream(windowed, full)
+
+
+def test_log_odds_accentuate_and_redirected_relus_go_through_the_window():
+    net = _unet(2, act="RELU", seed=2, out_channels=3)  # torch.nn.ReLU modules: the redirect (dreaming/redirect.py)
+    card = _card(2, out_channels=3)
+    image = liver_like((1, 48, 48))
+    cfg = DreamConfig(iterations=8, method="accentuate+robust", objective="log_odds", random_seed=2)
+    loop, windowed = _run(net, card, image, (0, 24, 24), cfg)
+    assert loop.window is not None, loop.window_plan.note
+    full_loop, full = _run(net, card, image, (0, 24, 24), cfg, window=False)
+    _assert_same_dream(windowed, full)
+    assert loop.redirects.redirected == full_loop.redirects.redirected
+
+
+def test_lesion_spectrum_with_robust_goes_through_the_window(demo):
+    from DeepDreamAnalysisLib.reference import ReferenceStats
+
+    ref_path = DEMO.parent / "demo_reference.json"
+    if not ref_path.is_file():
+        pytest.skip("no demo reference")
+    reference = ReferenceStats.load(ref_path)
+    net, card = demo
+    image = liver_like((1, 96, 96))
+    cfg = DreamConfig(iterations=6, method="lesion-spectrum+robust", random_seed=3)
+    a = DreamLoop(net, card, image, (0, 48, 48), cfg, CPU, reference=reference)
+    b = DreamLoop(net, card, image, (0, 48, 48), cfg, CPU, reference=reference, copy_window=False)
+    assert a.window is not None
+    _assert_same_dream([(s.objective, s.probability_at_seed, s.image.clone(), s.probability.clone()) for s in a],
+                       [(s.objective, s.probability_at_seed, s.image.clone(), s.probability.clone()) for s in b])
+
+
+def test_an_instance_norm_network_falls_back_to_full_crop_copies():
+    net = _unet(2, norm="instance")  # MONAI's default norm: every output depends on the whole image
+    card = _card(2)
+    loop = DreamLoop(net, card, liver_like((1, 48, 48)), (0, 24, 24), DreamConfig(iterations=2, method="robust"), CPU)
+    assert loop.window is None
+    record = loop.copy_window_record()
+    assert record["copy_window"] is None and "full-crop copies" in record["copy_window_note"]
+    assert "48x48" in record["copy_window_note"]
+    assert len(list(loop)) == 2
+
+
+def test_a_crop_smaller_than_the_field_falls_back(demo):
+    net, card = demo
+    loop = DreamLoop(net, card, liver_like((1, 16, 16)), (0, 8, 8), DreamConfig(iterations=2, method="robust"), CPU)
+    assert loop.window is None and "full-crop copies" in loop.window_plan.note
+
+
+def test_paper_and_single_copy_methods_have_no_window(demo):
+    net, card = demo
+    for method in ("paper", "spectral"):
+        loop = DreamLoop(net, card, liver_like((1, 96, 96)), (0, 48, 48), DreamConfig(iterations=1, method=method), CPU)
+        assert loop.window_plan is None and loop.copy_window_record()["copy_window"] is None
+
+
+def test_a_window_found_not_exact_during_the_run_is_dropped_and_the_iteration_redone(demo):
+    net, card = demo
+    image = liver_like((1, 96, 96))
+    cfg = DreamConfig(iterations=5, method="robust", random_seed=4)
+    loop = DreamLoop(net, card, image, (0, 48, 48), cfg, CPU)
+    loop.window_plan = WindowPlan(CopyWindow((40, 40), (16, 16), (8, 8)), "too small on purpose")
+    states = [(s.objective, s.probability_at_seed, s.image.clone(), s.probability.clone()) for s in loop]
+    assert loop.window is None
+    assert loop.copy_window_record()["copy_window_note"].startswith("full-crop copies from iteration 0: copy 0's")
+    _, full = _run(net, card, image, (0, 48, 48), cfg, window=False)
+    _assert_same_dream(states, full, image_atol=1e-4)
+
+
+def test_the_window_is_deterministic_and_independent_of_the_start_image(demo):
+    net, card = demo
+    a = find_window(net, card, (1, 96, 96), (0, 48, 48), CPU)
+    runs = [[s.image.clone() for s in DreamLoop(net, card, liver_like((1, 96, 96), seed=s0), (0, 48, 48),
+                                                DreamConfig(iterations=4, method="robust", random_seed=3), CPU)]
+            for s0 in (0, 0)]
+    assert all(torch.equal(x, y) for x, y in zip(*runs))
+    assert a.window == CopyWindow((32, 32), (32, 32), (16, 16))
+    near_border = find_window(net, card, (1, 96, 96), (0, 5, 90), CPU).window
+    assert near_border is not None and near_border.start[0] == 0 and near_border.start[1] + near_border.size[1] == 96
+
+
+def test_run_json_records_the_window(tmp_path, demo):
+    from DeepDreamAnalysisLib.analysis import run_analysis
+    from DeepDreamAnalysisLib.config import AnalysisConfig, FeatureConfig
+    from DeepDreamAnalysisLib.volume import Volume
+
+    model = load_model(DEMO)
+    volume = Volume(liver_like((1, 96, 96)), spacing=(1.6, 1.6, 3.0))
+    cfg = AnalysisConfig(dream=DreamConfig(iterations=2, method="robust"), features=FeatureConfig(names=()))
+    result = run_analysis(volume, (48, 48, 0), model, cfg)
+    assert result.metadata["copy_window"] == [32, 32] and "exact" in result.metadata["copy_window_note"]
+    cfg = AnalysisConfig(dream=DreamConfig(iterations=2, method="paper"), features=FeatureConfig(names=()))
+    assert run_analysis(volume, (48, 48, 0), model, cfg).metadata["copy_window"] is None
