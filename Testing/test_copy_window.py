@@ -194,3 +194,32 @@ def test_run_json_records_the_window(tmp_path, demo):
     assert result.metadata["copy_window"] == [32, 32] and "exact" in result.metadata["copy_window_note"]
     cfg = AnalysisConfig(dream=DreamConfig(iterations=2, method="paper"), features=FeatureConfig(names=()))
     assert run_analysis(volume, (48, 48, 0), model, cfg).metadata["copy_window"] is None
+
+
+def test_batched_members_with_windows_equal_separate_runs(demo):
+    from DeepDreamAnalysisLib.engine.batched import BatchedDreamLoop
+
+    net, card = demo
+    members = [(liver_like((1, 96, 96), seed=0), (0, 48, 48), "robust+spectral", 0),
+               (liver_like((1, 96, 96), seed=1), (0, 48, 48), "robust+spectral", 1),
+               (liver_like((1, 96, 96), seed=2), (0, 6, 90), "robust", 2),  # a smaller window at the border
+               (liver_like((1, 96, 96), seed=3), (0, 48, 48), "paper", 3)]
+
+    def loops(window=True):
+        return [DreamLoop(net, card, image, seed, DreamConfig(iterations=6, method=method, random_seed=r), CPU,
+                          copy_window=window) for image, seed, method, r in members]
+
+    batch = loops()
+    assert batch[0].window.size == (32, 32) and batch[2].window.size != (32, 32) and batch[3].window is None
+    together = [[] for _ in members]
+    for events in BatchedDreamLoop(batch):
+        for e in events:
+            s = e.state
+            together[e.index].append((s.objective, s.probability_at_seed, s.image.clone(), s.probability.clone()))
+    for m, loop in enumerate(loops()):
+        _assert_same_dream(together[m], [(s.objective, s.probability_at_seed, s.image.clone(), s.probability.clone())
+                                         for s in loop])
+    for m, loop in enumerate(loops(window=False)):  # and as full-crop copies
+        _assert_same_dream(together[m], [(s.objective, s.probability_at_seed, s.image.clone(), s.probability.clone())
+                                         for s in loop])
+    assert all(loop.window is not None for loop in batch[:3])

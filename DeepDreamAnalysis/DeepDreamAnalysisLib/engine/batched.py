@@ -7,7 +7,9 @@ method, random generators, objective and update. At every iteration the members'
 into one batch ``[sum K_m, C, ...]`` for one forward and one backward; each member's objective is
 read from its own rows, and since the network treats the rows of a batch independently (eval mode),
 the gradient of the sum of the objectives with respect to one member's image is that member's own
-gradient. The results equal separate runs up to floating-point rounding (batched convolutions may
+gradient. Members whose transformed copies run on an exact seed window (:mod:`..dreaming.window`)
+send their copies' windows (one forward per window size, usually one) and their full crops together
+in one forward without gradient, for the probability maps. The results equal separate runs up to floating-point rounding (batched convolutions may
 sum in another order): tested in Testing/test_batched.py.
 
 A member that stops early, faults (a non-finite gradient) or reaches its last iteration leaves the
@@ -27,6 +29,7 @@ from typing import Iterator
 import torch
 
 from ..dreaming.redirect import redirected_relus
+from ..dreaming.window import WindowMismatch
 
 from ..errors import ModelError, RunFault, SeedError
 
@@ -103,6 +106,54 @@ class BatchedDreamLoop:
         """Take member ``index`` out of the batch from the next iteration on."""
         self._retired.add(int(index))
 
+    def _forward(self, loops: list, xs: list) -> list:
+        """(objective, probability map) of each member: the members' network inputs with gradient
+        (their copies, or their copies' windows, :mod:`..dreaming.window`) in one forward per input
+        size (one, unless the windows differ), and the full crops of the windowed members in one
+        forward without gradient."""
+        inputs, fulls = [], []
+        for loop, x in zip(loops, xs):
+            if loop.window is not None:
+                window_in, full_in = loop.window_inputs(x)
+                inputs.append(window_in)
+                fulls.append(full_in)
+            else:
+                inputs.append(member_input(loop, x))
+                fulls.append(None)
+        full_logits = None
+        if any(f is not None for f in fulls):
+            with torch.no_grad():
+                full_logits = self.network(torch.cat([f for f in fulls if f is not None], dim=0))
+        sizes: dict[tuple, list[int]] = {}
+        for pos, inp in enumerate(inputs):
+            sizes.setdefault(tuple(inp.shape[1:]), []).append(pos)
+        rows: list = [None] * len(inputs)
+        with redirected_relus(*self._redirect):  # as each member's own forward (not paper)
+            for positions in sizes.values():
+                batch = torch.cat([inputs[p] for p in positions], dim=0)
+                logits = self.network(batch)
+                if not isinstance(logits, torch.Tensor) or logits.shape[0] != batch.shape[0]:
+                    raise ModelError(f"For a batch of {batch.shape[0]} inputs the network returned "
+                                     f"{getattr(logits, 'shape', [None])[0]} outputs: it cannot run a batch.")
+                row = 0
+                for p in positions:
+                    n = inputs[p].shape[0]
+                    rows[p] = logits[row:row + n]
+                    row += n
+        outputs, full_row = [], 0
+        for pos, loop in enumerate(loops):
+            if fulls[pos] is None:
+                outputs.append(loop._objective_and_probability(rows[pos]))
+                continue
+            full = full_logits[full_row:full_row + 1]
+            full_row += 1
+            try:
+                outputs.append(loop.windowed_objective(rows[pos], full))
+            except WindowMismatch as why:  # this member's copies on the full crop from now on, same transforms
+                loop.drop_window(str(why))
+                outputs.append(loop.full_copies_forward(xs[pos], loop.method.transforms.last))
+        return outputs
+
     def __iter__(self) -> Iterator[list[MemberEvent]]:
         loops = self.loops
         xs = [loop.initial_image() for loop in loops]
@@ -117,19 +168,11 @@ class BatchedDreamLoop:
             try:
                 for m in active:
                     xs[m].requires_grad_(True)
-                inputs = [member_input(loops[m], xs[m]) for m in active]
-                with redirected_relus(*self._redirect):  # as each member's own forward (not paper)
-                    logits = self.network(torch.cat(inputs, dim=0))
+                    loops[m]._iteration = it
+                outputs = self._forward([loops[m] for m in active], [xs[m] for m in active])
                 total = 0
                 objectives, probs = {}, {}
-                row = 0
-                for m, inp in zip(active, inputs):
-                    n = inp.shape[0]
-                    if logits.shape[0] != sum(t.shape[0] for t in inputs):
-                        raise ModelError(f"For a batch of {sum(t.shape[0] for t in inputs)} inputs the network "
-                                         f"returned {logits.shape[0]} outputs: it cannot run a batch.")
-                    objective, prob = loops[m]._objective_and_probability(logits[row:row + n])
-                    row += n
+                for m, (objective, prob) in zip(active, outputs):
                     objectives[m], probs[m] = objective, prob
                     total = total + loops[m]._regularised(objective, xs[m])
                 grads = torch.autograd.grad(total, [xs[m] for m in active])
