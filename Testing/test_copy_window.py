@@ -78,7 +78,7 @@ def test_windowed_copies_dream_as_full_crop_copies_on_the_demo_network(demo, met
     image = liver_like((1, 96, 96))
     cfg = DreamConfig(iterations=12, method=method, random_seed=5)
     loop, windowed = _run(net, card, image, (0, 48, 48), cfg)
-    assert loop.window is not None and loop.copy_window_record()["copy_window"] == [32, 32], loop.window_plan
+    assert loop.window is not None and loop.copy_window_record()["copy_window"] == [24, 24], loop.window_plan
     assert "exact, verified" in loop.window_plan.note
     _, full = _run(net, card, image, (0, 48, 48), cfg, window=False)
     _assert_same_dream(windowed, full)
@@ -177,7 +177,7 @@ def test_the_window_is_deterministic_and_independent_of_the_start_image(demo):
                                                 DreamConfig(iterations=4, method="robust", random_seed=3), CPU)]
             for s0 in (0, 0)]
     assert all(torch.equal(x, y) for x, y in zip(*runs))
-    assert a.window == CopyWindow((32, 32), (32, 32), (16, 16))
+    assert a.window == CopyWindow((36, 36), (24, 24), (12, 12))
     near_border = find_window(net, card, (1, 96, 96), (0, 5, 90), CPU).window
     assert near_border is not None and near_border.start[0] == 0 and near_border.start[1] + near_border.size[1] == 96
 
@@ -191,7 +191,7 @@ def test_run_json_records_the_window(tmp_path, demo):
     volume = Volume(liver_like((1, 96, 96)), spacing=(1.6, 1.6, 3.0))
     cfg = AnalysisConfig(dream=DreamConfig(iterations=2, method="robust"), features=FeatureConfig(names=()))
     result = run_analysis(volume, (48, 48, 0), model, cfg)
-    assert result.metadata["copy_window"] == [32, 32] and "exact" in result.metadata["copy_window_note"]
+    assert result.metadata["copy_window"] == [24, 24] and "exact" in result.metadata["copy_window_note"]
     cfg = AnalysisConfig(dream=DreamConfig(iterations=2, method="paper"), features=FeatureConfig(names=()))
     assert run_analysis(volume, (48, 48, 0), model, cfg).metadata["copy_window"] is None
 
@@ -210,7 +210,7 @@ def test_batched_members_with_windows_equal_separate_runs(demo):
                           copy_window=window) for image, seed, method, r in members]
 
     batch = loops()
-    assert batch[0].window.size == (32, 32) and batch[2].window.size != (32, 32) and batch[3].window is None
+    assert batch[0].window.size == (24, 24) and batch[2].window.size != (24, 24) and batch[3].window is None
     together = [[] for _ in members]
     for events in BatchedDreamLoop(batch):
         for e in events:

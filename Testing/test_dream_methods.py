@@ -68,7 +68,7 @@ def test_k_transformed_copies_are_one_batched_forward():
     loop = DreamLoop(net, tiny_card(3), liver_like((12, 12, 12)), (6, 6, 6), cfg, CPU)
     probes = net.calls
     assert loop.window is not None and len(list(loop)) == 3
-    assert net.batches[probes:] == [1, 6] * 3
+    assert net.batches[probes:] == [1, 6, 6] + [1, 6] * 2  # iteration 0 audits the 6 copies on the full crop
 
 
 def test_batched_copies_equal_separate_ones():

@@ -30,7 +30,7 @@ from .card import ModelCard
 from .config import DreamConfig, resolve_objective
 from .dreaming.method import DreamMethod
 from .dreaming.redirect import RedirectCounter, redirected_relus, relu_modules
-from .dreaming.window import WindowMismatch, WindowPlan, close, find_window, forget
+from .dreaming.window import AUDIT_EVERY, WindowMismatch, WindowPlan, close, find_window, forget
 from .errors import ConfigError, ModelError, RunFault, SeedError
 from .result import Crop
 
@@ -220,7 +220,7 @@ class DreamLoop:
             with redirected_relus(self._relus, self.redirects):
                 logits = self.network(window_in)
             try:
-                return self.windowed_objective(logits, full)
+                return self.windowed_objective(logits, full, x)
             except WindowMismatch as why:
                 self.drop_window(str(why))
             return self.full_copies_forward(x, self.method.transforms.last)
@@ -237,9 +237,10 @@ class DreamLoop:
         detached: its forward needs no gradient)."""
         return self._batch_input(self.method.batch(x, self.window)), self._network_input(x.detach())
 
-    def windowed_objective(self, logits: torch.Tensor, full: torch.Tensor):
-        """(objective, probability map) from the copies' window logits and the full crop's logits;
-        :class:`WindowMismatch` when copy 0's seed logits differ from the full crop's."""
+    def windowed_objective(self, logits: torch.Tensor, full: torch.Tensor, x: torch.Tensor):
+        """(objective, probability map) from the copies' window logits and the full crop's logits (of
+        image ``x``); :class:`WindowMismatch` when copy 0's seed logits differ from the full crop's, or,
+        at an audited iteration, any copy's from that copy on the full crop."""
         self._check_logits(full, 1, self._crop_spatial())
         window = self.window
         if tuple(logits.shape) != (self.method.copies, self.card.out_channels) + tuple(window.size):
@@ -251,6 +252,12 @@ class DreamLoop:
             raise WindowMismatch("copy 0's seed logits on the window "
                                  f"({[round(float(v), 5) for v in at_seed[0].detach()]}) differ from the full crop's "
                                  f"({[round(float(v), 5) for v in full_at_seed]})")
+        if self._iteration % AUDIT_EVERY == 0:
+            with torch.no_grad():
+                copies = self.network(self._batch_input(self.method.batch(x.detach(), drawn=self.method.transforms.last)))
+            if not close(at_seed, copies[(slice(None), slice(None)) + spatial_seed]):
+                raise WindowMismatch(f"the copies' seed logits on the window differ from the same copies' on the full "
+                                     f"crop (audit at iteration {self._iteration})")
         return self._seed_objective(at_seed), self._probability(full[0].detach())
 
     def _crop_spatial(self) -> tuple[int, ...]:

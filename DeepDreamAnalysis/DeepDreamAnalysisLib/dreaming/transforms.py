@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -34,6 +35,10 @@ class RandomTransforms:
         spacing = spacing_kji[1:] if spatial_dims == 2 else spacing_kji
         self.spacing = torch.tensor(spacing, dtype=torch.float32, device=device)
         self.device = device
+        c = (np.asarray(self.shape, dtype=np.float64) - 1) / 2
+        rows = np.where(c > 0, 1 / np.maximum(c, 1e-12), 0.0)  # an axis of size 1 stays at 0
+        self._theta_constants = (c, np.asarray(self.spacing.cpu(), dtype=np.float64), np.asarray(self.seed.cpu(), dtype=np.float64),
+                                 rows)
         self.last = None
         """The random draws of the last :meth:`batch` (matrices, shifts, noise)."""
         with warnings.catch_warnings():  # an axis of size 1 is handled in theta (its column is 0)
@@ -115,14 +120,12 @@ class RandomTransforms:
         from these few numbers and the precomputed voxel coordinates (:meth:`apply`) costs less than
         half of transforming every voxel's millimetre offset (docs/dream-methods.md, "Cost").
         """
-        m = mats.to(torch.float64)
-        c = (torch.tensor(self.shape, dtype=torch.float64, device=m.device) - 1) / 2
-        sp = self.spacing.to(device=m.device, dtype=torch.float64)
-        seed = self.seed.to(device=m.device, dtype=torch.float64)
+        m = mats.detach().cpu().numpy().astype(np.float64)  # a few numbers: numpy's small-array ops cost less
+        c, sp, seed, rows = self._theta_constants
         scaled = m * (sp * c)[None, None, :]  # [M, b, a]
-        rows = torch.where(c > 0, 1 / c.clamp_min(1e-12), torch.zeros_like(c))  # an axis of size 1 stays at 0
         a = scaled * rows[None, :, None]
-        t = (seed + shift.to(torch.float64) + torch.einsum("mba,a->mb", m * sp[None, None, :], c - seed)) * rows - 1
-        t = torch.where(c > 0, t, torch.zeros_like(t))
-        theta = torch.cat([a.flip(1).flip(2), t.flip(1).unsqueeze(-1)], dim=-1)  # rows and columns in (i, j[, k])
-        return theta.to(torch.float32)
+        t = (seed + shift.detach().cpu().numpy().astype(np.float64)
+             + np.einsum("mba,a->mb", m * sp[None, None, :], c - seed)) * rows - 1
+        t = np.where(c > 0, t, 0.0)
+        theta = np.concatenate([a[:, ::-1, ::-1], t[:, ::-1, None]], axis=-1)  # rows and columns in (i, j[, k])
+        return torch.from_numpy(np.ascontiguousarray(theta, dtype=np.float32)).to(mats.device)

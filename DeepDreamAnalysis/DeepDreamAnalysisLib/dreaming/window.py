@@ -24,8 +24,10 @@ Exact or off, never approximate:
    A network that mixes the whole image (instance norm, the MONAI default; attention; global pooling;
    SwinUNETR, UNETR) has a field that is the whole crop and gets full-crop copies this way.
 3. At every iteration the loop compares copy 0's window logits at the seed with the full crop's (it
-   computes both anyway): a difference beyond :data:`RTOL` switches the run to full-crop copies for
-   good, recomputing that iteration with the same random transforms, and says so.
+   computes both anyway), and every :data:`AUDIT_EVERY` iterations (iteration 0 first) every copy's,
+   with one more forward of the K copies on the full crop without gradient: a difference beyond
+   :data:`RTOL` switches the run to full-crop copies for good, recomputing that iteration with the
+   same random transforms, and says so (``copy_window_note`` in run.json).
 """
 
 from __future__ import annotations
@@ -39,8 +41,12 @@ import torch
 
 MAX_FRACTION = 0.6
 """A window holding more than this fraction of the crop's voxels saves too little: full-crop copies."""
-MARGIN = 2
-"""Voxels added around the probed support on each side before rounding to the grid."""
+MARGIN = 0
+"""Voxels added around the probed support on each side before rounding to the grid (none: the probes
+include one with every ReLU passing its gradient, and the run audits the copies, see AUDIT_EVERY)."""
+AUDIT_EVERY = 50
+"""Every this many iterations (from iteration 0) the loop also forwards the K copies on the full crop
+without gradient and compares their seed logits with the windows' (about 2% of a run's cost)."""
 RTOL = 1e-4
 """Relative tolerance (of the largest seed logit, at least 1) for window logits against the full crop's."""
 PROBE_SEED = 20191120
@@ -240,4 +246,4 @@ def _verify(seed_logits_and_grad, verify_in, z_full, g_full, window: CopyWindow)
     return True, ""
 
 
-__all__ = ["CopyWindow", "WindowPlan", "WindowMismatch", "find_window", "forget", "close", "MAX_FRACTION", "MARGIN", "RTOL"]
+__all__ = ["CopyWindow", "WindowPlan", "WindowMismatch", "find_window", "forget", "close", "MAX_FRACTION", "MARGIN", "RTOL", "AUDIT_EVERY"]

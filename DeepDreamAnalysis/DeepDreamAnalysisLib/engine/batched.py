@@ -148,7 +148,7 @@ class BatchedDreamLoop:
             full = full_logits[full_row:full_row + 1]
             full_row += 1
             try:
-                outputs.append(loop.windowed_objective(rows[pos], full))
+                outputs.append(loop.windowed_objective(rows[pos], full, xs[pos]))
             except WindowMismatch as why:  # this member's copies on the full crop from now on, same transforms
                 loop.drop_window(str(why))
                 outputs.append(loop.full_copies_forward(xs[pos], loop.method.transforms.last))
