@@ -2,10 +2,11 @@
 
     python benchmarks/robust_cost.py [--threads 1] [--iterations 30]
 
-Prints the time per iteration of `paper` and `robust` (K = 4 copies) through the DreamLoop and the
-parts of a robust iteration measured alone: the network's forward + backward on a batch of K and
-of 1, drawing the K-1 random transforms, building their sampling grid, sampling the copies
-(grid_sample forward and backward), and the rest of the update.
+Prints the time per iteration of `paper` and `robust` (K = 4 copies; on the exact seed window of
+dreaming/window.py, and on the full crop) through the DreamLoop and the parts of a robust iteration
+measured alone: the network's forward + backward on a batch of K and of 1, on K seed windows, its
+forward without gradient on the full crop, drawing the K-1 random transforms, building their
+sampling grid, sampling the copies (grid_sample forward and backward), and the rest.
 """
 
 from __future__ import annotations
@@ -45,12 +46,14 @@ def breakdown(iterations: int = 30, copies: int = 4) -> dict:
     seed = tuple(n // 2 for n in shape)
     dev = torch.device("cpu")
 
-    def loop(method):
+    def loop(method, window=True):
         return lambda: [None for _ in DreamLoop(net, card, start, seed, DreamConfig(
-            iterations=iterations, method=method, method_options={"copies": copies} if "robust" in method else {}), dev)]
+            iterations=iterations, method=method, method_options={"copies": copies} if "robust" in method else {}), dev,
+            copy_window=window)]
 
     out = {"paper_ms": 1000 * best(loop("paper"), 3) / iterations,
-           "robust_ms": 1000 * best(loop("robust"), 3) / iterations}
+           "robust_ms": 1000 * best(loop("robust"), 3) / iterations,
+           "robust_full_crop_ms": 1000 * best(loop("robust", False), 3) / iterations}
     probe = DreamLoop(net, card, start, seed, DreamConfig(iterations=1, method="robust",
                                                           method_options={"copies": copies}), dev)
     t = probe.method.transforms
@@ -63,17 +66,31 @@ def breakdown(iterations: int = 30, copies: int = 4) -> dict:
     reps = 20
     out["network_batch1_ms"] = 1000 * best(network(1), 5)
     out[f"network_batch{copies}_ms"] = 1000 * best(network(copies), 5)
+    window = probe.window  # the exact seed window the copies run on (dreaming/window.py), or None
+    out["copy_window"] = list(window.size) if window is not None else probe.window_plan.note
+    if window is not None:
+        win = torch.randn((copies, 1) + tuple(window.size), requires_grad=True)
+        out[f"network_window_batch{copies}_ms"] = 1000 * best(
+            lambda: torch.autograd.grad(net(win)[(slice(None), 1) + tuple(window.seed)].sum(), win), 5)
+        full = torch.randn((1, 1) + shape[1:])
+
+        def no_grad():
+            with torch.no_grad():
+                net(full)
+        out["network_batch1_no_grad_ms"] = 1000 * best(no_grad, 5)
     out["draw_ms"] = 1000 * best(lambda: [t.draw() for _ in range(reps)], 3) / reps
     mats, shift = t.draw()
     out["grid_ms"] = 1000 * best(lambda: [t.theta(mats, shift) for _ in range(reps)], 3) / reps
     image = x[0].clone().requires_grad_(True)
 
     def sample():
-        copies_ = t.apply(image, mats, shift)
+        copies_ = t.apply(image, mats, shift, None, window)  # on the seed window when there is one
         torch.autograd.grad(copies_.sum(), image)
 
     out["sample_fwd_bwd_ms"] = 1000 * best(lambda: [sample() for _ in range(reps)], 3) / reps
-    parts = out[f"network_batch{copies}_ms"] + out["draw_ms"] + out["grid_ms"] + out["sample_fwd_bwd_ms"]
+    network_part = (out[f"network_window_batch{copies}_ms"] + out["network_batch1_no_grad_ms"] if window is not None
+                    else out[f"network_batch{copies}_ms"])
+    parts = network_part + out["draw_ms"] + out["grid_ms"] + out["sample_fwd_bwd_ms"]
     out["rest_ms"] = out["robust_ms"] - parts
     out["ratio"] = out["robust_ms"] / out["paper_ms"]
     out["network_ratio"] = out[f"network_batch{copies}_ms"] / out["network_batch1_ms"]

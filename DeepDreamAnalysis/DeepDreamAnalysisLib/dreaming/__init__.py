@@ -9,6 +9,7 @@
 - :mod:`.lesion_spectrum`: the reference lesions' amplitude spectrum (numpy; stored with the reference);
 - :mod:`.phase`: lesion-spectrum dreaming, only the phase of that spectrum optimised (MACO);
 - :mod:`.redirect`: gradients redirected through ReLU layers that are all off (every method but paper);
+- :mod:`.window`: the exact seed window the transformed copies are evaluated on (or full-crop copies);
 - :mod:`.registry`: names, descriptions, sources, options (:func:`list_methods`);
 - :mod:`.method`: one method assembled for one crop (used by the engine's ``DreamLoop``).
 

@@ -125,7 +125,7 @@ class RandomTransforms:
         scaled = m * (sp * c)[None, None, :]  # [M, b, a]
         a = scaled * rows[None, :, None]
         t = (seed + shift.detach().cpu().numpy().astype(np.float64)
-             + np.einsum("mba,a->mb", m * sp[None, None, :], c - seed)) * rows - 1
+             + (m * sp[None, None, :]) @ (c - seed)) * rows - 1
         t = np.where(c > 0, t, 0.0)
         theta = np.concatenate([a[:, ::-1, ::-1], t[:, ::-1, None]], axis=-1)  # rows and columns in (i, j[, k])
         return torch.from_numpy(np.ascontiguousarray(theta, dtype=np.float32)).to(mats.device)
