@@ -244,7 +244,8 @@ def test_a_run_ended_but_never_drained_does_not_block_the_next(mrml_scene):
 
 
 class _BreaksAt(torch.nn.Module):
-    """A tiny network whose forward raises from its n-th call on (a fault inside the model)."""
+    """A tiny network whose forward raises from its n-th forward of the transformed copies with gradient
+    on (a fault inside the model; the seed window's probes and the forwards without gradient not counted)."""
 
     def __init__(self, n):
         super().__init__()
@@ -253,7 +254,7 @@ class _BreaksAt(torch.nn.Module):
         self.n = n
 
     def forward(self, x):
-        self.calls += 1
+        self.calls += bool(x.requires_grad) and x.shape[0] > 1
         if self.calls >= self.n:
             raise RuntimeError("simulated failure inside the network")
         return self.net(x)
