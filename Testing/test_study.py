@@ -232,6 +232,33 @@ def test_study_command_runs_every_run_and_writes_the_table(first_study, files):
     assert {r["seed_points"] for r in pooled} == {"2"} and {r["training_seeds"] for r in pooled} == {"2"}
 
 
+def test_pooled_rows_pool_runs_with_different_iterations_and_missing_values(tmp_path):
+    # a run that stopped early and an empty cell (NaN): each iteration pools the runs that have a value
+    from types import SimpleNamespace
+
+    from DeepDreamAnalysisLib.studies.tables import pooled_rows
+
+    curves = {"a0": "0,0.1\n5,0.5\n10,0.9\n", "a1": "0,0.3\n5,0.7\n", "b0": "0,0.2\n5,\n10,0.8\n"}
+    runs = []
+    for key, body in curves.items():
+        (tmp_path / "runs" / key).mkdir(parents=True)
+        (tmp_path / "runs" / key / "curves.csv").write_text("iteration,probability\n" + body)
+        runs.append(SimpleNamespace(key=key, model=key[0], group="net", image="ct", seed_index=int(key[1]),
+                                    restart=0, method="paper"))
+    outcome = SimpleNamespace(out=tmp_path, runs=runs, status={k: {"state": "done"} for k in curves})
+    rows = {r["iteration"]: r for r in pooled_rows(outcome, use_z=False)}
+    assert sorted(rows) == [0, 5, 10]
+    assert rows[5]["mean"] == pytest.approx(0.6) and rows[10]["mean"] == pytest.approx(0.85)
+    # iteration 10: seed point 0 (runs a0, b0) alone has a value: no interval over seed points
+    assert rows[10]["seed_points"] == 1 and np.isnan(rows[10]["ci_seed_low"])
+    # over training seeds: model a 0.9, model b 0.8 -> 0.85 +- t(1) * sd / sqrt(2)
+    half = 12.706 * np.std([0.9, 0.8], ddof=1) / np.sqrt(2)
+    assert rows[10]["training_seeds"] == 2
+    assert (rows[10]["ci_training_low"], rows[10]["ci_training_high"]) == pytest.approx((0.85 - half, 0.85 + half))
+    assert rows[0]["seed_points"] == 2 and rows[0]["mean"] == pytest.approx(0.2)
+    assert all(isinstance(r["iteration"], int) and isinstance(r["mean"], float) for r in rows.values())
+
+
 def test_a_study_run_equals_the_same_run_alone(first_study, files):
     from DeepDreamAnalysisLib.analysis import run_analysis
     from DeepDreamAnalysisLib.models import load_model
