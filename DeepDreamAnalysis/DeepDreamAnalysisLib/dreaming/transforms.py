@@ -102,8 +102,12 @@ class RandomTransforms:
         for a in range(nd):  # + sum over input axes of coordinate * column: a few fused ops
             grid = torch.addcmul(grid, base[(None,) + (slice(None),) * nd + (slice(a, a + 1),)],
                                  theta[lead + (slice(None), a)])
-        src = image.unsqueeze(0).unsqueeze(0).expand((mats.shape[0], 1) + tuple(image.shape))
-        out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=True)[:, 0]
+        # the M copies' grids stacked along the first axis: ONE image to sample (no copy per transform,
+        # and its gradient gathered in one buffer), the same interpolation at every point
+        m, size = grid.shape[0], tuple(grid.shape[1:-1])
+        stacked = grid.reshape((1, m * size[0]) + size[1:] + (nd,))
+        out = F.grid_sample(image[None, None], stacked, mode="bilinear", padding_mode="border",
+                            align_corners=True).reshape((m,) + size)
         if self.noise_std > 0:
             if noise is None:
                 noise = self.noise_std * torch.randn((mats.shape[0],) + self.shape, generator=self.generator).to(
