@@ -507,6 +507,10 @@ def bench_slicer_gil(device: str, iterations: int, rounds: int = 5, cancel_after
     return out
 
 
+def _thread_ratio(ratio: float) -> str:
+    return f"{ratio:.2f}x" if ratio == ratio else "starved (no rate within 120 s)"
+
+
 def _vs_default(ratio: float) -> str:
     return f"{ratio:.2f}x" if ratio == ratio else "no run within 90 s"
 
@@ -612,7 +616,7 @@ def table(results: dict) -> str:
                 drain_cpu = f" ({1000 * r['max_drain_cpu_s']:.0f} ms CPU)" if "max_drain_cpu_s" in r else ""
                 det = (f"{r.get('case', '')}, {r['iterations']} iterations, {how}, "
                        f"{r.get('worker_threads', '?')} torch thread(s) both sides; {per}; a worker thread "
-                       f"{r['thread_ratio']:.2f}x; longest drain {1000 * r['max_drain_s']:.0f} ms{drain_cpu}; cancel "
+                       f"{_thread_ratio(r['thread_ratio'])}; longest drain {1000 * r['max_drain_s']:.0f} ms{drain_cpu}; cancel "
                        f"{r['cancel_s'] or float('nan'):.2f} s (iteration {r['iteration_s']:.3f} s); start-up "
                        f"{r['worker_startup_s']:.1f} s; load {r.get('load_1min_before', '?')} before, "
                        f"{r.get('load_1min_after', '?')} after")
