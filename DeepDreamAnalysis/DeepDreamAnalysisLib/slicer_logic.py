@@ -223,7 +223,50 @@ def status_text(progress: Progress | None, status: str = "running") -> str:
     return text
 
 
-class RunHandle:
+class _DrainedHandle:
+    """What a run's and a comparison's handle share: the worker (a process or a thread) reports into
+    a queue that :meth:`processEvents` drains on the scene's thread (a timer in Slicer); at the
+    worker's end the handle finishes (``_finish``). Subclasses give ``runner``, ``finished``,
+    ``_drain`` and ``_finish``."""
+
+    def cancel(self) -> None:
+        """Ask the worker to stop; it ends within one iteration, and the next drain finishes."""
+        self.runner.cancel()
+
+    def processEvents(self) -> bool:
+        """Drain the worker's reports; at its end finish. True while it goes on; never raises."""
+        if self.finished:
+            return False
+        done = self.runner.done
+        self._drain()
+        if done and not getattr(self.runner, "backlog", 0):  # a capped drain's rest goes first
+            self._drain()
+            self._finish()
+            return False
+        return True
+
+    def finishIfDone(self) -> bool:
+        """If the worker has ended, drain and finish now (on the calling, main thread); True then."""
+        if self.finished or not self.runner.done:
+            return self.finished
+        while self.processEvents():
+            pass
+        return True
+
+    def _drainUntilEnd(self, timeout: float | None, interval: float, idle: Callable[[], None] | None):
+        """Drain until the end, ``idle`` between waits: ``(True, deadline)``, or ``(False, deadline)``
+        once ``timeout`` seconds have passed first (deadline: a ``time.monotonic`` value or None)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.processEvents():
+            if end is not None and time.monotonic() > end:
+                return False, end
+            self.runner.join(interval)
+            if idle is not None:
+                idle()
+        return True, end
+
+
+class RunHandle(_DrainedHandle):
     """One analysis going on in a worker thread, and its output nodes.
 
     Call :meth:`processEvents` on the scene's thread (Slicer: a timer does it) to move progress
@@ -252,14 +295,6 @@ class RunHandle:
         if hasattr(scene, "StartCloseEvent"):
             self._closeTag = scene.AddObserver(scene.StartCloseEvent, self._onSceneStartClose)
         _ACTIVE.append(self)
-
-    def finishIfDone(self) -> bool:
-        """If the worker has ended, drain and finish now (on the calling, main thread); True then."""
-        if self.finished or not self.runner.done:
-            return self.finished
-        while self.processEvents():
-            pass
-        return True
 
     def describe(self) -> str:
         if self.lastProgress is None:
@@ -297,22 +332,6 @@ class RunHandle:
 
     # --- control -----------------------------------------------------------------------------
 
-    def cancel(self) -> None:
-        """Ask the run to stop; it ends within one iteration, and the next drain finishes the nodes."""
-        self.runner.cancel()
-
-    def processEvents(self) -> bool:
-        """Drain the worker's reports into the nodes; True while the run goes on."""
-        if self.finished:
-            return False
-        done = self.runner.done
-        self._drain()
-        if done and not getattr(self.runner, "backlog", 0):  # a capped drain's rest goes first
-            self._drain()
-            self._finish()
-            return False
-        return True
-
     def wait(self, timeout: float | None = None, interval: float = 0.1,
              idle: Callable[[], None] | None = None) -> AnalysisResult | None:
         """Drain until the end (or ``timeout`` seconds); ``idle`` runs between drains (Slicer:
@@ -320,13 +339,9 @@ class RunHandle:
 
         If the scene closed meanwhile, waits (up to ``timeout``, else 30 s) for the worker to stop
         and returns its cancelled result (the nodes went with the scene)."""
-        end = None if timeout is None else time.monotonic() + timeout
-        while self.processEvents():
-            if end is not None and time.monotonic() > end:
-                return None
-            self.runner.join(interval)
-            if idle is not None:
-                idle()
+        ended, end = self._drainUntilEnd(timeout, interval, idle)
+        if not ended:
+            return None
         if self.abandoned:
             self.runner.join(30.0 if end is None else max(0.0, end - time.monotonic()))
             self.runner.poll()
@@ -798,7 +813,7 @@ class _ComparisonThreadRunner:
         return not self._thread.is_alive()
 
 
-class ComparisonHandle:
+class ComparisonHandle(_DrainedHandle):
     """One model comparison going on (in a worker process or a thread), and, once it has ended,
     its nodes. The interface of :class:`RunHandle`: :meth:`processEvents` on the scene's thread (a
     timer in Slicer) takes the reports and, at the end, shows the comparison; :meth:`cancel`,
@@ -864,40 +879,12 @@ class ComparisonHandle:
 
     # --- control -----------------------------------------------------------------------------
 
-    def cancel(self) -> None:
-        """Ask the comparison to stop; it ends within one iteration."""
-        self.runner.cancel()
-
-    def processEvents(self) -> bool:
-        """Take the reports; at the end show the comparison. True while it goes on. Never raises."""
-        if self.finished:
-            return False
-        done = self.runner.done
-        self._drain()
-        if done and not getattr(self.runner, "backlog", 0):  # a capped drain's rest goes first
-            self._drain()
-            self._finish()
-            return False
-        return True
-
-    def finishIfDone(self) -> bool:
-        if self.finished or not self.runner.done:
-            return self.finished
-        while self.processEvents():
-            pass
-        return True
-
     def wait(self, timeout: float | None = None, interval: float = 0.1, idle: Callable[[], None] | None = None):
         """Drain until the end (or ``timeout`` s; then None), calling ``idle`` between waits. Returns
         the ``Comparison``; raises its error, except after the scene closed, when it returns None
         if nothing had finished."""
-        end = None if timeout is None else time.monotonic() + timeout
-        while self.processEvents():
-            if end is not None and time.monotonic() > end:
-                return None
-            self.runner.join(interval)
-            if idle is not None:
-                idle()
+        if not self._drainUntilEnd(timeout, interval, idle)[0]:
+            return None
         if self.sceneClosed:
             if self.error is not None and isinstance(self.error, DeepDreamError):
                 return None  # cancelled before one run of every model had ended: nothing to return
