@@ -229,6 +229,19 @@ class _DrainedHandle:
     worker's end the handle finishes (``_finish``). Subclasses give ``runner``, ``finished``,
     ``_drain`` and ``_finish``."""
 
+    @property
+    def result(self):
+        """The worker's result (an ``AnalysisResult`` or a ``Comparison``), None until it has one."""
+        return self.runner.result
+
+    @property
+    def error(self) -> BaseException | None:
+        return self.runner.error
+
+    @property
+    def is_running(self) -> bool:
+        return not self.finished
+
     def cancel(self) -> None:
         """Ask the worker to stop; it ends within one iteration, and the next drain finishes."""
         self.runner.cancel()
@@ -306,18 +319,6 @@ class RunHandle(_DrainedHandle):
     @property
     def nodes(self) -> scene_mod.ResultNodes:
         return self.updater.nodes
-
-    @property
-    def result(self) -> AnalysisResult | None:
-        return self.runner.result
-
-    @property
-    def error(self) -> BaseException | None:
-        return self.runner.error
-
-    @property
-    def is_running(self) -> bool:
-        return not self.finished
 
     @property
     def status(self) -> str:
@@ -841,18 +842,6 @@ class ComparisonHandle(_DrainedHandle):
         _ACTIVE.append(self)
 
     # --- state -------------------------------------------------------------------------------
-
-    @property
-    def result(self):
-        return self.runner.result
-
-    @property
-    def error(self) -> BaseException | None:
-        return self.runner.error
-
-    @property
-    def is_running(self) -> bool:
-        return not self.finished
 
     @property
     def status(self) -> str:
