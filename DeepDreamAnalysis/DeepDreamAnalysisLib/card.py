@@ -99,6 +99,17 @@ class Preprocessing:
             return -self.mean / self.std
         return 0.0
 
+    @property
+    def typical_intensity(self) -> tuple[float, float]:
+        """(mean, standard deviation) in image units of an image this network expects: the window's
+        centre and a sixth of its width (the window spans +-3 sd), the normalisation's mean and sd,
+        else (0, 1). The default of a white-noise start, and of the probes of the copies' window."""
+        if self.type == "window":
+            return (self.min + self.max) / 2, (self.max - self.min) / 6
+        if self.type == "normalize":
+            return self.mean, self.std
+        return 0.0, 1.0
+
 
 @dataclass
 class ModelCard:

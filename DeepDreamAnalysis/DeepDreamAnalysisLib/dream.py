@@ -337,13 +337,7 @@ class DreamLoop:
         cfg = self.config
         if cfg.start == "image":
             return self.x0.clone()
-        pre = self.card.preprocessing
-        if pre.type == "window":
-            mean_default, std_default = (pre.min + pre.max) / 2, (pre.max - pre.min) / 6
-        elif pre.type == "normalize":
-            mean_default, std_default = pre.mean, pre.std
-        else:
-            mean_default, std_default = 0.0, 1.0
+        mean_default, std_default = self.card.preprocessing.typical_intensity
         mean = mean_default if cfg.noise_mean is None else float(cfg.noise_mean)
         std = std_default if cfg.noise_std is None else float(cfg.noise_std)
         gen = torch.Generator(device="cpu").manual_seed(int(cfg.random_seed))

@@ -157,12 +157,7 @@ def _find_window(network, card, crop_shape, seed, device, relus) -> WindowPlan:
     gen = torch.Generator(device="cpu").manual_seed(PROBE_SEED)
     weights = 1.0 + torch.rand(card.out_channels, generator=gen)  # generic: no class cancels another
     pre = card.preprocessing
-    if pre.type == "window":
-        centre, spread = (pre.min + pre.max) / 2, (pre.max - pre.min) / 6
-    elif pre.type == "normalize":
-        centre, spread = pre.mean, pre.std
-    else:
-        centre, spread = 0.0, 1.0
+    centre, spread = pre.typical_intensity
 
     def image_probe():  # image-unit noise about the card's window, through the card's preprocessing
         x = torch.randn((1, 1) + spatial, generator=gen) * spread + centre
