@@ -5,13 +5,15 @@
 Prints the time per iteration of `paper` and `robust` (K = 4 copies; on the exact seed window of
 dreaming/window.py, and on the full crop) through the DreamLoop and the parts of a robust iteration
 measured alone: the network's forward + backward on a batch of K and of 1, on K seed windows, its
-forward without gradient on the full crop, drawing the K-1 random transforms, building their
+forward without gradient on the full crop (each with the CPU kernels the loop picks,
+dreaming/convolutions.py, and the windows and the full crop also with torch's default kernels), drawing the K-1 random transforms, building their
 sampling grid, sampling the copies (grid_sample forward and backward), and the rest.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -25,6 +27,7 @@ sys.path.insert(0, str(HERE))
 
 from DeepDreamAnalysisLib.config import DreamConfig  # noqa: E402
 from DeepDreamAnalysisLib.dream import DreamLoop  # noqa: E402
+from DeepDreamAnalysisLib.dreaming.convolutions import convolutions_for  # noqa: E402
 from run_benchmarks import demo_model  # noqa: E402
 
 
@@ -59,25 +62,39 @@ def breakdown(iterations: int = 30, copies: int = 4) -> dict:
     t = probe.method.transforms
     x = torch.as_tensor(start)
 
-    def network(batch):
+    def network(batch, kernels=False):
         inp = torch.randn((batch, 1) + shape[1:], requires_grad=True)
-        return lambda: torch.autograd.grad(net(inp)[:, 1, seed[1], seed[2]].sum(), inp)
+
+        def run():
+            with convolutions_for(dev, 2, inp.numel()) if kernels else contextlib.nullcontext():
+                return torch.autograd.grad(net(inp)[:, 1, seed[1], seed[2]].sum(), inp)
+        return run
 
     reps = 20
     out["network_batch1_ms"] = 1000 * best(network(1), 5)
+    out["network_batch1_native_kernels_ms"] = 1000 * best(network(1, kernels=True), 5)
     out[f"network_batch{copies}_ms"] = 1000 * best(network(copies), 5)
     window = probe.window  # the exact seed window the copies run on (dreaming/window.py), or None
     out["copy_window"] = list(window.size) if window is not None else probe.window_plan.note
     if window is not None:
         win = torch.randn((copies, 1) + tuple(window.size), requires_grad=True)
-        out[f"network_window_batch{copies}_ms"] = 1000 * best(
-            lambda: torch.autograd.grad(net(win)[(slice(None), 1) + tuple(window.seed)].sum(), win), 5)
+
+        def windows(kernels):
+            def run():  # forward AND backward with the kernels the loop picks (dreaming/convolutions.py)
+                with convolutions_for(dev, 2, win.numel()) if kernels else contextlib.nullcontext():
+                    return torch.autograd.grad(net(win)[(slice(None), 1) + tuple(window.seed)].sum(), win)
+            return run
+        out[f"network_window_batch{copies}_ms"] = 1000 * best(windows(True), 5)
+        out[f"network_window_batch{copies}_torch_default_kernels_ms"] = 1000 * best(windows(False), 5)
         full = torch.randn((1, 1) + shape[1:])
 
-        def no_grad():
-            with torch.no_grad():
-                net(full)
-        out["network_batch1_no_grad_ms"] = 1000 * best(no_grad, 5)
+        def no_grad(kernels):
+            def run():
+                with torch.no_grad(), convolutions_for(dev, 2, full.numel(), False) if kernels else contextlib.nullcontext():
+                    net(full)
+            return run
+        out["network_batch1_no_grad_ms"] = 1000 * best(no_grad(True), 5)
+        out["network_batch1_no_grad_torch_default_kernels_ms"] = 1000 * best(no_grad(False), 5)
     out["draw_ms"] = 1000 * best(lambda: [t.draw() for _ in range(reps)], 3) / reps
     mats, shift = t.draw()
     out["grid_ms"] = 1000 * best(lambda: [t.theta(mats, shift) for _ in range(reps)], 3) / reps

@@ -193,6 +193,11 @@ def bench_methods(device: str, iterations: int) -> dict:
         out[f"method {method}"] = {"ratio": t_method / t_paper, "ms_per_iteration": 1000 * t_method / iterations,
                                    "paper_ms_per_iteration": 1000 * t_paper / iterations, "iterations": iterations,
                                    "model": c.name}
+    # one copy through the same CPU kernels as the copies (dreaming/convolutions.py): ascent is paper's
+    # single-copy update run the way every method but paper runs
+    robust, ascent = out.get("method robust"), out.get("method ascent")
+    if robust and ascent:
+        robust["vs_one_copy_same_kernels"] = round(robust["ms_per_iteration"] / ascent["ms_per_iteration"], 3)
     return out
 
 

@@ -28,6 +28,7 @@ import torch
 
 from .card import ModelCard
 from .config import DreamConfig, resolve_objective
+from .dreaming.convolutions import batch_voxels, convolutions_for
 from .dreaming.method import DreamMethod
 from .dreaming.redirect import RedirectCounter, redirected_relus, relu_modules
 from .dreaming.window import AUDIT_EVERY, WindowMismatch, WindowPlan, close, find_window, forget
@@ -159,6 +160,7 @@ class DreamLoop:
         """How often a ReLU layer's stuck gradient was redirected (:mod:`.dreaming.redirect`; not for paper)."""
         self._relus = [] if self.method.is_paper else relu_modules(network)
         self._iteration = 0
+        self._gradient_voxels = 0
         self.window_plan = self._plan_window(copy_window)
         """How the transformed copies are evaluated (:class:`~.dreaming.window.WindowPlan`; None without copies)."""
 
@@ -216,9 +218,9 @@ class DreamLoop:
         if self.window is not None:
             window_in, full_in = self.window_inputs(x)
             with torch.no_grad():
-                full = self.network(full_in)
+                full = self.run_network(full_in)
             with redirected_relus(self._relus, self.redirects):
-                logits = self.network(window_in)
+                logits = self.run_network(window_in, for_backward=True)
             try:
                 return self.windowed_objective(logits, full, x)
             except WindowMismatch as why:
@@ -226,10 +228,26 @@ class DreamLoop:
             return self.full_copies_forward(x, self.method.transforms.last)
         return self.full_copies_forward(x)
 
+    def run_network(self, batch: torch.Tensor, for_backward: bool = False) -> torch.Tensor:
+        """The network on ``batch`` ``[N, C, ...]`` (every method but paper), with the CPU convolution
+        kernels chosen for its size and for whether gradients are recorded
+        (:mod:`.dreaming.convolutions`); ``for_backward``: the batch whose backward
+        :meth:`gradient_convolutions` will run."""
+        if for_backward:
+            self._gradient_voxels = batch_voxels(batch)
+        with convolutions_for(self.device, self.card.spatial_dims, batch_voxels(batch), torch.is_grad_enabled()):
+            return self.network(batch)
+
+    def gradient_convolutions(self):
+        """The convolution kernels for the backward of the last batch run with gradient (paper: torch's)."""
+        if self.method.is_paper:
+            return contextlib.nullcontext()
+        return convolutions_for(self.device, self.card.spatial_dims, self._gradient_voxels)
+
     def full_copies_forward(self, x: torch.Tensor, drawn=None):
         """The K copies on the full crop, one forward (``drawn``: the random transforms to reuse)."""
         with redirected_relus(self._relus, self.redirects):
-            logits = self.network(self._batch_input(self.method.batch(x, drawn=drawn)))
+            logits = self.run_network(self._batch_input(self.method.batch(x, drawn=drawn)), for_backward=True)
         return self._objective_and_probability(logits)
 
     def window_inputs(self, x: torch.Tensor):
@@ -254,7 +272,7 @@ class DreamLoop:
                                  f"({[round(float(v), 5) for v in full_at_seed]})")
         if self._iteration % AUDIT_EVERY == 0:
             with torch.no_grad():
-                copies = self.network(self._batch_input(self.method.batch(x.detach(), drawn=self.method.transforms.last)))
+                copies = self.run_network(self._batch_input(self.method.batch(x.detach(), drawn=self.method.transforms.last)))
             if not close(at_seed, copies[(slice(None), slice(None)) + spatial_seed]):
                 raise WindowMismatch(f"the copies' seed logits on the window differ from the same copies' on the full "
                                      f"crop (audit at iteration {self._iteration})")
@@ -354,7 +372,8 @@ class DreamLoop:
             try:
                 objective, prob = self.forward(x)
                 total = self._regularised(objective, x)
-                (grad,) = torch.autograd.grad(total, x)
+                with self.gradient_convolutions():
+                    (grad,) = torch.autograd.grad(total, x)
             except (ModelError, RunFault):
                 raise
             except torch.cuda.OutOfMemoryError:

@@ -10,6 +10,7 @@
 - :mod:`.phase`: lesion-spectrum dreaming, only the phase of that spectrum optimised (MACO);
 - :mod:`.redirect`: gradients redirected through ReLU layers that are all off (every method but paper);
 - :mod:`.window`: the exact seed window the transformed copies are evaluated on (or full-crop copies);
+- :mod:`.convolutions`: the CPU convolution kernels for small batches (native rather than oneDNN);
 - :mod:`.registry`: names, descriptions, sources, options (:func:`list_methods`);
 - :mod:`.method`: one method assembled for one crop (used by the engine's ``DreamLoop``).
 

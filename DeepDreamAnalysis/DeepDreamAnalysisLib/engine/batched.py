@@ -21,6 +21,7 @@ members separately.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from typing import Iterator
 
 import torch
 
+from ..dreaming.convolutions import batch_voxels, convolutions_for
 from ..dreaming.redirect import redirected_relus
 from ..dreaming.window import WindowMismatch
 
@@ -98,6 +100,9 @@ class BatchedDreamLoop:
         self.network = first.network
         self.stopped_early = [False] * len(loops)
         self._retired: set[int] = set()
+        self._gradient_voxels = 0
+        # every method but paper picks the CPU convolution kernels by batch size (dreaming/convolutions.py)
+        self._pick_kernels = not all(loop.method.is_paper for loop in loops)
         relus = [getattr(loop, "_relus", []) for loop in loops]
         # redirected ReLU gradients act per batch item, so a batch of non-paper members gets each member's own
         self._redirect = (relus[0], first.redirects) if all(relus) else ([], None)
@@ -122,16 +127,19 @@ class BatchedDreamLoop:
                 fulls.append(None)
         full_logits = None
         if any(f is not None for f in fulls):
-            with torch.no_grad():
-                full_logits = self.network(torch.cat([f for f in fulls if f is not None], dim=0))
+            full_batch = torch.cat([f for f in fulls if f is not None], dim=0)
+            with torch.no_grad(), self._kernels(batch_voxels(full_batch), gradient=False):
+                full_logits = self.network(full_batch)
         sizes: dict[tuple, list[int]] = {}
         for pos, inp in enumerate(inputs):
             sizes.setdefault(tuple(inp.shape[1:]), []).append(pos)
         rows: list = [None] * len(inputs)
+        self._gradient_voxels = sum(batch_voxels(inp) for inp in inputs)
         with redirected_relus(*self._redirect):  # as each member's own forward (not paper)
             for positions in sizes.values():
                 batch = torch.cat([inputs[p] for p in positions], dim=0)
-                logits = self.network(batch)
+                with self._kernels(batch_voxels(batch)):
+                    logits = self.network(batch)
                 if not isinstance(logits, torch.Tensor) or logits.shape[0] != batch.shape[0]:
                     raise ModelError(f"For a batch of {batch.shape[0]} inputs the network returned "
                                      f"{getattr(logits, 'shape', [None])[0]} outputs: it cannot run a batch.")
@@ -154,6 +162,13 @@ class BatchedDreamLoop:
                 outputs.append(loop.full_copies_forward(xs[pos], loop.method.transforms.last))
         return outputs
 
+    def _kernels(self, voxels: int, gradient: bool = True):
+        """The CPU convolution kernels for a batch of ``voxels`` voxels (all paper: torch's choice)."""
+        if not self._pick_kernels:
+            return contextlib.nullcontext()
+        first = self.loops[0]
+        return convolutions_for(first.device, first.card.spatial_dims, voxels, gradient)
+
     def __iter__(self) -> Iterator[list[MemberEvent]]:
         loops = self.loops
         xs = [loop.initial_image() for loop in loops]
@@ -175,7 +190,8 @@ class BatchedDreamLoop:
                 for m, (objective, prob) in zip(active, outputs):
                     objectives[m], probs[m] = objective, prob
                     total = total + loops[m]._regularised(objective, xs[m])
-                grads = torch.autograd.grad(total, [xs[m] for m in active])
+                with self._kernels(self._gradient_voxels):
+                    grads = torch.autograd.grad(total, [xs[m] for m in active])
             except (ModelError, RunFault):
                 raise
             except torch.cuda.OutOfMemoryError:
