@@ -192,3 +192,20 @@ def test_batched_restarts_pick_native_kernels_for_their_windows(demo):
     assert len(windows) == 2 and all(not mkldnn for _, _, mkldnn, _ in windows)
     assert len(fulls) == 2 + 4 and all(mkldnn for _, _, mkldnn, _ in fulls)
     assert log.backwards and all(not mkldnn for mkldnn, _ in log.backwards)
+
+
+def test_frozen_global_flags_leave_torch_choice(demo):
+    """After torch.backends.disable_global_flags() the switch cannot be set: the run goes on with torch's kernels."""
+    net, card = demo
+    start, seed = _start(card)
+    flags = torch.backends.flags_frozen.__globals__  # the module that holds the frozen flag
+    torch.backends.disable_global_flags()
+    log = KernelLog(net)
+    try:
+        assert torch.backends.flags_frozen()
+        states = list(DreamLoop(net, card, start, seed, DreamConfig(iterations=2, method="robust"), CPU))
+    finally:
+        log.close()
+        flags["__allow_nonbracketed_mutation_flag"] = True
+    assert len(states) == 2
+    assert log.forwards and all(mkldnn and nnpack for _, _, mkldnn, nnpack in log.forwards)

@@ -59,7 +59,11 @@ def convolutions_for(device, spatial_dims: int, voxels: int, gradient: bool = Tr
         yield
         return
     nnpack = torch._C._get_nnpack_enabled()
-    torch.backends.mkldnn.enabled = False
+    try:
+        torch.backends.mkldnn.enabled = False
+    except RuntimeError:  # torch.backends.disable_global_flags() was called: leave torch's choice alone
+        yield
+        return
     torch._C._set_nnpack_enabled(False)
     try:
         yield
