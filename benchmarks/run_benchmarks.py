@@ -13,6 +13,8 @@ compared across machines; absolute times are recorded beside them for context.
     memory               peak RSS for 1000 iterations / for 100 iterations        (target <= 1.1)
     responsiveness       the longest gap between two 50 ms main-thread timer ticks during a run
                          with features (seconds)
+    output_cost          writing a run's outputs (CSVs, run.json, curves.png, strip.png, report.html,
+                         snapshots) / running it: the demo's 300 iterations, best of 3 each
     study_overhead       20 study runs through the Ray engine with 1 worker / a plain loop (target <= 1.10)
     study_scaling        study throughput with 2 workers / 1 worker              (target >= 1.7)
                          (benchmarks/study_bench.py; needs the study extra)
@@ -230,6 +232,45 @@ def bench_batched_restarts(device: str, iterations: int, restarts: int = 4) -> d
                      "one_run_ms_per_iteration": 1000 * t_one / iterations,
                      "separate_runs_ratio": float(restarts), "iterations": iterations, "model": c.name}
     return out
+
+
+def bench_output_cost(device: str, iterations: int, repeats: int = 3) -> dict:
+    """Writing one run's outputs (curves.csv, run.json, curves.png, strip.png, report.html,
+    sensitivity.csv, the snapshots) / running it: the demo's case (the LiTS slice when the data is
+    there, else a liver-like slice) with the demo network, its card's method, the paper's features
+    and the demo's reference statistics, best of ``repeats`` each, interleaved. The first write in
+    the process (fonts not yet cached) is recorded beside it."""
+    import tempfile
+
+    from DeepDreamAnalysisLib.config import dream_settings
+    from DeepDreamAnalysisLib.reference import ReferenceStats
+    from DeepDreamAnalysisLib.report import write_outputs
+
+    model = demo_model()
+    try:
+        from DeepDreamAnalysisLib.lits import demo_case
+
+        vol, seed = demo_case()
+        case = "LiTS 117 demo slice"
+    except Exception:  # noqa: BLE001 - no data: a liver-like slice of the same size
+        vol = liver_slice()
+        seed, case = seed_of(vol), "liver-like 128x128 slice"
+    ref_path = ROOT / "Resources" / "DemoModel" / "demo_reference.json"
+    reference = ReferenceStats.load(ref_path) if ref_path.is_file() else None
+    cfg = AnalysisConfig(dream=dream_settings(model.card, iterations).config(device=device), snapshot_every=10)
+    run_s, write_s, first_write_s = [], [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(repeats):
+            t = time.perf_counter()
+            result = run_analysis(vol, seed, model, cfg, reference)
+            run_s.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            write_outputs(result, Path(tmp) / f"out{r}", vol)
+            write_s.append(time.perf_counter() - t)
+            first_write_s = write_s[0] if first_write_s is None else first_write_s
+    return {"ratio": min(write_s) / min(run_s), "write_s": min(write_s), "run_s": min(run_s),
+            "first_write_s": first_write_s, "iterations": iterations, "features": len(result.feature_names),
+            "case": case, "method": cfg.dream.method, "load_1min": round(os.getloadavg()[0], 2)}
 
 
 def _best_of(a, b, device, repeats=3):
@@ -664,6 +705,7 @@ def main(argv=None) -> int:
         "memory": lambda: bench_memory(args.device, 20 if q else 100, 200 if q else 1000),
         "responsiveness": lambda: bench_responsiveness(args.device, 30 if q else 150),
         "slicer_gil": lambda: bench_slicer_gil(args.device, 60 if q else 300, 2 if q else 5),
+        "output_cost": lambda: bench_output_cost(args.device, 30 if q else 300),
     }
     plan["study"] = lambda: _study_benchmarks(10 if q else 20, 20 if q else 150)
     plan["methods"] = lambda: bench_methods(args.device, 10 if q else 50)

@@ -61,6 +61,7 @@ import numpy as np
 
 from .atomic import WRITE_GUARD, atomic_path, write_text_atomic
 from .errors import OutputError
+from .outputs import figures
 from .result import AnalysisResult
 
 NO_REFERENCE_NOTE = (
@@ -188,51 +189,40 @@ def run_json(result: AnalysisResult, files: dict[str, str] | None = None) -> dic
 # ----------------------------------------------------------------------------- plots
 
 
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _png_bytes(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+CURVES_TICK_FONT, CURVES_LABEL_FONT, CURVES_TITLE_FONT, CURVES_SUPTITLE_FONT = 7, 8, 9, 10
 
 
 def curves_figure(result: AnalysisResult):
-    """The curves figure (matplotlib Figure, Agg canvas; no pyplot state touched)."""
+    """The curves figure (matplotlib Figure, Agg canvas; no pyplot state touched). The panels are
+    placed by margins computed in inches (:mod:`.outputs.figures`), so drawing it once draws it."""
     names = list(result.feature_names)
     panels = 1 + len(names)
     ncols = min(3, panels)
     nrows = int(math.ceil(panels / ncols))
-    fig = _figure(4.2 * ncols, 2.9 * nrows + 0.6)
+    fig = figures.agg_figure(4.2 * ncols, 2.9 * nrows + 0.6)
     it = result.iterations
     first = result.first_iteration_above(0.5)
     status = "" if result.status == "completed" else f" ({result.status})"
     if result.normalised:
-        fig.suptitle(f"DeepDream analysis{status}: z-scores against the reference lesions; band = normal range [-1, 1]",
-                     fontsize=10)
+        figures.place_suptitle(fig, f"DeepDream analysis{status}: z-scores against the reference lesions; band = normal "
+                               "range [-1, 1]", CURVES_SUPTITLE_FONT)
     else:
-        fig.suptitle(f"DeepDream analysis{status}: RAW feature values (no reference statistics: not normalised)",
-                     fontsize=10, color="#b00000")
+        figures.place_suptitle(fig, f"DeepDream analysis{status}: RAW feature values (no reference statistics: not "
+                               "normalised)", CURVES_SUPTITLE_FONT, color="#b00000")
     axes = [fig.add_subplot(nrows, ncols, p + 1) for p in range(panels)]
     ax = axes[0]
     ax.plot(it, result.column("probability"), color="black", lw=1.5)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title("probability at the seed", fontsize=9)
+    ax.set_title("probability at the seed", fontsize=CURVES_TITLE_FONT)
     for ax, name in zip(axes[1:], names):
         if result.normalised and name in result.reference:
             y = result.zscores(name)
             ax.axhspan(-1, 1, color="#9fd39f", alpha=0.45, lw=0, label="normal range")
             ax.axhline(0, color="#5a9a5a", lw=0.6)
-            ax.set_ylabel("z-score", fontsize=8)
+            ax.set_ylabel("z-score", fontsize=CURVES_LABEL_FONT)
         else:
             y = result.column(name)
-            ax.set_ylabel("raw value", fontsize=8)
+            ax.set_ylabel("raw value", fontsize=CURVES_LABEL_FONT)
             ax.text(0.02, 0.96, "raw, not normalised", transform=ax.transAxes, fontsize=7, va="top",
                     color="#b00000")
         ok = np.isfinite(y)
@@ -241,15 +231,16 @@ def curves_figure(result: AnalysisResult):
         else:
             ax.text(0.5, 0.5, "no values yet\n(mask empty or too small)", transform=ax.transAxes,
                     ha="center", va="center", fontsize=8, color="grey")
-        ax.set_title(name, fontsize=9)
+        ax.set_title(name, fontsize=CURVES_TITLE_FONT)
     for ax in axes:
         if first is not None:
             ax.axvline(first, color="grey", ls=":", lw=1)
         if it.size > 1:
             ax.set_xlim(it[0], it[-1])
-        ax.set_xlabel("iteration", fontsize=8)
-        ax.tick_params(labelsize=7)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+        ax.set_xlabel("iteration", fontsize=CURVES_LABEL_FONT)
+        ax.tick_params(labelsize=CURVES_TICK_FONT)
+    figures.layout_grid(fig, axes, nrows, ncols, tick_font=CURVES_TICK_FONT, title_font=CURVES_TITLE_FONT,
+                        xlabel_font=CURVES_LABEL_FONT, suptitle_font=CURVES_SUPTITLE_FONT)
     return fig
 
 
@@ -363,13 +354,18 @@ def _focus(mask: np.ndarray, seed_kji, shape: tuple[int, int]) -> tuple[slice, s
     return tuple(out)  # type: ignore[return-value]
 
 
+STRIP_TICK_FONT, STRIP_LABEL_FONT, STRIP_TITLE_FONT, STRIP_SUPTITLE_FONT = 7, 9, 9, 8
+STRIP_ROW_LABEL_X = 0.1
+"""Inches from the strip's left edge to its row labels."""
+
+
 def strip_figure(result: AnalysisResult, snaps: list, seed_kji=None):
     """The Fig. 3-like strip at the chosen iterations: the image (top), the dream change
     ``image - start`` with its own symmetric window (middle; blue darker, red brighter) and the
     probability (bottom). The image's window comes from :func:`display_window`; slices are shown
     as in a radiological viewer (:func:`display_orientation`)."""
     n = max(len(snaps), 1)
-    fig = _figure(2.3 * n + 0.6, 7.3)
+    fig = figures.agg_figure(2.3 * n + 0.6, 7.3)
     if not snaps:
         fig.text(0.5, 0.5, "no snapshots recorded", ha="center")
         return fig
@@ -387,7 +383,7 @@ def strip_figure(result: AnalysisResult, snaps: list, seed_kji=None):
         top = fig.add_subplot(3, n, c + 1)
         top.imshow(_oriented(np.asarray(snap.image)[k], orient), cmap="gray", vmin=lo, vmax=hi,
                    interpolation="nearest")
-        top.set_title(f"iteration {snap.iteration}", fontsize=9)
+        top.set_title(f"iteration {snap.iteration}", fontsize=STRIP_TITLE_FONT)
         if c == 0 and seed_kji is not None:
             row, col = _oriented_point(int(seed_kji[1]), int(seed_kji[2]), start.shape, orient)
             top.plot([col], [row], marker="x", color="red", ms=10, mew=2)
@@ -400,14 +396,33 @@ def strip_figure(result: AnalysisResult, snaps: list, seed_kji=None):
         for ax in (top, middle, bottom):
             ax.set_xticks([])
             ax.set_yticks([])
+    figures.place_suptitle(fig, f"image window [{lo:.4g}, {hi:.4g}] ({source}); change window \u00b1{span:.3g}",
+                           STRIP_SUPTITLE_FONT)
+    _place_strip(fig, n, colorbar_width=0.0)  # the rows' heights are final now, so is the colour bar's
     bar = fig.colorbar(shown, ax=fig.axes[-2], fraction=0.046, pad=0.03)
-    bar.ax.tick_params(labelsize=7)
-    fig.text(0.01, 0.83, "image", rotation=90, fontsize=9, va="center")
-    fig.text(0.01, 0.5, "change (dream - start)", rotation=90, fontsize=9, va="center")
-    fig.text(0.01, 0.17, "probability", rotation=90, fontsize=9, va="center")
-    fig.suptitle(f"image window [{lo:.4g}, {hi:.4g}] ({source}); change window \u00b1{span:.3g}", fontsize=8)
-    fig.tight_layout(rect=(0.025, 0, 1, 0.97))
+    bar.ax.tick_params(labelsize=STRIP_TICK_FONT)
+    rows = _place_strip(fig, n, colorbar_width=figures.ytick_label_width(bar.ax, STRIP_TICK_FONT))
+    x = STRIP_ROW_LABEL_X / fig.get_size_inches()[0]
+    for y, label in zip(rows, ("image", "change (dream - start)", "probability")):
+        fig.text(x, y, label, rotation=90, fontsize=STRIP_LABEL_FONT, va="center")
     return fig
+
+
+def _place_strip(fig, ncols: int, colorbar_width: float) -> list[float]:
+    """Margins of the strip in inches (the row labels on the left, the colour bar's tick labels,
+    ``colorbar_width`` wide, on the right, the title band and the columns' titles on top); returns
+    the three rows' vertical centres as fractions of the figure's height."""
+    import matplotlib as mpl
+
+    edge = figures.EDGE
+    left = STRIP_ROW_LABEL_X + figures.text_size("", STRIP_LABEL_FONT)[1] + edge
+    bar = (mpl.rcParams["ytick.major.size"] + mpl.rcParams["ytick.major.pad"]) / 72.0 + colorbar_width
+    top = (figures.suptitle_band(STRIP_SUPTITLE_FONT, lines=figures.title_lines(fig)) + edge
+           + figures.title_band(STRIP_TITLE_FONT))
+    figures.place_panels(fig, 3, ncols, left=left, right=edge + bar, bottom=edge, top=top, wgap=edge, hgap=edge)
+    height = fig.get_size_inches()[1]
+    row = (height - top - edge - 2 * edge) / 3
+    return [1 - (top + r * (row + edge) + row / 2) / height for r in range(3)]
 
 
 # ----------------------------------------------------------------------------- snapshots
@@ -639,7 +654,7 @@ def _write_outputs(result: AnalysisResult, out: Path, volume, formats: tuple, se
     paths["csv"] = write_curves_csv(result, out / "curves.csv")
 
     curves_fig = curves_figure(result)
-    curves_png = _png_bytes(curves_fig)
+    curves_png = figures.png_bytes(curves_fig)
     paths["plot"] = out / "curves.png"
     with atomic_path(paths["plot"], suffix=".png") as tmp:
         Path(tmp).write_bytes(curves_png)
@@ -647,7 +662,7 @@ def _write_outputs(result: AnalysisResult, out: Path, volume, formats: tuple, se
     snaps = pick_snapshots(result)
     strip_png = None
     if snaps:
-        strip_png = _png_bytes(strip_figure(result, snaps, seed_in_crop(result, seed_ijk)))
+        strip_png = figures.png_bytes(strip_figure(result, snaps, seed_in_crop(result, seed_ijk)))
         paths["strip"] = out / "strip.png"
         with atomic_path(paths["strip"], suffix=".png") as tmp:
             Path(tmp).write_bytes(strip_png)

@@ -507,21 +507,32 @@ def write_comparison(comparison: Comparison, out_dir, title: str | None = None) 
 
 def plot_comparison(comparison: Comparison, path, features=None, title: str | None = None, kind: str = "auto",
                     show_probability: bool = True, dpi: int = 90) -> Path:
+    """Write :func:`comparison_figure` as a PNG to ``path`` (atomically); returns the path."""
+    from ..atomic import atomic_path
+
+    fig = comparison_figure(comparison, features, title, kind, show_probability)
+    target = Path(path)
+    with atomic_path(target, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    return target
+
+
+def comparison_figure(comparison: Comparison, features=None, title: str | None = None, kind: str = "auto",
+                      show_probability: bool = True):
     """One panel per feature (and one for p(seed)): per model a mean line (one colour per model) and
-    the min-max spread over the restarts shaded; the normal band [-1, 1] shaded grey for z-scores."""
+    the min-max spread over the restarts shaded; the normal band [-1, 1] shaded grey for z-scores.
+    A matplotlib Figure on its own Agg canvas, its panels placed without drawing it."""
     import matplotlib
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    from ..atomic import atomic_path
+    from ..outputs import figures
 
     features = list(features or comparison.features)
     panels = (["probability"] if show_probability else []) + features
     ncol = min(4, len(panels))
     nrow = math.ceil(len(panels) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.4 * ncol, 2.7 * nrow), squeeze=False)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = figures.agg_figure(3.4 * ncol, 2.7 * nrow)  # its own Agg canvas: no pyplot, no GUI backend
+    axes = fig.subplots(nrow, ncol, squeeze=False)
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     its = comparison.iterations
     zmode = comparison.normalised if kind == "auto" else kind == "z"
     for ax, name in zip(axes.flat, panels):
@@ -549,15 +560,15 @@ def plot_comparison(comparison: Comparison, path, features=None, title: str | No
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False)
+    legend_cols = min(6, len(labels))
+    fig.legend(handles, labels, loc="lower center", ncol=legend_cols, fontsize=8, frameon=False)
     spread = f"mean and min-max over {comparison.restarts} restarts" if comparison.restarts > 1 else "one run each"
-    fig.suptitle(title or f"DeepDream comparison ({spread}; {'z-scores' if zmode else 'raw values'})", fontsize=9)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
-    target = Path(path)
-    with atomic_path(target, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png")
-    plt.close(fig)
-    return target
+    figures.place_suptitle(fig, title or f"DeepDream comparison ({spread}; {'z-scores' if zmode else 'raw values'})", 9)
+    # margins in inches instead of tight_layout, which would draw the whole figure more times just to measure it
+    figures.layout_grid(fig, list(axes.flat)[:len(panels)], nrow, ncol, tick_font=7, title_font=8, xlabel_font=7,
+                        suptitle_font=9, legend_rows=figures.legend_rows(len(labels), legend_cols) if labels else 0,
+                        legend_font=8)
+    return fig
 
 
 def _csv(s: str) -> str:
@@ -582,4 +593,5 @@ def _json_default(o):
 
 
 __all__ = ["Comparison", "CompareProgress", "compare_models", "compare_on_study", "write_comparison", "plot_comparison",
+           "comparison_figure",
            "restart_seeds", "DEFAULT_RESTART_NOISE_STD", "BASE_CURVES"]

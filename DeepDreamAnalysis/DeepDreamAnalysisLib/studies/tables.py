@@ -163,22 +163,31 @@ def _write_csv(path: Path, rows: list[dict], fields=None) -> Path:
 
 
 def plot_pooled(rows: list[dict], path: Path, title: str) -> Path:
+    """Write :func:`pooled_figure` as a PNG to ``path`` (atomically); returns the path."""
+    from ..atomic import atomic_path
+
+    fig = pooled_figure(rows, title)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    return path
+
+
+def pooled_figure(rows: list[dict], title: str):
     """One panel per curve (probability first): per group and method the mean, the seed-point interval
-    shaded and the training-seed interval dashed; the normal band [-1, 1] grey for z-scores."""
+    shaded and the training-seed interval dashed; the normal band [-1, 1] grey for z-scores. A
+    matplotlib Figure on its own Agg canvas, its panels placed without drawing it."""
     import matplotlib
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    from ..atomic import atomic_path
+    from ..outputs import figures
 
     curves = [c for c in dict.fromkeys(r["curve"] for r in rows) if c not in ("objective", "mask_voxels")]
     curves.sort(key=lambda c: c != "probability")
     lines = list(dict.fromkeys((r["group"], r["method"]) for r in rows))
     ncol = max(1, min(4, len(curves)))
     nrow = max(1, math.ceil(len(curves) / ncol))
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.4 * ncol, 2.7 * nrow), squeeze=False)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = figures.agg_figure(3.4 * ncol, 2.7 * nrow)  # its own Agg canvas: no pyplot, no GUI backend
+    axes = fig.subplots(nrow, ncol, squeeze=False)
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, curve in zip(axes.flat, curves):
         sel = [r for r in rows if r["curve"] == curve]
         if sel and sel[0]["kind"] == "z":
@@ -207,24 +216,14 @@ def plot_pooled(rows: list[dict], path: Path, title: str) -> Path:
     for ax in list(axes.flat)[len(curves):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(6, max(1, len(labels))), fontsize=8, frameon=False)
-    fig.suptitle(title + " - mean; shaded: 95% interval over seed points; dashed: over training seeds", fontsize=9)
-    _fixed_margins(fig, nrow, ncol)  # tight_layout would draw the whole figure once more just to measure it
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
-    return path
-
-
-def _fixed_margins(fig, nrow: int, ncol: int, left=0.6, right=0.15, bottom=0.75, top=0.55, wgap=0.7,
-                   hgap=0.65) -> None:
-    """Place the ``nrow`` x ``ncol`` panels with margins and gaps in inches: room for the tick labels,
-    the x label, each panel's title, the legend below and the title above."""
-    width, height = fig.get_size_inches()
-    aw = (width - left - right - (ncol - 1) * wgap) / ncol
-    ah = (height - bottom - top - (nrow - 1) * hgap) / nrow
-    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height,
-                        wspace=wgap / aw, hspace=hgap / ah)
+    legend_cols = min(6, max(1, len(labels)))
+    fig.legend(handles, labels, loc="lower center", ncol=legend_cols, fontsize=8, frameon=False)
+    figures.place_suptitle(fig, title + " - mean; shaded: 95% interval over seed points; dashed: over training seeds", 9)
+    # margins in inches: tight_layout would draw the whole figure more times just to measure it
+    figures.layout_grid(fig, list(axes.flat)[:max(1, len(curves))], nrow, ncol, tick_font=7, title_font=8,
+                        xlabel_font=7, suptitle_font=9,
+                        legend_rows=figures.legend_rows(len(labels), legend_cols) if labels else 0, legend_font=8)
+    return fig
 
 
 def sensitivity_rows(outcome, use_z: bool):
