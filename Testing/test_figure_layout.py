@@ -121,6 +121,12 @@ def test_curves_with_many_features_and_wide_raw_tick_labels():
     assert fig.bbox.height - fig._suptitle.get_window_extent(renderer).y1 < 0.3 * fig.dpi
 
 
+def test_curves_without_features_wrap_the_title_into_the_narrow_figure():
+    fig = curves_figure(_result([], lambda f, it: 0.0, status="cancelled"))
+    assert len(fig.axes) == 1 and "\n" in fig._suptitle.get_text()
+    assert layout_problems(fig) == []
+
+
 def test_curves_with_no_values_yet():
     res = _result(["firstorder_Entropy", "glcm_Contrast"], lambda f, it: math.nan, iterations=2, snaps=1)
     assert layout_problems(curves_figure(res)) == []

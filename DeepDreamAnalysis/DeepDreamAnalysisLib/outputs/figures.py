@@ -14,6 +14,7 @@ worker, Ray workers and threads may draw at the same time).
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 
@@ -55,13 +56,26 @@ def _points(size) -> float:
 def text_size(text: str, fontsize) -> tuple[float, float]:
     """(width, height) in inches of one line of ``text`` at ``fontsize``, as matplotlib lays it out
     (the height is a full line's: ascent and descent), measured from the font without drawing."""
+    return (_extent(text, fontsize)[0] if text else 0.0), _extent("lp", fontsize)[1]
+
+
+def _extent(text: str, fontsize) -> tuple[float, float, float]:
+    """(width, height, descent) in inches of ``text`` in the default font at ``fontsize``."""
+    import matplotlib as mpl
+
+    font = tuple(str(mpl.rcParams[k]) for k in ("font.family", "font.sans-serif", "font.serif", "font.style",
+                                                  "font.weight", "font.stretch", "font.size"))
+    return _cached_extent(text, fontsize, font)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_extent(text: str, fontsize, font: tuple) -> tuple[float, float, float]:
+    """:func:`_extent` for one font setting (tick labels repeat: "0.0", "0.5"... are measured once)."""
     from matplotlib.font_manager import FontProperties
     from matplotlib.textpath import text_to_path
 
-    prop = FontProperties(size=fontsize)
-    w = text_to_path.get_text_width_height_descent(text, prop, ismath=False)[0] if text else 0.0
-    h = text_to_path.get_text_width_height_descent("lp", prop, ismath=False)[1]
-    return w / 72.0, h / 72.0
+    w, h, d = text_to_path.get_text_width_height_descent(text, FontProperties(size=fontsize), ismath=False)
+    return w / 72.0, h / 72.0, d / 72.0
 
 
 def _visible_ticks(axis) -> list[str]:
@@ -143,16 +157,16 @@ def place_suptitle(fig, text: str, fontsize, from_top: float = EDGE, **kwargs):
 def suptitle_band(fontsize, from_top: float = EDGE, lines: int = 1) -> float:
     """Inches from the figure's top edge to the bottom of a :func:`place_suptitle` title of ``lines``
     lines (as matplotlib stacks lines: 1.2 times a line's height above its baseline apart)."""
-    from matplotlib.font_manager import FontProperties
-    from matplotlib.textpath import text_to_path
-
-    _, h, d = text_to_path.get_text_width_height_descent("lp", FontProperties(size=fontsize), ismath=False)
-    return from_top + (h + (max(lines, 1) - 1) * 1.2 * (h - d)) / 72.0
+    _, h, d = _extent("lp", fontsize)
+    return from_top + h + (max(lines, 1) - 1) * 1.2 * (h - d)
 
 
 def title_lines(fig) -> int:
     """Lines of the figure's title (0 without one)."""
-    text = fig.get_suptitle()
+    if hasattr(fig, "get_suptitle"):  # matplotlib >= 3.8
+        text = fig.get_suptitle()
+    else:
+        text = fig._suptitle.get_text() if getattr(fig, "_suptitle", None) is not None else ""
     return text.count("\n") + 1 if text else 0
 
 
