@@ -2,7 +2,11 @@
 
 import importlib
 import math
+import re
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -131,3 +135,52 @@ def test_a_training_that_did_not_learn_is_retrained_with_a_new_seed_and_recorded
     md = R._results_md({"settings": {"methods": []}, "commit": "x", "slice": 44, "seed_points_ij": [],
                         "total_s": 60, "replaced_trainings": records})
     assert "G_1_t1 (seed 1, own Dice" in md and "G_1_t1_retrain2 (seed 201" in md and "still did not learn" in md
+
+
+@pytest.mark.slow
+def test_sigterm_during_training_ends_the_training_processes_and_keeps_the_trained_networks(tmp_path):
+    """`make reproduce` stopped from outside (timeout, kill, a scheduler): the training processes end
+    with it, the networks already trained are kept, and the same command with --reuse goes on from them."""
+    from process_tree import descendants, kill_all, still_alive
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "reproduce.py"
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(script), "--quick", "--out", str(out), "--workers", "2"]
+
+    def start(extra, log):
+        with open(log, "w") as fh:  # a file, not a pipe: a process left behind could hold a pipe open
+            return subprocess.Popen(cmd + extra, stdout=fh, stderr=subprocess.STDOUT)
+
+    def stop(proc, log, ready):
+        def workers():
+            return {p: c for p, c in descendants(proc.pid).items() if "spawn_main" in c}
+
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and not (ready() and len(workers()) == 2):
+            time.sleep(0.2)
+        started = descendants(proc.pid)
+        assert len(workers()) == 2, log.read_text()  # the 2 training processes
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(timeout=30) == 130, log.read_text()
+            left = still_alive(started, within=10)
+            assert not left, f"still running after reproduce.py ended: {left}"
+        finally:
+            kill_all(started)
+            proc.kill()
+        text = log.read_text()
+        assert "stopped (SIGTERM)" in text and "--reuse" in text and "Traceback" not in text, text
+
+    def trained():
+        return sorted(p.parent.name for p in (out / "models").glob("*/training_log.json"))
+
+    log = tmp_path / "first.txt"
+    stop(start([], log), log, lambda: len(trained()) >= 1)
+    kept = trained()
+    assert kept and all((out / "models" / n / f"{n}.pt").is_file() for n in kept)
+    total = int(re.search(r"Training (\d+) networks", log.read_text()).group(1))
+    assert len(kept) < total
+
+    log = tmp_path / "again.txt"
+    stop(start(["--reuse"], log), log, lambda: "networks (2 at a time)" in log.read_text())
+    assert f"Training {total - len(kept)} networks" in log.read_text()  # the kept ones are not trained again

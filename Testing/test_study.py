@@ -383,6 +383,72 @@ def test_ctrl_c_marks_runs_in_progress_and_the_same_command_resumes(files, tmp_p
     assert {k: (out / "runs" / k / "curves.csv").stat().st_mtime_ns for k in finished} == stamps
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_sigterm_or_sighup_stops_the_study_like_ctrl_c_and_leaves_no_process(files, tmp_path, sig):
+    from process_tree import descendants, kill_all, still_alive
+
+    spec = _spec(files, dream={"iterations": 80, "step": 15.0, "normalize_gradient": True}, restarts=2, batch=1)
+    study = _write(tmp_path, spec)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "DeepDreamAnalysisLib.cli", "study", str(study), "--out", str(out), "--workers", "2"]
+    err_file = tmp_path / "stderr.txt"
+    with open(err_file, "w") as err:  # a file, not a pipe: a process left behind could hold a pipe open
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        states = [json.loads(p.read_text()).get("state") for p in out.glob("runs/*/status.json")]
+        if "done" in states and "running" in states:
+            break
+        time.sleep(0.1)
+    started = descendants(proc.pid)  # gcs_server, raylet, Ray's agents, the workers running the runs
+    assert any("raylet" in c for c in started.values()) and sum("execute_run" in c for c in started.values()) == 2
+    proc.send_signal(getattr(signal, sig))
+    try:
+        assert proc.wait(timeout=30) == 130, err_file.read_text()
+        left = still_alive(started, within=10)
+        assert not left, f"still running after the study ended: {left}"
+    finally:
+        kill_all(started)
+        proc.kill()
+    err = err_file.read_text()
+    assert f"stopped ({sig}): runs in progress are marked interrupted" in err and "run the same command again" in err
+    assert "Traceback" not in err and "SIGTERM received" not in err  # nor Ray's crash handler's dump
+    states = {p.parent.name: json.loads(p.read_text()) for p in out.glob("runs/*/status.json")}
+    assert "running" not in {s["state"] for s in states.values()}
+    assert {s["message"] for s in states.values() if s["state"] == "interrupted"} == {
+        f"stopped ({sig}); run the same command again to resume"}
+    finished = {k for k, s in states.items() if s["state"] == "done"}
+    assert finished and not (out / "deepdream.lock").exists()
+    if sig == "SIGHUP":
+        return  # the rerun is the same as after SIGTERM
+    stamps = {k: (out / "runs" / k / "curves.csv").stat().st_mtime_ns for k in finished}
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "8 of 8 runs done, 0 failed" in rerun.stdout
+    assert {k: (out / "runs" / k / "curves.csv").stat().st_mtime_ns for k in finished} == stamps
+
+
+def test_a_study_from_python_keeps_the_callers_sigterm_handler(files, tmp_path):
+    """ray.init replaces the SIGTERM handler with its own; a handler the caller installed survives a
+    study (run_study installs none of its own for SIGTERM or SIGHUP)."""
+    spec = _write(tmp_path, _spec(files, restarts=1, images=[{"name": "ct", "path": str(files["ct"]),
+                                                              "seeds": [[24, 20, 0]]}]))
+    code = f"""
+import signal
+from DeepDreamAnalysisLib.studies import run_study
+mine = lambda signum, frame: None
+signal.signal(signal.SIGTERM, mine)
+hup = signal.getsignal(signal.SIGHUP)
+run_study({str(spec)!r}, {str(tmp_path / "out")!r}, workers=1)
+assert signal.getsignal(signal.SIGTERM) is mine, signal.getsignal(signal.SIGTERM)
+assert signal.getsignal(signal.SIGHUP) is hup
+print("kept")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "kept" in done.stdout, done.stderr
+
+
 FEATURE_CODE = """
 import pathlib
 

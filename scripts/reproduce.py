@@ -306,11 +306,32 @@ def _train_job(job: TrainJob, out: str, epochs: int, threads: int) -> dict:
     return {"name": job.name, "val_dice": tlog["val_dice"], "train_seconds": tlog["train_seconds"]}
 
 
+def _end_pool(pool, grace_s: float = 5.0) -> None:
+    """Stop a ProcessPoolExecutor at once: drop the queued jobs and end its processes (SIGTERM, then
+    SIGKILL after ``grace_s``); ``shutdown(wait=True)`` would let every queued training run first."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # no public way before Python 3.14
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    end = time.monotonic() + grace_s
+    for p in processes:
+        p.join(max(0.0, end - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(1.0)
+
+
 def train_all(out: Path, settings: Settings, jobs: list[TrainJob], reuse: bool = False) -> dict:
     """Train every job's network (with ``reuse``, keep those already in ``out/models``), ``settings.workers``
-    at once in separate processes (one torch thread each); returns ``{name: (LoadedModel, training log)}``."""
-    from concurrent.futures import ProcessPoolExecutor
+    at once in separate processes (one torch thread each); returns ``{name: (LoadedModel, training log)}``.
+
+    A network is saved when its training ends (atomically, its training log last), so a stop
+    (Ctrl-C, SIGTERM) keeps the finished ones for ``--reuse``; the training processes end with it."""
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from DeepDreamAnalysisLib.stopping import deferred
 
     from DeepDreamAnalysisLib.models import load_model
 
@@ -328,12 +349,18 @@ def train_all(out: Path, settings: Settings, jobs: list[TrainJob], reuse: bool =
             for r in done:
                 log(f"  trained {r['name']}: validation Dice {r['val_dice']:.3f} ({r['train_seconds']:.0f} s)")
         else:
-            with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = [pool.submit(_train_job, j, str(out), settings.epochs, settings.threads) for j in todo]
+            pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"))
+            try:
+                with deferred():  # a stop while the processes start would cut their start-up data short
+                    futures = [pool.submit(_train_job, j, str(out), settings.epochs, settings.threads) for j in todo]
                 for f in futures:
                     r = f.result()
                     log(f"  trained {r['name']}: validation Dice {r['val_dice']:.3f} ({r['train_seconds']:.0f} s, "
                         f"{time.perf_counter() - t0:.0f} s so far)")
+            except BaseException:  # Ctrl-C, SIGTERM, a failed training: the other trainings end now
+                _end_pool(pool)
+                raise
+            pool.shutdown()
     trained = {}
     for j in jobs:
         path, log_path = paths(j)
@@ -1070,6 +1097,22 @@ def main(argv=None) -> int:
             if unknown or not chosen:
                 ap.error(f"--{opt}: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)}")
             setattr(s, opt, chosen)
+    from DeepDreamAnalysisLib.stopping import stop_reason, stop_signals_interrupt
+
+    with stop_signals_interrupt():  # SIGTERM and SIGHUP stop it as Ctrl-C does
+        try:
+            return _reproduce(args, s)
+        except KeyboardInterrupt as stop:
+            print(f"\nstopped ({stop_reason(stop)}); the networks trained so far are kept in {args.out}/models: run "
+                  "the same command with --reuse to go on from them (the dreams are redone).", file=sys.stderr)
+            return 130
+        finally:
+            ray = sys.modules.get("ray")
+            if ray is not None and ray.is_initialized():
+                ray.shutdown()  # the local Ray of the dreams (or the connection to --address): its processes end
+
+
+def _reproduce(args, s: Settings) -> int:
     torch.set_num_threads(s.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

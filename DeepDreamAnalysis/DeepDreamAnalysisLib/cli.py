@@ -25,6 +25,7 @@ import threading
 from pathlib import Path
 
 from .errors import ConfigError, DeepDreamError, FeatureError, OutputError
+from .stopping import stop_reason, stop_signals_interrupt
 
 EXIT_OK, EXIT_FAULT, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
 
@@ -243,7 +244,7 @@ def check_output_dir(path: str | Path) -> Path:
 
 
 class _CtrlC:
-    """First Ctrl-C (or SIGTERM): cancel the run cleanly (partial result kept). Second: stop at once.
+    """First Ctrl-C (or SIGTERM, SIGHUP): cancel the run cleanly (partial result kept). Second: stop at once.
 
     While the analysis runs in its worker thread (:func:`_run_in_thread`), "at once" means at once even
     in the middle of a long forward pass: the process ends without writing anything (the output folder
@@ -251,7 +252,7 @@ class _CtrlC:
     second signal raises KeyboardInterrupt, and the atomic writes leave only whole files.
     """
 
-    SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s is not None)
+    SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
 
     def __init__(self):
         self.event = threading.Event()
@@ -273,10 +274,10 @@ class _CtrlC:
                 _exit_now()
             raise KeyboardInterrupt
         self.event.set()
-        what = "Terminated" if signum == getattr(signal, "SIGTERM", None) else "Ctrl-C"
-        sys.stderr.write(f"\n{what}: cancelling after this iteration; the partial result will be written "
-                         "(Ctrl-C again to stop at once, writing nothing)...\n")
-        sys.stderr.flush()
+        what = {getattr(signal, "SIGTERM", None): "Terminated", getattr(signal, "SIGHUP", None): "Hangup"}.get(
+            signum, "Ctrl-C")
+        _say(f"\n{what}: cancelling after this iteration; the partial result will be written "
+             "(Ctrl-C again to stop at once, writing nothing)...")
 
     def __exit__(self, *exc):
         for sig, previous in self._previous.items():
@@ -776,9 +777,9 @@ def cmd_study(args) -> int:
         outcome = run_study_outcome(args.spec, args.out, address=args.address, workers=args.workers,
                                     on_progress=print_progress(), connect_timeout_s=args.connect_timeout,
                                     overwrite=args.overwrite, allow_custom_features=allowed or False)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: runs in progress are marked in {args.out}/runs/*/status.json; run the same command "
-              "again to resume (finished runs are kept).", file=sys.stderr)
+    except KeyboardInterrupt as stop:
+        _say(f"\nstopped ({stop_reason(stop)}): runs in progress are marked interrupted in {args.out}/runs/*/status.json; "
+             "run the same command again to resume (finished runs are kept).")
         return EXIT_CANCELLED
     done, failed = outcome.count("done"), outcome.count("failed")
     print(f"{done} of {len(outcome.runs)} runs done, {failed} failed. Results in {outcome.out}/:")
@@ -815,18 +816,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     handler = COMMANDS[args.command]
+    with stop_signals_interrupt():  # SIGTERM and SIGHUP stop the command as Ctrl-C does (stopping.py)
+        try:
+            return handler(args)
+        except DeepDreamError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except KeyboardInterrupt as stop:
+            _say(f"\nstopped ({stop_reason(stop)}).")
+            return EXIT_CANCELLED
+        except BrokenPipeError:  # output piped into `head` and the like
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return EXIT_OK
+
+
+def _say(text: str) -> None:
+    """A line on stderr, if it can still be written (after SIGHUP the terminal may be gone)."""
     try:
-        return handler(args)
-    except DeepDreamError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("\nstopped.", file=sys.stderr)
-        return EXIT_CANCELLED
-    except BrokenPipeError:  # output piped into `head` and the like
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_OK
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -304,9 +304,22 @@ def check_address(address: str, timeout_s: float = 10.0) -> None:
 
 
 def _start_ray(ray, address: str | None, workers: int | None, timeout_s: float):
-    """Join or start Ray; returns True when this call started it (and must shut it down)."""
+    """Join or start Ray; returns True when this call started it (and must shut it down).
+
+    ``ray.init`` replaces the SIGTERM handler with its own (exit at once); a handler the caller
+    installed (the command line's, :mod:`..stopping`: stop like Ctrl-C) is put back."""
     if ray.is_initialized():
         return False
+    from ..stopping import python_handlers, restore_handlers
+
+    handlers = python_handlers()
+    try:
+        return _init_ray(ray, address, workers, timeout_s)
+    finally:
+        restore_handlers(handlers)
+
+
+def _init_ray(ray, address: str | None, workers: int | None, timeout_s: float) -> bool:
     if address:
         check_address(address, timeout_s)
         box: dict = {}
@@ -545,10 +558,12 @@ def _run_study_in(spec, out=None, address: str | None = None, workers: int | Non
     :class:`~.result.AnalysisResult` in ``outcome.results`` by run key (what ``compare`` uses).
 
     ``cancel`` (a threading.Event), or Ctrl-C in the main thread, stops the study: the runs in
-    progress are marked ``interrupted`` and KeyboardInterrupt is raised; the same call resumes.
+    progress are marked ``interrupted`` and KeyboardInterrupt is raised; the same call resumes. So
+    does a KeyboardInterrupt raised otherwise (the command line's SIGTERM and SIGHUP, :mod:`..stopping`).
     """
     from ..reference import ReferenceStats
     from ..report import write_outputs
+    from ..stopping import stop_reason
     from ..volume import read_volume
     from . import tables
 
@@ -689,13 +704,13 @@ def _run_study_in(spec, out=None, address: str | None = None, workers: int | Non
                 outcome.status[run.key] = status
                 finished_now += 1
                 progress(f"done {run.label()}")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         for ref, group in list(inflight.items()):
             for run in group:
                 folder = out / "runs" / run.key
                 status = dict(outcome.status.get(run.key, {}))
                 status.update({"state": INTERRUPTED,
-                               "message": "stopped with Ctrl-C; run the same command again to resume"})
+                               "message": f"stopped ({stop_reason(stop)}); run the same command again to resume"})
                 _write_status(folder / "status.json", status)
                 outcome.status[run.key] = status
             try:
