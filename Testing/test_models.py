@@ -492,6 +492,22 @@ def test_network_args_that_do_not_fit(tmp_path):
         load_model(path, card=card)
 
 
+def test_a_network_that_needs_a_missing_package_says_which(tmp_path, monkeypatch):
+    from monai.utils import OptionalImportError
+
+    from DeepDreamAnalysisLib.models import allowlist
+
+    def needs_einops(**kwargs):
+        raise OptionalImportError("from einops import rearrange (No module named 'einops').")
+
+    monkeypatch.setattr(allowlist, "network_class", lambda name: needs_einops)
+    path = tmp_path / "weights.pt"
+    torch.save(tiny_unet().state_dict(), path)
+    card = dict(CARD_2D, network={"name": "monai.networks.nets.UNETR", "args": {"spatial_dims": 2}})
+    with pytest.raises(ModelCardError, match="needs a package that is not installed: from einops.*pip install einops"):
+        load_model(path, card=card)
+
+
 def test_missing_card_lists_fields_and_where_to_put_it(tmp_path):
     path = save_torchscript(two_conv(), tmp_path / "net.ts")
     with pytest.raises(ModelCardError) as err:

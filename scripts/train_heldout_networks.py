@@ -20,9 +20,15 @@ structures, one of them (a bright bar) as bright as the lesion, so that a plain 
 make a neighbouring class win). For each network the script also writes a lesion-free test image and
 seed points inside the organ, so that every evaluation dreams from a healthy image.
 
-Usage (writes Testing/Data/heldout/<name>/{model.pt, model.card.json, healthy.nii.gz, seeds.json})::
+Two more sets were made later, each after the previous had been evaluated: ``--round 2``
+(Testing/Data/heldout2: AttentionUnet, a 3D UNet with ReLU, a 6-class UNet) and ``--round 3``
+(Testing/Data/heldout3: the transformers SwinUNETR and UNETR, and a SegResNetDS). Their folders'
+README.md say how they were used.
 
-    nice -n 10 python scripts/train_heldout_networks.py [--out Testing/Data/heldout] [--steps 300]
+Usage (writes Testing/Data/heldout/<name>/{model.pt, model.card.json, healthy.nii.gz, seeds.json,
+reference.json})::
+
+    nice -n 10 python scripts/train_heldout_networks.py [--round 1|2|3] [--out Testing/Data/heldout] [--steps 300]
 
 Arrays are ``[k, j, i]`` (3D) or ``[j, i]`` (2D); spacing is given ``(i, j, k)`` in mm as images
 report it.
@@ -79,6 +85,8 @@ class Spec:
     size_divisible: int = 1
     description: str = ""
     classes: list[str] = field(default_factory=list)
+    half_weights: bool = False  # store the state dict as float16 (the Dice is measured on the rounded weights)
+    steps: int | None = None  # training steps, when not --steps
 
 
 SPECS = [
@@ -149,6 +157,44 @@ SPECS_ROUND2 = [
 """The second held-out set (Testing/Data/heldout2): trained after all tuning, run only by the final
 evaluation; the first set (SPECS) had been looked at while the stalled-seed fix was found."""
 
+SPECS_ROUND3 = [
+    # Made on 2026-12-04 (Testing/Data/heldout3): transformer segmentation networks, whose output at a voxel
+    # depends on the whole input (attention), and a CNN family not in rounds 1-2. Nobody ran a dream on
+    # them before the one evaluation that reports them (docs/dream-methods.md).
+    Spec("ct2d_swinunetr", 2, (64, 64), (0.75, 0.75, 2.5), -110.0, 55.0, 11.0, -50.0,
+         {"type": "window", "min": -125.0, "max": 225.0}, (-1024.0, 3071.0), "sigmoid", 1, 0,
+         {"name": "monai.networks.nets.SwinUNETR",
+          "args": {"spatial_dims": 2, "in_channels": 1, "out_channels": 1, "feature_size": 12,
+                   "depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 8], "window_size": 4, "mlp_ratio": 2.0}},
+         size_divisible=32, half_weights=True,
+         description="2D CT-like, sigmoid, Swin transformer encoder (SwinUNETR: shifted-window attention, "
+                     "instance norm): hypodense round lesions in a textured organ (HU), 0.75 mm pixels. Sizes "
+                     "must be multiples of 32.",
+         classes=["lesion"]),
+    Spec("mri2d_unetr", 2, (64, 64), (1.1, 1.1, 5.0), 180.0, 450.0, 28.0, 200.0,
+         {"type": "normalize", "mean": 450.0, "std": 140.0}, (0.0, 2500.0), "softmax", 3, 2,
+         {"name": "monai.networks.nets.UNETR",
+          "args": {"spatial_dims": 2, "in_channels": 1, "out_channels": 3, "img_size": [64, 64],
+                   "feature_size": 8, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4}},
+         size_divisible=16, half_weights=True,
+         description="2D MRI-like, 3 classes: background, organ, bright lesion (arbitrary units, z-scored), "
+                     "1.1 mm pixels; UNETR (a ViT encoder over 16 x 16 patches, global attention). Its input "
+                     "size is fixed at 64 x 64 (img_size).",
+         classes=["background", "organ", "lesion"]),
+    Spec("ct3d_segresnetds", 3, (16, 32, 32), (0.9, 0.9, 2.0), -70.0, 100.0, 12.0, 70.0,
+         {"type": "window", "min": -100.0, "max": 300.0}, (-1024.0, 3071.0), "sigmoid", 1, 0,
+         {"name": "monai.networks.nets.SegResNetDS",
+          "args": {"spatial_dims": 3, "in_channels": 1, "out_channels": 1, "init_filters": 8,
+                   "blocks_down": [1, 2, 2]}},
+         size_divisible=4,
+         description="3D CT-like, sigmoid: hyperdense (enhancing) lesions in a textured organ (HU), "
+                     "0.9 x 0.9 x 2 mm voxels; SegResNetDS (a CNN family not in the first two sets).",
+         classes=["lesion"]),
+]
+"""The third held-out set (Testing/Data/heldout3): two transformers and one more CNN family."""
+
+ROUNDS = {1: SPECS, 2: SPECS_ROUND2, 3: SPECS_ROUND3}
+
 def _grid(shape, spacing_kji):
     axes = [np.arange(n) * s for n, s in zip(shape, spacing_kji)]
     return np.meshgrid(*axes, indexing="ij")
@@ -173,7 +219,7 @@ def make_sample(spec: Spec, rng: np.random.Generator, n_lesions: int | None = No
     image = gaussian_filter(image, 0.7)
     label = np.zeros(shape, np.int64)
     lesion_class = spec.target_class if spec.activation == "softmax" else 1
-    if spec.dims == 3 and spec.out_channels == 3:
+    if spec.out_channels == 3:  # background, organ, lesion
         label[organ] = 1
     n = rng.integers(0, 3) if n_lesions is None else n_lesions
     for _ in range(n):
@@ -335,24 +381,30 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="Testing/Data/heldout")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--only", nargs="*", help="names to train (default: all)")
-    ap.add_argument("--round", type=int, choices=(1, 2), default=1,
+    ap.add_argument("--round", type=int, choices=sorted(ROUNDS), default=1,
                     help="1: the first held-out set (Testing/Data/heldout); 2: the second, made after all "
-                         "tuning (write it with --out Testing/Data/heldout2)")
+                         "tuning (write it with --out Testing/Data/heldout2); 3: the third, transformers "
+                         "(--out Testing/Data/heldout3)")
     ap.add_argument("--references-only", action="store_true",
                     help="only (re)write each network's reference.json (lesion statistics and spectrum)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    for spec in (SPECS if args.round == 1 else SPECS_ROUND2):
+    for spec in ROUNDS[args.round]:
         if args.only and spec.name not in args.only:
             continue
         folder = Path(args.out) / spec.name
         if args.references_only:
             write_reference(spec, folder / "reference.json")
             continue
-        net, log = train(spec, args.steps, seed=0)
+        net, log = train(spec, spec.steps or args.steps, seed=0)
+        state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+        if spec.half_weights:  # half the file; the network evaluated (and dreamed on) is the rounded one
+            state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+            net.load_state_dict(state)
+            log["weights"] = "float16"
         log["val_dice"] = round(dice(spec, net), 3)
         folder.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.detach().contiguous() for k, v in net.state_dict().items()}, folder / "model.pt")
+        torch.save(state, folder / "model.pt")
         (folder / "model.card.json").write_text(json.dumps(card(spec, log), indent=2) + "\n")
         image, seeds = healthy_image(spec)
         itk = sitk.GetImageFromArray(image.astype(np.float32))

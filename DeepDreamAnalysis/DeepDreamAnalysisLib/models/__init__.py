@@ -367,6 +367,11 @@ def build_named_network(spec: dict, allow_code_targets: bool = False):
                 "network: set pretrained/download arguments to false in network.args and put the weights in the "
                 "model file."
             ) from None
+        if isinstance(exc, ImportError):  # MONAI's OptionalImportError: e.g. UNETR and SwinUNETR need einops
+            raise ModelCardError(
+                f"Building {name} needs a package that is not installed: {_first_line(exc)}. Install it in this "
+                "Python (pip install einops for MONAI's transformer networks, UNETR and SwinUNETR)."
+            ) from None
         raise ModelCardError(f"network.args do not fit {name}: {type(exc).__name__}: {_first_line(exc)}. Fix network.args "
                              "in the model card.") from None
     if not isinstance(network, torch.nn.Module):
