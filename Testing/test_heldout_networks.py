@@ -103,3 +103,20 @@ def test_the_defaults_dream_a_compact_object_on_a_heldout_network(name):
                 f"{name}: the dreamed object touches the crop border"
     bad = {"wrong_class", "no_dream", "mask_exploded"} & {f.code for f in result.quality_flags}
     assert not bad, f"{name}: {sorted(bad)}"
+
+
+def test_a_fixed_size_transformer_on_a_smaller_image_says_why_it_fails():
+    """UNETR accepts only its img_size (the card's roi_size 64 x 64); on a 48 x 48 image the crop is 48 x 48
+    and the run's fault says so instead of only torch's shape mismatch."""
+    from DeepDreamAnalysisLib.volume import Volume
+
+    folder = HELDOUT3 / "mri2d_unetr"
+    model = load_model(folder / "model.pt", card=folder / "model.card.json")
+    volume = read_volume(folder / "healthy.nii.gz")
+    small = Volume(np.ascontiguousarray(volume.array[:, 40:88, 40:88]), spacing=volume.spacing)
+    config = AnalysisConfig(dream=DreamConfig(device="cpu", iterations=2),
+                            features=FeatureConfig(names=("firstorder_Mean",), backend="native"))
+    result = run_analysis(small, (24, 24, 0), model, config)
+    assert result.status == "fault"
+    assert "The crop is 48x48, not the card's roi_size 64x64" in result.metadata["fault"]
+    assert "fixed input size" in result.metadata["fault"]

@@ -60,6 +60,20 @@ def default_roi(card: ModelCard, config: DreamConfig) -> tuple[int, ...]:
     return (256, 256) if card.spatial_dims == 2 else (96, 96, 96)
 
 
+def model_fault(exc: Exception, iteration: int, card: ModelCard, crop_shape) -> RunFault:
+    """The fault for an exception raised inside the user's model; when the crop is not the card's
+    ``roi_size`` (an image smaller than it, or another ``--roi``), it says that a network with a fixed
+    input size accepts only that size (UNETR: its ``img_size``)."""
+    message = f"The model raised {type(exc).__name__} at iteration {iteration}: {exc}"
+    roi = tuple(int(r) for r in card.roi_size) if card.roi_size is not None else None
+    size = tuple(int(s) for s in crop_shape)[-len(roi):] if roi else None
+    if roi and size != roi:
+        message += (f". The crop is {'x'.join(map(str, size))}, not the card's roi_size {'x'.join(map(str, roi))}: a "
+                    "network with a fixed input size (such as UNETR, whose img_size fixes its positional embedding) "
+                    "accepts only that size; use an image at least that large along every axis (and no other --roi)")
+    return RunFault(message)
+
+
 def crop_around_seed(shape_kji: tuple[int, int, int], seed_kji: tuple[int, int, int], roi: tuple[int, ...],
                      spatial_dims: int, size_divisible: int = 1) -> Crop:
     """The crop of size ``roi`` centred on the seed, shifted to stay inside the volume.
@@ -382,7 +396,7 @@ class DreamLoop:
                     "(--device cpu)."
                 ) from None
             except Exception as exc:  # an exception inside the user's model
-                raise RunFault(f"The model raised {type(exc).__name__} at iteration {it}: {exc}") from exc
+                raise model_fault(exc, it, self.card, self.x0.shape) from exc
             x = x.detach()
             obj_value = float(objective.detach())
             p_seed = float(prob.detach()[self.seed])

@@ -29,10 +29,10 @@ from typing import Iterator
 
 import torch
 
+from ..dream import model_fault
 from ..dreaming.convolutions import batch_voxels, convolutions_for
 from ..dreaming.redirect import redirected_relus
 from ..dreaming.window import WindowMismatch
-
 from ..errors import ModelError, RunFault, SeedError
 
 
@@ -199,7 +199,8 @@ class BatchedDreamLoop:
                     f"Out of GPU memory at iteration {it} with {len(active)} dreams in one batch. Run them separately "
                     "(batch_restarts off), use a smaller crop (roi_size) or run on the CPU (--device cpu).") from None
             except Exception as exc:  # an exception inside the user's model
-                raise RunFault(f"The model raised {type(exc).__name__} at iteration {it}: {exc}") from exc
+                first = loops[active[0]]
+                raise model_fault(exc, it, first.card, first.x0.shape) from exc
             for m, grad in zip(active, grads):
                 loop = loops[m]
                 x = xs[m] = xs[m].detach()
