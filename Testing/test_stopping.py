@@ -71,3 +71,36 @@ def test_a_stop_within_deferred_is_raised_at_its_end():
     assert steps == ["finished"]
     with deferred():  # without a stop, and outside stop_signals_interrupt: nothing happens
         pass
+
+
+PARENT = """
+import concurrent.futures as cf, multiprocessing, os, sys, time
+from DeepDreamAnalysisLib.stopping import exit_with_parent
+
+if __name__ == "__main__":
+    pool = cf.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"), initializer=exit_with_parent)
+    pool.submit(time.sleep, 60)  # one worker busy
+    pool.submit(time.sleep, 0.1).result()  # the other idle, waiting for work
+    time.sleep(2)
+    print(" ".join(str(p.pid) for p in pool._processes.values()), flush=True)
+    os._exit(130)  # as a second Ctrl-C ends `run`: no shutdown of the pool
+"""
+
+
+def test_pool_workers_end_with_their_parent_however_it_ended(tmp_path):
+    import subprocess
+    import sys
+
+    from process_tree import kill_all, still_alive
+
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT)
+    out = tmp_path / "pids.txt"
+    with open(out, "w") as fh:  # a file: a worker left behind would hold a pipe open
+        done = subprocess.run([sys.executable, str(script)], stdout=fh, stderr=subprocess.DEVNULL, timeout=60)
+    assert done.returncode == 130
+    pids = [int(p) for p in out.read_text().split()]
+    assert len(pids) == 2
+    left = still_alive(pids, within=10)
+    kill_all(left)
+    assert not left, f"pool workers outlived their parent: {left}"

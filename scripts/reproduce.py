@@ -331,7 +331,7 @@ def train_all(out: Path, settings: Settings, jobs: list[TrainJob], reuse: bool =
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from DeepDreamAnalysisLib.stopping import deferred
+    from DeepDreamAnalysisLib.stopping import deferred, exit_with_parent
 
     from DeepDreamAnalysisLib.models import load_model
 
@@ -349,7 +349,7 @@ def train_all(out: Path, settings: Settings, jobs: list[TrainJob], reuse: bool =
             for r in done:
                 log(f"  trained {r['name']}: validation Dice {r['val_dice']:.3f} ({r['train_seconds']:.0f} s)")
         else:
-            pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"))
+            pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=exit_with_parent)
             try:
                 with deferred():  # a stop while the processes start would cut their start-up data short
                     futures = [pool.submit(_train_job, j, str(out), settings.epochs, settings.threads) for j in todo]

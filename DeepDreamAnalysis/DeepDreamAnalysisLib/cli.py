@@ -25,7 +25,7 @@ import threading
 from pathlib import Path
 
 from .errors import ConfigError, DeepDreamError, FeatureError, OutputError
-from .stopping import stop_reason, stop_signals_interrupt
+from .stopping import Stopped, stop_reason, stop_signals_interrupt
 
 EXIT_OK, EXIT_FAULT, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
 
@@ -272,7 +272,7 @@ class _CtrlC:
         if self.event.is_set():
             if self.hard_exit:
                 _exit_now()
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt if signum == signal.SIGINT else Stopped(signum)
         self.event.set()
         what = {getattr(signal, "SIGTERM", None): "Terminated", getattr(signal, "SIGHUP", None): "Hangup"}.get(
             signum, "Ctrl-C")

@@ -59,7 +59,9 @@ def worker_python() -> str:
 def _init_worker(config: FeatureConfig, spatial_dims: int) -> None:
     global _WORKER_SET
     from .features import build_feature_set
+    from .stopping import exit_with_parent
 
+    exit_with_parent()  # the parent may end without shutting the pool down (a second Ctrl-C: os._exit)
     _WORKER_SET = build_feature_set(config, spatial_dims)
 
 

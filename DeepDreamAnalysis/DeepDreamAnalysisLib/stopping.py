@@ -122,3 +122,23 @@ def deferred():
         signum = _pending.pop()
         _pending.clear()
         raise Stopped(signum)
+
+
+def exit_with_parent() -> None:
+    """In a worker process started by multiprocessing (a pool's initializer): end this process when
+    its parent ends, however the parent ended (``os._exit`` after a second Ctrl-C, SIGKILL, a crash).
+    An idle pool worker otherwise outlives its parent for good, and a busy one finishes its job first."""
+    import multiprocessing
+    import os
+
+    parent = multiprocessing.parent_process()
+    if parent is None or getattr(parent, "sentinel", None) is None:
+        return
+
+    def watch():
+        from multiprocessing.connection import wait
+
+        wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
