@@ -382,3 +382,65 @@ def test_a_manifest_without_records_is_not_trusted(case, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no record of what the tool wrote" in err or "lists no file as the tool wrote it" in err
     assert _tree(out) == before
+
+
+# ----------------------------------------------------------------------------- a process killed mid-write
+
+_KILLED_AFTER_RENAME = """
+import os, signal, sys
+from pathlib import Path
+real = os.replace
+def replace(src, dst):  # the process dies the moment this file is in place, before the manifest records it
+    real(src, dst)
+    if Path(dst).as_posix().endswith({which!r}) or ({which!r} == "snapshots/" and "/snapshots/iter_" in Path(dst).as_posix()):
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+from DeepDreamAnalysisLib.cli import main
+sys.exit(main({argv!r}))
+"""
+
+
+@pytest.mark.parametrize("which", ["curves.csv", "snapshots/"])
+def test_a_run_killed_right_after_a_rename_leaves_files_the_rerun_recognises(case, tmp_path, capsys, which):
+    """What a study's worker meets at Ctrl-C (Ray kills it): the file is in place, the manifest's
+    final record of it is not written. The rerun must know the file as the tool's (its record was
+    noted before the rename), replace it and finish; a user's file beside it stays untouched."""
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["run", "--image", str(case["image"]), "--model", str(case["model"]), "--seed", "24,20,1", "--out",
+            str(out), *FAST]
+    (out / MANIFEST_NAME).write_text(json.dumps({"tool": "deepdream-analysis", "complete": True, "files": [],
+                                                 "records": {}}))
+    child = subprocess.run([sys.executable, "-c", _KILLED_AFTER_RENAME.format(which=which, argv=argv)],
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["complete"] is False
+    placed = [f for f in manifest["files"] if f.endswith("curves.csv") or f.startswith("snapshots/")]
+    assert placed and any(f in manifest["pending"] for f in placed)
+    (out / "my_notes.txt").write_text("mine")
+    assert _run(case, out) == 0, capsys.readouterr().err
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["complete"] is True and manifest["pending"] == {}
+    assert set(manifest["records"]) == set(manifest["files"])
+    assert (out / "my_notes.txt").read_text() == "mine"
+
+
+def test_a_file_replaced_by_the_user_after_a_killed_write_is_still_refused(case, tmp_path, capsys):
+    """A pending record names what the tool was about to put there: anything else is left alone."""
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["run", "--image", str(case["image"]), "--model", str(case["model"]), "--seed", "24,20,1", "--out",
+            str(out), *FAST]
+    (out / MANIFEST_NAME).write_text(json.dumps({"tool": "deepdream-analysis", "complete": True, "files": [],
+                                                 "records": {}}))
+    child = subprocess.run([sys.executable, "-c", _KILLED_AFTER_RENAME.format(which="curves.csv", argv=argv)],
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    (out / "curves.csv").write_text("my own curves, written over the tool's")
+    assert _run(case, out) == 2  # nothing else of the tool's is there yet: the folder counts as not empty
+    assert "is not empty" in capsys.readouterr().err
+    assert _run(case, out, "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert "curves.csv is listed in" in err and "the tool wrote" in err and "Move that file away" in err
+    assert (out / "curves.csv").read_text() == "my own curves, written over the tool's"

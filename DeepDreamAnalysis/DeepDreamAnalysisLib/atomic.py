@@ -41,6 +41,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None):
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        if guard is not None:
+            guard.about_to_place(target, tmp)  # a kill right after the rename still leaves a known file
         os.replace(tmp, target)
         if guard is not None:
             guard.record(target)

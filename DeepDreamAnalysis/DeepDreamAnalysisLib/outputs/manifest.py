@@ -1,9 +1,12 @@
 """``deepdream-manifest.json``: the files the tool wrote into an output folder.
 
 Format (JSON object): ``{"tool": "deepdream-analysis", "complete": bool, "files": [relative posix
-paths, sorted], "records": {path: {"size": bytes, "mtime_ns": int, "sha256": hex}}}``. ``complete``
-is false while a write is going on (and stays false when it was interrupted: the folder then holds
-a partial result, each file in it whole).
+paths, sorted], "records": {path: {"size": bytes, "mtime_ns": int, "sha256": hex}}, "pending":
+{path: record}}``. ``complete`` is false while a write is going on (and stays false when it was
+interrupted: the folder then holds a partial result, each file in it whole). ``pending`` holds the
+record of a file the tool has written under a hidden temporary name and is about to rename into
+place: a process killed between the rename and the final record (a study's worker at Ctrl-C) leaves
+a file that matches its pending record, so the next run still knows it as the tool's.
 
 Each record says what the tool wrote: the size and modification time (ns) of the file, and its
 sha256 for files up to :data:`HASH_LIMIT` bytes. A listed file is the tool's only while it still
@@ -49,11 +52,13 @@ tool's); larger ones by size and mtime only."""
 @dataclass
 class Manifest:
     """The parsed manifest: ``files`` relative posix paths; ``complete`` False for a partial write;
-    ``records`` path -> ``{"size", "mtime_ns", "sha256"?}`` (what the tool wrote)."""
+    ``records`` path -> ``{"size", "mtime_ns", "sha256"?}`` (what the tool wrote); ``pending`` path ->
+    the record of what the tool was about to rename there (an interrupted write)."""
 
     files: list[str] = field(default_factory=list)
     complete: bool = True
     records: dict[str, dict] = field(default_factory=dict)
+    pending: dict[str, dict] = field(default_factory=dict)
 
 
 def file_record(path: str | os.PathLike) -> dict:
@@ -124,6 +129,10 @@ def verify(folder: str | os.PathLike, manifest: "Manifest | None") -> tuple[set[
         return owned, changed
     for rel in manifest.files:
         why = why_changed(Path(folder), rel, manifest.records.get(rel))
+        if why is not None and rel in manifest.pending:  # renamed into place, then interrupted?
+            why = why_changed(Path(folder), rel, manifest.pending[rel])
+            if why is None:
+                manifest.records[rel] = manifest.pending[rel]  # the file the tool was placing: its own
         if why is None:
             owned.add(rel)
         else:
@@ -149,9 +158,15 @@ def read_manifest(folder: str | os.PathLike) -> Manifest | None:
             "write there. Choose another output folder (or delete the folder's old results yourself)."
         ) from None
     safe = [f for f in files if _is_safe_relative(f)]
-    records = data.get("records")
-    records = {k: v for k, v in records.items() if k in safe and _valid_record(v)} if isinstance(records, dict) else {}
-    return Manifest(files=safe, complete=bool(data.get("complete", True)), records=records)
+    records, pending = (_records(data.get(key), safe) for key in ("records", "pending"))
+    return Manifest(files=safe, complete=bool(data.get("complete", True)), records=records, pending=pending)
+
+
+def _records(value, files: list[str]) -> dict[str, dict]:
+    """The valid records of ``value`` (a manifest's ``records`` or ``pending``) for listed ``files``."""
+    if not isinstance(value, dict):
+        return {}
+    return {k: v for k, v in value.items() if k in files and _valid_record(v)}
 
 
 def _is_safe_relative(rel: str) -> bool:
@@ -174,6 +189,8 @@ class ManifestWriter:
         """``owned``: the previous run's files still as the tool wrote them; ``changed``: listed files
         that are not (path -> why): never replaced or deleted."""
         self.records: dict[str, dict] = {r: old.records[r] for r in self.owned if r in old.records} if old else {}
+        self.pending: dict[str, dict] = {}
+        """path -> record of the file about to be renamed there (:meth:`about_to_place`)."""
         self.left_alone: list[str] = []
         """Files of ``changed`` that :meth:`finish` kept (each with a warning)."""
         self.written: set[str] = set()
@@ -226,6 +243,20 @@ class ManifestWriter:
             if save:
                 self._save(complete=False)
 
+    def about_to_place(self, path: str | os.PathLike, staged: str | os.PathLike, save: bool = True) -> None:
+        """Before the complete file ``staged`` is renamed to ``path`` (claimed): note what will be
+        there (``save``: in the manifest file at once), so a process killed right after the rename
+        leaves a file the next run recognises (a rename keeps size, contents and mtime)."""
+        rel = self.relative(path)
+        if rel is None or rel == MANIFEST_NAME or any(p.startswith(".") for p in rel.split("/")):
+            return
+        try:
+            self.pending[rel] = file_record(staged)
+        except OSError:
+            return
+        if save:
+            self._save(complete=False)
+
     def record(self, path: str | os.PathLike, save: bool = True) -> None:
         """After ``path`` was written completely (``save``: list it in the manifest file at once)."""
         rel = self.relative(path)
@@ -236,6 +267,7 @@ class ManifestWriter:
                 self.records.pop(rel, None)
             self.written.add(rel)
             self.changed.pop(rel, None)
+            self.pending.pop(rel, None)
             if save:
                 self._save(complete=False)  # at once: an interruption never leaves a file of ours unrecorded
 
@@ -254,8 +286,9 @@ class ManifestWriter:
     def move_files(self, staging: Path, dest: Path) -> None:
         """Move every file of the (hidden) folder ``staging`` into ``dest``, one atomic rename each."""
         sources = [src for src in sorted(staging.iterdir()) if src.is_file()]
-        for src in sources:  # every name checked and listed (one manifest write) before any rename
+        for src in sources:  # every name checked and listed, with what will be there (one manifest write)
             self.claim(dest / src.name, save=False)
+            self.about_to_place(dest / src.name, src, save=False)
         if sources:
             self._save(complete=False)
         moved = []
@@ -309,13 +342,16 @@ class ManifestWriter:
         for rel in self.left_alone:
             log.warning("%s", changed_message(self.folder, rel, self.changed[rel]).replace(
                 "the tool will not replace or delete it", "the tool left it as it is"))
+        self.pending.clear()  # every rename of this run is recorded (or never happened)
         self._save(complete=True)
         return deleted
 
     def _save(self, complete: bool) -> None:
         files = sorted(self.owned | self.written | self._claimed)
         records = {r: self.records[r] for r in files if r in self.records}
-        text = json.dumps({"tool": TOOL, "complete": complete, "files": files, "records": records}, indent=1) + "\n"
+        pending = {r: self.pending[r] for r in files if r in self.pending}
+        text = json.dumps({"tool": TOOL, "complete": complete, "files": files, "records": records, "pending": pending},
+                          indent=1) + "\n"
         token = atomic.WRITE_GUARD.set(None)  # the manifest itself is not claimed
         try:
             atomic.write_text_atomic(self.folder / MANIFEST_NAME, text)
