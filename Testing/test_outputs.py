@@ -400,12 +400,9 @@ sys.exit(main({argv!r}))
 """
 
 
-@pytest.mark.parametrize("which", ["curves.csv", "snapshots/"])
-def test_a_run_killed_right_after_a_rename_leaves_files_the_rerun_recognises(case, tmp_path, capsys, which):
-    """What a study's worker meets at Ctrl-C (Ray kills it): the file is in place, the manifest's
-    final record of it is not written. The rerun must know the file as the tool's (its record was
-    noted before the rename), replace it and finish; a user's file beside it stays untouched."""
-    out = tmp_path / "out"
+def _run_killed_after_rename(case, out: Path, which: str) -> None:
+    """Run into the new folder ``out`` in a child process that SIGKILLs itself the moment ``which``
+    (a file name, or "snapshots/" for the first snapshot) is renamed into place."""
     out.mkdir()
     argv = ["run", "--image", str(case["image"]), "--model", str(case["model"]), "--seed", "24,20,1", "--out",
             str(out), *FAST]
@@ -414,6 +411,15 @@ def test_a_run_killed_right_after_a_rename_leaves_files_the_rerun_recognises(cas
     child = subprocess.run([sys.executable, "-c", _KILLED_AFTER_RENAME.format(which=which, argv=argv)],
                            capture_output=True, text=True, timeout=120)
     assert child.returncode == -signal.SIGKILL, child.stderr
+
+
+@pytest.mark.parametrize("which", ["curves.csv", "snapshots/"])
+def test_a_run_killed_right_after_a_rename_leaves_files_the_rerun_recognises(case, tmp_path, capsys, which):
+    """What a study's worker meets at Ctrl-C (Ray kills it): the file is in place, the manifest's
+    final record of it is not written. The rerun must know the file as the tool's (its record was
+    noted before the rename), replace it and finish; a user's file beside it stays untouched."""
+    out = tmp_path / "out"
+    _run_killed_after_rename(case, out, which)
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert manifest["complete"] is False
     placed = [f for f in manifest["files"] if f.endswith("curves.csv") or f.startswith("snapshots/")]
@@ -429,14 +435,7 @@ def test_a_run_killed_right_after_a_rename_leaves_files_the_rerun_recognises(cas
 def test_a_file_replaced_by_the_user_after_a_killed_write_is_still_refused(case, tmp_path, capsys):
     """A pending record names what the tool was about to put there: anything else is left alone."""
     out = tmp_path / "out"
-    out.mkdir()
-    argv = ["run", "--image", str(case["image"]), "--model", str(case["model"]), "--seed", "24,20,1", "--out",
-            str(out), *FAST]
-    (out / MANIFEST_NAME).write_text(json.dumps({"tool": "deepdream-analysis", "complete": True, "files": [],
-                                                 "records": {}}))
-    child = subprocess.run([sys.executable, "-c", _KILLED_AFTER_RENAME.format(which="curves.csv", argv=argv)],
-                           capture_output=True, text=True, timeout=120)
-    assert child.returncode == -signal.SIGKILL, child.stderr
+    _run_killed_after_rename(case, out, "curves.csv")
     (out / "curves.csv").write_text("my own curves, written over the tool's")
     assert _run(case, out) == 2  # nothing else of the tool's is there yet: the folder counts as not empty
     assert "is not empty" in capsys.readouterr().err
