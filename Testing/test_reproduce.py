@@ -141,7 +141,7 @@ def test_a_training_that_did_not_learn_is_retrained_with_a_new_seed_and_recorded
 def test_sigterm_during_training_ends_the_training_processes_and_keeps_the_trained_networks(tmp_path):
     """`make reproduce` stopped from outside (timeout, kill, a scheduler): the training processes end
     with it, the networks already trained are kept, and the same command with --reuse goes on from them."""
-    from process_tree import descendants, kill_all, still_alive
+    from process_tree import descendants, stop_and_expect_nothing_left
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "reproduce.py"
     out = tmp_path / "out"
@@ -160,14 +160,7 @@ def test_sigterm_during_training_ends_the_training_processes_and_keeps_the_train
             time.sleep(0.2)
         started = descendants(proc.pid)
         assert len(workers()) == 2, log.read_text()  # the 2 training processes
-        proc.send_signal(signal.SIGTERM)
-        try:
-            assert proc.wait(timeout=30) == 130, log.read_text()
-            left = still_alive(started, within=10)
-            assert not left, f"still running after reproduce.py ended: {left}"
-        finally:
-            kill_all(started)
-            proc.kill()
+        stop_and_expect_nothing_left(proc, signal.SIGTERM, started, "reproduce.py", log.read_text)
         text = log.read_text()
         assert "stopped (SIGTERM)" in text and "--reuse" in text and "Traceback" not in text, text
 

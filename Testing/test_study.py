@@ -386,7 +386,7 @@ def test_ctrl_c_marks_runs_in_progress_and_the_same_command_resumes(files, tmp_p
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
 def test_sigterm_or_sighup_stops_the_study_like_ctrl_c_and_leaves_no_process(files, tmp_path, sig):
-    from process_tree import descendants, kill_all, still_alive
+    from process_tree import descendants, stop_and_expect_nothing_left
 
     spec = _spec(files, dream={"iterations": 80, "step": 15.0, "normalize_gradient": True}, restarts=2, batch=1)
     study = _write(tmp_path, spec)
@@ -408,14 +408,7 @@ def test_sigterm_or_sighup_stops_the_study_like_ctrl_c_and_leaves_no_process(fil
         time.sleep(0.05)
         started.update(descendants(proc.pid))
     assert any("raylet" in c for c in started.values()) and any("execute_run" in c for c in started.values())
-    proc.send_signal(getattr(signal, sig))
-    try:
-        assert proc.wait(timeout=30) == 130, err_file.read_text()
-        left = still_alive(started, within=10)
-        assert not left, f"still running after the study ended: {left}"
-    finally:
-        kill_all(started)
-        proc.kill()
+    stop_and_expect_nothing_left(proc, getattr(signal, sig), started, "the study", err_file.read_text)
     err = err_file.read_text()
     assert f"stopped ({sig}): runs in progress are marked interrupted" in err and "run the same command again" in err
     assert "Traceback" not in err and "SIGTERM received" not in err  # nor Ray's crash handler's dump

@@ -31,7 +31,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None):
     suffix = suffix if suffix is not None else "".join(target.suffixes)
     guard = WRITE_GUARD.get()
     if guard is not None:
-        guard.claim(target)
+        guard.claim(target, save=False)  # listed in the manifest file with its pending record, before the rename
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + suffix, dir=target.parent)

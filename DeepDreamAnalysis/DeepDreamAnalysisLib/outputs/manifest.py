@@ -261,13 +261,17 @@ class ManifestWriter:
         """After ``path`` was written completely (``save``: list it in the manifest file at once)."""
         rel = self.relative(path)
         if rel is not None and rel != MANIFEST_NAME and not any(p.startswith(".") for p in rel.split("/")):
+            placed = self.pending.pop(rel, None)
             try:
-                self.records[rel] = file_record(path)
+                st = os.lstat(path)
+                if placed is not None and (st.st_size, st.st_mtime_ns) == (placed["size"], placed["mtime_ns"]):
+                    self.records[rel] = placed  # the file just renamed into place: hashed once, before the rename
+                else:
+                    self.records[rel] = file_record(path)
             except OSError:
                 self.records.pop(rel, None)
             self.written.add(rel)
             self.changed.pop(rel, None)
-            self.pending.pop(rel, None)
             if save:
                 self._save(complete=False)  # at once: an interruption never leaves a file of ours unrecorded
 
