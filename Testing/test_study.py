@@ -355,6 +355,46 @@ def test_a_worker_killed_mid_run_is_retried_and_the_study_completes(cluster, fil
     assert status["state"] == "done" and status["attempts"] == 2
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def test_a_study_stopped_in_the_callers_ray_session_cancels_its_runs_and_keeps_the_session(cluster, files, tmp_path):
+    """From Python on a Ray session the caller started (the ``cluster`` fixture, as a notebook or the
+    Slicer console would): a stop marks the runs interrupted, cancels the study's unfinished tasks
+    (their workers end within seconds, not after 6000 iterations) and leaves the
+    session running."""
+    spec = _spec(files, models=[{"name": "a", "path": str(files["a"])}], restarts=2, batch=1,
+                 images=[{"name": "ct", "path": str(files["ct"]), "seeds": [[24, 20, 0]]}],
+                 dream={"iterations": 6000, "step": 15.0, "normalize_gradient": True}, snapshot_every=2000)
+    study, out = _write(tmp_path, spec), tmp_path / "out"
+    stop = threading.Event()
+
+    def stop_when_both_run():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(list(out.glob("runs/*/worker.json"))) < 2:
+            time.sleep(0.05)
+        stop.set()
+
+    threading.Thread(target=stop_when_both_run, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        run_study_outcome(study, out, cancel=stop)
+    pids = [json.loads(p.read_text())["pid"] for p in out.glob("runs/*/worker.json")]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.1)
+    assert not [pid for pid in pids if _alive(pid)], "the study's runs went on after the stop"
+    assert ray.is_initialized()
+    free = ray.remote(lambda: "free").options(num_cpus=2)
+    assert ray.get(free.remote(), timeout=30) == "free"  # the session still runs tasks, on both CPUs
+    states = [json.loads(p.read_text())["state"] for p in out.glob("runs/*/status.json")]
+    assert sorted(states) == ["interrupted", "interrupted"]
+
+
 @pytest.mark.slow
 def test_ctrl_c_marks_runs_in_progress_and_the_same_command_resumes(files, tmp_path):
     # batch: 1 so that runs finish one by one (a batch's runs finish together)

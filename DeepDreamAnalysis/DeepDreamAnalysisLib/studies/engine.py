@@ -713,10 +713,8 @@ def _run_study_in(spec, out=None, address: str | None = None, workers: int | Non
                                "message": f"stopped ({stop_reason(stop)}); run the same command again to resume"})
                 _write_status(folder / "status.json", status)
                 outcome.status[run.key] = status
-            try:
-                ray.cancel(ref, force=True)
-            except Exception:  # noqa: BLE001 - the cluster may already be gone
-                pass
+        if not started:
+            _cancel_unfinished(ray, list(inflight))
         raise
     finally:
         if previous_handler is not None:
@@ -725,6 +723,25 @@ def _run_study_in(spec, out=None, address: str | None = None, workers: int | Non
             ray.shutdown()
     outcome.paths, outcome.table = tables.write_study_outputs(spec, outcome)
     return outcome
+
+
+def _cancel_unfinished(ray, refs: list) -> None:
+    """Cancel the runs of ``refs`` that have not finished, on a Ray session the caller started (and
+    keeps: a Slicer console, a notebook). When the study started Ray itself (on this machine or by
+    joining ``--address``), it cancels nothing: ``ray.shutdown`` ends the study's job, and Ray kills
+    the job's workers with it. ``ray.cancel`` of a task whose reply is arriving at that moment can
+    abort the whole driver process in Ray's core worker ("Check failed: ... Tried to complete task
+    that was not pending"; ray-project/ray#54798 fixed one path of that race, not all), so it is used
+    only where nothing else stops the runs, and never on a task already seen to be done."""
+    try:
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=0)
+    except Exception:  # noqa: BLE001 - the session may already be gone
+        return
+    for ref in pending:
+        try:
+            ray.cancel(ref, force=True)
+        except Exception:  # noqa: BLE001 - the session may already be gone
+            pass
 
 
 def _run_dict(run: RunSpec) -> dict:
