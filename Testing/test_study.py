@@ -149,6 +149,20 @@ def test_without_ray_the_error_says_how_to_install(monkeypatch):
         require_ray()
 
 
+def test_without_address_the_study_runs_here_even_where_ray_address_points_elsewhere(files, tmp_path):
+    """``RAY_ADDRESS`` set (a cluster's login node) or a ``ray start`` instance on this machine: plain
+    ``ray.init`` would join it and refuse the study's ``num_cpus``; with no ``--address`` the study
+    starts its own local Ray."""
+    study = _write(tmp_path, _spec(files, models=[{"name": "a", "path": str(files["a"])}], restarts=1,
+                                   images=[{"name": "ct", "path": str(files["ct"]), "seeds": [[24, 20, 0]]}]))
+    cmd = [sys.executable, "-m", "DeepDreamAnalysisLib.cli", "study", str(study), "--out", str(tmp_path / "out"),
+           "--workers", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "RAY_ADDRESS": "127.0.0.1:9"})
+    assert done.returncode == 0, done.stderr
+    assert "1 of 1 runs done, 0 failed" in done.stdout
+
+
 def test_unreachable_address_fails_fast_with_a_clear_message(files, tmp_path, capsys):
     study = _write(tmp_path, _spec(files))
     t = time.monotonic()

@@ -336,8 +336,10 @@ def _init_ray(ray, address: str | None, workers: int | None, timeout_s: float) -
         if t.is_alive() or "error" in box:
             why = "no answer" if t.is_alive() else str(box["error"]).splitlines()[0]
             raise StudyEngineError(f"Could not join the Ray cluster at {address}: {why}. Check the address "
-                                   "(`ray status` on the head node) and that its Ray version matches this one "
-                                   f"({ray.__version__}).")
+                                   "(`ray status` on the head node), that its Ray version matches this one "
+                                   f"({ray.__version__}), and, where the cluster uses token authentication, "
+                                   "that RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN or ~/.ray/auth_token) "
+                                   "are set here too.")
         return True
     ray.init(**local_ray_options(workers))
     return True
@@ -350,6 +352,10 @@ def local_ray_options(workers: int | None = None) -> dict:
     """The ``ray.init`` arguments of the embedded local Ray a study starts: ``workers`` CPUs (default
     one per core), every GPU, no dashboard, and workers at the priority of this process.
 
+    ``address="local"``: a new Ray on this machine even where ``RAY_ADDRESS`` is set or a cluster
+    started with ``ray start`` runs here (plain ``ray.init`` would join it, and then refuse
+    ``num_cpus``); joining one is what ``--address`` asks for.
+
     Ray runs its worker processes 15 nice levels below the process that started it (its
     ``worker_niceness``), so that its own services stay responsive. For a study that makes every
     run yield to any other busy program of the user's (the driver writing the tables, a test run, a
@@ -358,8 +364,8 @@ def local_ray_options(workers: int | None = None) -> dict:
     lowers both); setting the environment variable ``RAY_worker_niceness`` (15 is Ray's default)
     keeps Ray's choice. A cluster joined with ``--address`` keeps its own settings.
     """
-    kwargs = {"num_cpus": workers or os.cpu_count() or 1, "include_dashboard": False, "log_to_driver": False,
-              "configure_logging": False}
+    kwargs = {"address": "local", "num_cpus": workers or os.cpu_count() or 1, "include_dashboard": False,
+              "log_to_driver": False, "configure_logging": False}
     if WORKER_NICENESS_ENV not in os.environ:
         kwargs["_system_config"] = {"worker_niceness": 0}
     try:
