@@ -70,10 +70,10 @@ def _write(folder: Path, spec: dict, name="study.json") -> Path:
 @pytest.fixture(scope="module")
 def cluster():
     """One local Ray with 2 workers for every test of this module (Ray starts in seconds, not ms)."""
-    from DeepDreamAnalysisLib.studies.engine import local_ray_options
+    from DeepDreamAnalysisLib.studies.engine import start_local_ray
 
     if not ray.is_initialized():
-        ray.init(**local_ray_options(2))  # as run_study starts its local Ray
+        start_local_ray(ray, 2)  # as run_study starts its local Ray
     yield
     ray.shutdown()
 
@@ -161,6 +161,33 @@ def test_without_address_the_study_runs_here_even_where_ray_address_points_elsew
                           env={**os.environ, "RAY_ADDRESS": "127.0.0.1:9"})
     assert done.returncode == 0, done.stderr
     assert "1 of 1 runs done, 0 failed" in done.stdout
+
+
+def test_a_local_ray_that_fails_to_start_is_shut_down_and_started_again():
+    """Ray's raylet aborts its start when its dashboard agent is slower than 15 s to come up (a busy
+    machine): what the failed start left is shut down, and Ray starts a second time; twice failed,
+    the error says what happened."""
+    from DeepDreamAnalysisLib.studies.engine import start_local_ray
+
+    class FlakyRay:
+        def __init__(self, failures):
+            self.failures, self.calls = failures, []
+
+        def init(self, **kwargs):
+            self.calls.append("init")
+            if self.calls.count("init") <= self.failures:
+                raise Exception("The current node timed out during startup. This could happen because ...")
+
+        def shutdown(self):
+            self.calls.append("shutdown")
+
+    flaky = FlakyRay(failures=1)
+    start_local_ray(flaky, 2)
+    assert flaky.calls == ["init", "shutdown", "init"]
+    broken = FlakyRay(failures=2)
+    with pytest.raises(StudyEngineError, match="Ray could not start on this machine .The current node timed out"):
+        start_local_ray(broken, 2)
+    assert broken.calls == ["init", "shutdown", "init", "shutdown"]
 
 
 def test_unreachable_address_fails_fast_with_a_clear_message(files, tmp_path, capsys):
@@ -479,6 +506,45 @@ def test_sigterm_or_sighup_stops_the_study_like_ctrl_c_and_leaves_no_process(fil
     assert rerun.returncode == 0, rerun.stderr
     assert "8 of 8 runs done, 0 failed" in rerun.stdout
     assert {k: (out / "runs" / k / "curves.csv").stat().st_mtime_ns for k in finished} == stamps
+
+
+STOP_WHILE_RECORDING = """
+import os, signal, sys
+from DeepDreamAnalysisLib import cli
+from DeepDreamAnalysisLib.studies import engine
+
+real = engine._write_status
+
+
+def write_status(path, status):  # SIGTERM arrives while the driver records the first finished run
+    if status.get("state") == "done" and not os.environ.get("SENT"):
+        os.environ["SENT"] = "1"
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # the handler runs between bytecodes
+            pass
+    real(path, status)
+
+
+engine._write_status = write_status
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_stop_while_a_finished_run_is_recorded_leaves_no_run_marked_running(files, tmp_path):
+    """SIGTERM raises at any line of the driver: also between taking a finished run off the list of
+    runs in flight and writing its status, which left that run ``running`` for good. Every run ends
+    the session ``done`` or ``interrupted``, never ``running``."""
+    spec = _spec(files, models=[{"name": "a", "path": str(files["a"])}], restarts=3, batch=1,
+                 images=[{"name": "ct", "path": str(files["ct"]), "seeds": [[24, 20, 0]]}])
+    study, out = _write(tmp_path, spec), tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", STOP_WHILE_RECORDING, "study", str(study), "--out", str(out),
+                           "--workers", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 130, done.stderr
+    assert "stopped (SIGTERM)" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    states = sorted(json.loads(p.read_text())["state"] for p in out.glob("runs/*/status.json"))
+    assert len(states) == 3 and "running" not in states, states
+    assert "interrupted" in states and not (out / "deepdream.lock").exists()
 
 
 def test_a_study_from_python_keeps_the_callers_sigterm_handler(files, tmp_path):

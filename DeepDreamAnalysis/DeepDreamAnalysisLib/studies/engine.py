@@ -341,8 +341,36 @@ def _init_ray(ray, address: str | None, workers: int | None, timeout_s: float) -
                                    "that RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN or ~/.ray/auth_token) "
                                    "are set here too.")
         return True
-    ray.init(**local_ray_options(workers))
+    start_local_ray(ray, workers)
     return True
+
+
+LOCAL_START_ATTEMPTS = 2
+
+
+def start_local_ray(ray, workers: int | None = None, attempts: int = LOCAL_START_ATTEMPTS) -> None:
+    """``ray.init`` of the study's local Ray (:func:`local_ray_options`), tried ``attempts`` times.
+
+    On a busy machine Ray's own start can fail: its raylet waits a fixed 15 s for the dashboard
+    agent (a Python process that imports much of Ray) to write its port, then aborts, and
+    ``ray.init`` raises "The current node timed out during startup" (seen in a loaded test run; made
+    to happen with an agent held back 40 s). What the failed start left is shut down and Ray starts
+    again; the second start finds the agent's files read once already and is faster."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(**local_ray_options(workers))
+            return
+        except Exception as exc:  # noqa: BLE001 - Ray raises plain Exception for a start that timed out
+            try:
+                ray.shutdown()  # the GCS and agents the failed start left running
+            except Exception:  # noqa: BLE001 - nothing more to end
+                pass
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            if attempt == attempts:
+                raise StudyEngineError(f"Ray could not start on this machine ({why}; tried {attempts} times). A very "
+                                       "busy machine slows Ray's start past its own time limits: try again, or "
+                                       "when fewer programs run.") from exc
+            log.warning("Ray did not start (%s); starting it again (%d of %d)", why, attempt + 1, attempts)
 
 
 WORKER_NICENESS_ENV = "RAY_worker_niceness"
@@ -633,8 +661,8 @@ def _run_study_in(spec, out=None, address: str | None = None, workers: int | Non
                 folder.mkdir(parents=True, exist_ok=True)
                 attempts[run.key] += 1
                 status = {"state": RUNNING, "attempts": attempts[run.key], "run": _run_dict(run), "started": time.time()}
+                outcome.status[run.key] = status  # first: a stop from here on marks the run interrupted
                 _write_status(folder / "status.json", status)
-                outcome.status[run.key] = status
                 heartbeats.append(str(folder / "worker.json") if local else None)
                 # a worker on this host writes the run folder itself (unless the results come back here)
                 write_tos.append(None if keep_results else (host, str(folder.resolve())))
@@ -711,14 +739,14 @@ def _run_study_in(spec, out=None, address: str | None = None, workers: int | Non
                 finished_now += 1
                 progress(f"done {run.label()}")
     except KeyboardInterrupt as stop:
-        for ref, group in list(inflight.items()):
-            for run in group:
-                folder = out / "runs" / run.key
-                status = dict(outcome.status.get(run.key, {}))
-                status.update({"state": INTERRUPTED,
-                               "message": f"stopped ({stop_reason(stop)}); run the same command again to resume"})
-                _write_status(folder / "status.json", status)
-                outcome.status[run.key] = status
+        # every run marked running and not yet recorded: those in flight, and one whose submission or
+        # recording the stop cut short (SIGTERM raises at any line, also between the two)
+        message = f"stopped ({stop_reason(stop)}); run the same command again to resume"
+        for key, status in list(outcome.status.items()):
+            if status.get("state") == RUNNING:
+                status = dict(status, state=INTERRUPTED, message=message)
+                _write_status(out / "runs" / key / "status.json", status)
+                outcome.status[key] = status
         if not started:
             _cancel_unfinished(ray, list(inflight))
         raise
@@ -726,7 +754,10 @@ def _run_study_in(spec, out=None, address: str | None = None, workers: int | Non
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
         if started:
-            ray.shutdown()
+            from ..stopping import deferred
+
+            with deferred():  # a stop arriving now would cut the shutdown short and leave Ray's processes
+                ray.shutdown()
     outcome.paths, outcome.table = tables.write_study_outputs(spec, outcome)
     return outcome
 
@@ -797,5 +828,5 @@ def _duration(s: float) -> str:
 
 
 __all__ = ["run_study", "run_study_outcome", "StudyProgress", "StudyOutcome", "StudyEngineError", "execute_run",
-           "execute_group", "batch_groups", "local_ray_options",
+           "execute_group", "batch_groups", "local_ray_options", "start_local_ray",
            "check_address", "print_progress", "require_ray", "INSTALL_HINT"]
