@@ -71,13 +71,14 @@ def kill_all(pids) -> None:
 
 
 def stop_and_expect_nothing_left(proc, sig, started, what: str, output) -> None:
-    """Send ``sig`` to ``proc``; it must exit with 130 within 30 s, and none of ``started`` (its
-    processes, recorded before) may be alive 10 s later (``what`` names the command in the message,
-    ``output()`` gives its output for a failed assertion). Cleans up with SIGKILL either way."""
+    """Send ``sig`` to ``proc``; it must exit with 130 within 60 s, and none of ``started`` (its
+    processes, recorded before) may be alive 30 s later (``what`` names the command in the message,
+    ``output()`` gives its output for a failed assertion). Cleans up with SIGKILL either way. The
+    bounds are for a loaded machine: on a quiet one both take a few seconds."""
     proc.send_signal(sig)
     try:
-        assert proc.wait(timeout=30) == 130, output()
-        left = still_alive(started, within=10)
+        assert proc.wait(timeout=60) == 130, output()
+        left = still_alive(started, within=30)
         assert not left, f"still running after {what} ended: {left}"
     finally:
         kill_all(started)

@@ -155,7 +155,7 @@ def test_sigterm_during_training_ends_the_training_processes_and_keeps_the_train
         def workers():
             return {p: c for p, c in descendants(proc.pid).items() if "spawn_main" in c}
 
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None and not (ready() and len(workers()) == 2):
             time.sleep(0.2)
         started = descendants(proc.pid)

@@ -157,7 +157,7 @@ def test_without_address_the_study_runs_here_even_where_ray_address_points_elsew
                                    images=[{"name": "ct", "path": str(files["ct"]), "seeds": [[24, 20, 0]]}]))
     cmd = [sys.executable, "-m", "DeepDreamAnalysisLib.cli", "study", str(study), "--out", str(tmp_path / "out"),
            "--workers", "1"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "RAY_ADDRESS": "127.0.0.1:9"})
     assert done.returncode == 0, done.stderr
     assert "1 of 1 runs done, 0 failed" in done.stdout
@@ -383,7 +383,7 @@ def test_a_worker_killed_mid_run_is_retried_and_the_study_completes(cluster, fil
     box = {}
     t = threading.Thread(target=lambda: box.setdefault("o", run_study_outcome(_write(tmp_path, spec), out)))
     t.start()
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     beat = None
     while time.monotonic() < deadline and beat is None:
         beat = next(iter(out.glob("runs/*/worker.json")), None)
@@ -416,7 +416,7 @@ def test_a_study_stopped_in_the_callers_ray_session_cancels_its_runs_and_keeps_t
     stop = threading.Event()
 
     def stop_when_both_run():
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline and len(list(out.glob("runs/*/worker.json"))) < 2:
             time.sleep(0.05)
         stop.set()
@@ -431,7 +431,7 @@ def test_a_study_stopped_in_the_callers_ray_session_cancels_its_runs_and_keeps_t
     assert not [pid for pid in pids if _alive(pid)], "the study's runs went on after the stop"
     assert ray.is_initialized()
     free = ray.remote(lambda: "free").options(num_cpus=2)
-    assert ray.get(free.remote(), timeout=30) == "free"  # the session still runs tasks, on both CPUs
+    assert ray.get(free.remote(), timeout=120) == "free"  # the session still runs tasks, on both CPUs
     states = [json.loads(p.read_text())["state"] for p in out.glob("runs/*/status.json")]
     assert sorted(states) == ["interrupted", "interrupted"]
 
@@ -444,7 +444,7 @@ def test_ctrl_c_marks_runs_in_progress_and_the_same_command_resumes(files, tmp_p
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "DeepDreamAnalysisLib.cli", "study", str(study), "--out", str(out), "--workers", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         states = [json.loads(p.read_text()).get("state") for p in out.glob("runs/*/status.json")]
         if "done" in states and "running" in states:
@@ -476,7 +476,7 @@ def test_sigterm_or_sighup_stops_the_study_like_ctrl_c_and_leaves_no_process(fil
     err_file = tmp_path / "stderr.txt"
     with open(err_file, "w") as err:  # a file, not a pipe: a process left behind could hold a pipe open
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         states = [json.loads(p.read_text()).get("state") for p in out.glob("runs/*/status.json")]
         if "done" in states and "running" in states:
