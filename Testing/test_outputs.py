@@ -460,3 +460,192 @@ def test_a_file_replaced_by_the_user_after_a_killed_write_is_still_refused(case,
     err = capsys.readouterr().err
     assert "curves.csv is listed in" in err and "the tool wrote" in err and "Move that file away" in err
     assert (out / "curves.csv").read_text() == "my own curves, written over the tool's"
+
+
+# ----------------------------------------------------------------------------- staging items a killed run leaves
+
+_KILLED_BEFORE_RENAME = """
+import os, signal, sys
+real = os.replace
+seen = [0]
+def replace(src, dst):  # the process dies with a finished temporary file in place, before its {nth}th rename
+    if {where!r} in os.fspath(dst):
+        seen[0] += 1
+        if seen[0] == {nth}:
+            os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst)
+os.replace = replace
+from DeepDreamAnalysisLib.cli import main
+sys.exit(main({argv!r}))
+"""
+
+
+def _run_killed_before_rename(case, out: Path, where: str, nth: int = 1) -> None:
+    """Run into ``out`` in a child process that SIGKILLs itself just before the ``nth`` rename of a file
+    into a path containing ``where`` (its temporary file written, the rename not done)."""
+    argv = ["run", "--image", str(case["image"]), "--model", str(case["model"]), "--seed", "24,20,1", "--out",
+            str(out), *FAST]
+    child = subprocess.run([sys.executable, "-c", _KILLED_BEFORE_RENAME.format(where=where, nth=nth, argv=argv)],
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+
+
+def _hidden(folder: Path) -> list[str]:
+    """The hidden items anywhere under ``folder`` (links not followed)."""
+    return sorted(os.path.relpath(os.path.join(d, n), folder) for d, dirs, files in os.walk(folder)
+                  for n in dirs + files if n.startswith("."))
+
+
+def _killed_in_staging(case, out: Path) -> Path:
+    """A complete run into ``out``, the user's files beside it, then a rerun killed while writing its
+    snapshots into the staging folder; returns that folder."""
+    assert _run(case, out) == 0
+    (out / "my_notes.txt").write_text("mine")
+    (out / "snapshots" / "my_annotation.nii.gz").write_bytes(b"mine too")
+    _run_killed_before_rename(case, out, "/.snapshots-new-", nth=3)
+    staging = [p for p in out.iterdir() if p.name.startswith(".snapshots-new-")]
+    assert len(staging) == 1 and staging[0].is_dir()
+    inside = sorted(p.name for p in staging[0].iterdir())
+    assert len([n for n in inside if n.startswith("iter_")]) == 2 and any(".tmp." in n for n in inside), inside
+    assert (out / LOCK_NAME).exists()  # the lock died with the process; its file (the staging log) stays
+    return staging[0]
+
+
+def test_a_rerun_removes_the_staging_folder_a_killed_run_left(case, tmp_path, capsys, caplog):
+    out = tmp_path / "out"
+    _killed_in_staging(case, out)
+    assert _run(case, out) == 0, capsys.readouterr().err
+    assert _hidden(out) == []  # the staging folder, its files, every temporary file and the lock are gone
+    assert (out / "my_notes.txt").read_text() == "mine"
+    assert (out / "snapshots" / "my_annotation.nii.gz").read_bytes() == b"mine too"
+    assert not [r for r in caplog.records if "staging item" in r.getMessage()]
+    assert json.loads((out / MANIFEST_NAME).read_text())["complete"] is True
+
+
+def test_a_folder_killed_before_its_first_manifest_is_not_refused_as_not_empty(case, tmp_path, capsys):
+    """Killed while saving the first manifest: no manifest, only the tool's hidden leftovers (the staging
+    folder, the temporary files of curves.csv and of the manifest). They used to make the folder count as
+    "not empty" (a rerun was refused); now the rerun removes them and runs."""
+    out = tmp_path / "out"
+    _run_killed_before_rename(case, out, MANIFEST_NAME)
+    assert not (out / MANIFEST_NAME).exists()
+    left = sorted(p.name for p in out.iterdir())
+    assert any(n.startswith(".snapshots-new-") for n in left) and any(n.startswith(f".{MANIFEST_NAME}.") for n in left)
+    assert _run(case, out) == 0, capsys.readouterr().err
+    assert _hidden(out) == []
+
+
+def test_a_staging_folder_replaced_by_a_link_is_never_followed(case, tmp_path, capsys, caplog):
+    out = tmp_path / "out"
+    staging = _killed_in_staging(case, out)
+    mine = tmp_path / "my_scans"
+    mine.mkdir()
+    for name in [p.name for p in staging.iterdir()] + ["thesis.docx"]:  # named like the tool's files, and not
+        (mine / name).write_text("mine")
+    staging.rename(tmp_path / "moved_away")
+    staging.symlink_to(mine, target_is_directory=True)
+    assert _run(case, out) == 0, capsys.readouterr().err
+    assert staging.is_symlink() and os.readlink(staging) == str(mine)
+    assert sorted(p.name for p in mine.iterdir()) and all(p.read_text() == "mine" for p in mine.iterdir())
+    assert len(list(mine.iterdir())) == len(list((tmp_path / "moved_away").iterdir())) + 1
+    warned = [r.getMessage() for r in caplog.records if str(staging) in r.getMessage()]
+    assert warned and "link" in warned[0] and "Remove the link yourself" in warned[0]
+
+
+def test_a_staging_folder_holding_a_users_file_is_kept_until_it_is_moved_out(case, tmp_path, capsys, caplog):
+    out = tmp_path / "out"
+    staging = _killed_in_staging(case, out)
+    (staging / "my_extra.txt").write_text("mine")
+    tools = sorted(p.name for p in staging.iterdir() if p.name != "my_extra.txt")
+    assert _run(case, out) == 0, capsys.readouterr().err
+    assert (staging / "my_extra.txt").read_text() == "mine"
+    assert sorted(p.name for p in staging.iterdir()) == sorted(tools + ["my_extra.txt"])  # left as it was
+    warned = [r.getMessage() for r in caplog.records if str(staging) in r.getMessage()]
+    assert warned and "my_extra.txt" in warned[0] and "Move your files out of it" in warned[0]
+    assert (out / LOCK_NAME).exists()  # the log of the kept folder stays for the next run
+    (staging / "my_extra.txt").rename(tmp_path / "my_extra.txt")
+    caplog.clear()
+    assert _run(case, out) == 0  # only the tool's files are left in it now: removed
+    assert _hidden(out) == [] and (out / "my_notes.txt").read_text() == "mine"
+    assert not [r for r in caplog.records if "staging item" in r.getMessage()]
+
+
+_KILLED_IN_A_SUBFOLDER = """
+import os, signal, sys
+from pathlib import Path
+from DeepDreamAnalysisLib.atomic import write_text_atomic
+from DeepDreamAnalysisLib.outputs import FolderLock
+FolderLock({out!r}).acquire()
+def replace(src, dst):
+    os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+write_text_atomic(Path({out!r}) / "runs" / "k1" / "status.json", "{{}}")
+"""
+
+
+def test_a_temporary_file_in_a_subfolder_is_removed_by_the_next_lock_holder(tmp_path):
+    """A study writes runs/<key>/status.json under the study folder's lock: a kill leaves its temporary
+    file there; the next process to take the folder's lock removes it, and nothing else."""
+    out = tmp_path / "study"
+    (out / "runs" / "k1").mkdir(parents=True)
+    (out / "runs" / "k1" / ".my_hidden_notes").write_text("mine")
+    child = subprocess.run([sys.executable, "-c", _KILLED_IN_A_SUBFOLDER.format(out=str(out))], capture_output=True,
+                           text=True, timeout=60)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert len(_hidden(out / "runs")) == 2
+    with FolderLock(out):
+        assert _hidden(out / "runs") == ["k1/.my_hidden_notes"]
+    assert not (out / LOCK_NAME).exists() and (out / "runs" / "k1" / ".my_hidden_notes").read_text() == "mine"
+
+
+def test_a_forged_staging_log_never_gets_a_users_file_deleted(case, tmp_path, capsys):
+    """The log names only what the tool made; a lock file edited to name the user's files deletes nothing."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    nonce = "0123456789abcdef" * 2
+    (out / "thesis.docx").write_text("years of work")
+    (out / ".config").write_text("mine")
+    (out / f".backup-{nonce}").mkdir()
+    (out / f".backup-{nonce}" / "photo.jpg").write_text("mine")
+    (out / f".{nonce}-file").symlink_to(out / "thesis.docx")
+    logged = ["thesis.docx", ".config", "../outside", f".backup-{nonce}", f".{nonce}-file", "/etc/passwd"]
+    (out / LOCK_NAME).write_text(f"1 deepdream-analysis {nonce}\n" + "".join(f"{nonce} {json.dumps(r)}\n" for r in logged))
+    before = _tree(out)
+    assert _run(case, out, "--overwrite") == 0, capsys.readouterr().err
+    assert all(_tree(out)[k] == v for k, v in before.items() if k != LOCK_NAME)
+    assert (out / f".{nonce}-file").is_symlink()
+
+
+@pytest.mark.parametrize("kind", ["data", "link", "folder"])
+def test_a_file_named_like_the_lock_that_is_not_the_tools_is_never_touched(case, tmp_path, capsys, kind):
+    out = tmp_path / "out"
+    assert _run(case, out) == 0
+    precious = tmp_path / "precious.txt"
+    precious.write_text("years of work")
+    lock = out / LOCK_NAME
+    if kind == "data":
+        lock.write_text("my own lock file, years of work\n")
+    elif kind == "link":
+        lock.symlink_to(precious)
+    else:
+        lock.mkdir()
+        (lock / "inside.txt").write_text("mine")
+    before = _tree(out)
+    assert _run(case, out) == 2
+    err = capsys.readouterr().err
+    assert "is not a lock file of deepdream-analysis" in err and "Move it away" in err
+    assert _tree(out) == before and precious.read_text() == "years of work"
+    assert lock.is_symlink() == (kind == "link")
+
+
+def test_hidden_items_the_tool_did_not_log_still_count_and_are_kept(case, tmp_path, capsys):
+    """An older version's staging folder (random name, no log) or a hidden folder of the user's: never
+    deleted, the folder still counts as not empty, and the message says what it may be."""
+    out = tmp_path / "out"
+    (out / ".snapshots-new-q1w2e3").mkdir(parents=True)
+    (out / ".snapshots-new-q1w2e3" / "iter_0000_image.nii.gz").write_bytes(b"maybe mine")
+    before = _tree(out)
+    assert _run(case, out) == 2
+    err = capsys.readouterr().err
+    assert "is not empty (.snapshots-new-q1w2e3)" in err and "Hidden items such as .snapshots-new-q1w2e3" in err
+    assert _tree(out) == before

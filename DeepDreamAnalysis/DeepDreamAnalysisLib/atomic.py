@@ -1,6 +1,8 @@
 """Atomic file writes: write to a temporary name in the same folder, then rename.
 
-A reader never sees a half-written file, and a failed write leaves the old file (or none).
+A reader never sees a half-written file, and a failed write leaves the old file (or none). A process
+killed mid-write leaves the temporary file; in an output folder (locked, :mod:`.outputs.lock`) the
+next run removes it (:mod:`.outputs.leftovers`).
 
 While an :class:`~.outputs.manifest.ManifestWriter` is active (:data:`WRITE_GUARD`), every atomic
 write asks it first (a file the tool did not write is never replaced) and tells it afterwards (the
@@ -34,8 +36,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None):
         guard.claim(target, save=False)  # listed in the manifest file with its pending record, before the rename
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + suffix, dir=target.parent)
-        os.close(fd)
+        tmp = _new_temp(target, suffix)
     except OSError as exc:
         raise OutputError(f"Cannot write into {target.parent} ({exc.strerror}). Choose a writable output folder.") from None
     try:
@@ -52,6 +53,21 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None):
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _new_temp(target: Path, suffix: str) -> str:
+    """Create the empty temporary file for ``target``. In a folder this process holds the lock of, its
+    name embeds the run's nonce and is logged in the lock before it is created, so a rerun after a
+    kill knows it as the tool's and removes it (:mod:`.outputs.leftovers`); elsewhere a random name."""
+    from .outputs.lock import staging_path
+
+    path = staging_path(target.parent, f".{target.name}.", ".tmp" + suffix, target=target.name)
+    if path is None:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + suffix, dir=target.parent)
+        os.close(fd)
+        return tmp
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600))
+    return str(path)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

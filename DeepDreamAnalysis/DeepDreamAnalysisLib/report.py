@@ -23,7 +23,9 @@ reader never sees a half-written file; a failed write leaves no temporary file b
   origin of the crop's first voxel, so they overlay the input volume exactly in any viewer
   (3D Slicer, ITK-SNAP) at a fraction of the size of a full volume. Mask: uint8 (1 inside).
   ``snapshots/`` holds one run's files: they are written into a temporary sibling folder
-  (``.snapshots-new-*``), then moved into ``snapshots/`` one rename each; the earlier run's
+  (``.snapshots-new-<nonce>-<n>``, logged in ``deepdream.lock`` before it is made, so a rerun
+  after a kill removes it, see :mod:`.outputs.leftovers`), then moved into ``snapshots/`` one
+  rename each; the earlier run's
   snapshots not written again are deleted at the end, so re-running into the same output folder
   leaves no stale snapshot of an earlier, longer run, and a run that fails part-way leaves the old
   ones. Files the tool did not write (not in ``deepdream-manifest.json``, see :mod:`.outputs`) are
@@ -53,7 +55,6 @@ import math
 import os
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -77,9 +78,8 @@ def check_writable(out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=out)
-        os.close(fd)
-        os.unlink(probe)
+        with tempfile.TemporaryFile(dir=out):  # unnamed where the system allows it (O_TMPFILE): a kill leaves nothing
+            pass
     except OSError as exc:
         raise OutputError(
             f"Cannot write into the output folder {out} ({exc.strerror or exc}). Choose a writable folder."
@@ -480,51 +480,23 @@ def write_snapshots(result: AnalysisResult, out_dir: Path, volume, formats: Iter
 
 
 def _staging_folder(out: Path) -> Path:
-    """A new empty folder ``out/.snapshots-new-*`` with the usual permissions."""
+    """A new empty folder ``out/.snapshots-new-*`` with the usual permissions, logged in the folder's
+    lock before it is made (a rerun after a kill removes it, :mod:`.outputs.leftovers`)."""
+    from .outputs.lock import staging_path
+
     try:
-        staging = Path(tempfile.mkdtemp(prefix=".snapshots-new-", dir=out))
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(staging, 0o777 & ~mask)  # mkdtemp makes 0700
+        staging = staging_path(out, ".snapshots-new-")
+        if staging is None:  # no lock held on out (not reached from write_outputs)
+            staging = Path(tempfile.mkdtemp(prefix=".snapshots-new-", dir=out))
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(staging, 0o777 & ~mask)  # mkdtemp makes 0700
+        else:
+            os.mkdir(staging)  # the usual permissions (0777 less the umask); fails if something is there
     except OSError as exc:
         raise OutputError(f"Cannot write into the output folder {out} ({exc.strerror or exc}). "
                           "Choose a writable folder.") from None
     return staging
-
-
-def _remove_tree(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        try:
-            path.unlink()
-        except OSError:
-            pass
-
-
-def replace_folder(new: Path, target: Path) -> None:
-    """Put folder ``new`` in place of ``target`` (same parent): rename the old ``target`` away,
-    rename ``new`` in, then delete the old one. If ``new`` cannot be renamed in, the old folder is
-    put back. OutputError when a rename fails (e.g. a program holds a file of the old folder)."""
-    old = None
-    try:
-        if os.path.lexists(target):
-            old = target.with_name(f".{target.name}-old-{uuid.uuid4().hex[:12]}")
-            os.rename(target, old)
-        try:
-            os.rename(new, target)
-        except OSError:
-            if old is not None:
-                os.rename(old, target)
-                old = None
-            raise
-    except OSError as exc:
-        raise OutputError(
-            f"Cannot replace {target} ({exc.strerror or exc}). Close programs using its files, or choose "
-            "another output folder."
-        ) from None
-    if old is not None:
-        _remove_tree(old)
 
 
 # ----------------------------------------------------------------------------- HTML

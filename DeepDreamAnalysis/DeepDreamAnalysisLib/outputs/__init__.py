@@ -2,7 +2,10 @@
 
 - :mod:`.manifest`: each output folder holds ``deepdream-manifest.json``, the list of files the tool
   wrote there; a rerun replaces or deletes only those, never a file the tool did not write.
-- :mod:`.lock`: ``deepdream.lock`` makes a second run into the same folder fail at once.
+- :mod:`.lock`: ``deepdream.lock`` makes a second run into the same folder fail at once; it is also
+  the run's staging log (each hidden temporary item logged before it is created).
+- :mod:`.leftovers`: what a run killed mid-write left there; the next run removes the logged items
+  (only as the tool made them, never through a link) and warns about anything else.
 - :mod:`.folder`: the checks made before any work starts (an output folder that holds an input or
   lies inside one, a non-empty folder that is not the tool's, a file in the way).
 """

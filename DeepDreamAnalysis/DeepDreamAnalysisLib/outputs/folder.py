@@ -141,10 +141,14 @@ def check_output_folder(out: str | os.PathLike, inputs: Iterable = (), overwrite
             others = sorted(p.name for p in path.iterdir() if p.name not in (LOCK_NAME, MANIFEST_NAME))
             if others:
                 shown = ", ".join(others[:5]) + (f", ... ({len(others)} in all)" if len(others) > 5 else "")
+                hidden = [n for n in others if n.startswith(".")]
                 raise OutputError(
                     f"The output folder {path} is not empty ({shown}) and holds no results of this tool "
                     f"({why_not}). Choose a new or empty folder, or pass --overwrite to write beside those "
                     "files (the tool never replaces or deletes a file it did not write)."
+                    + (f" Hidden items such as {hidden[0]} are not ones this tool logged as its own (an older "
+                       "version's leftovers, or yours): look inside and delete them yourself if they are old "
+                       "results." if hidden else "")
                 )
         in_the_way = foreign_outputs(path, manifest, names, snapshots)
         _, changed = verify(path, listed)
