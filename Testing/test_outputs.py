@@ -649,3 +649,27 @@ def test_hidden_items_the_tool_did_not_log_still_count_and_are_kept(case, tmp_pa
     err = capsys.readouterr().err
     assert "is not empty (.snapshots-new-q1w2e3)" in err and "Hidden items such as .snapshots-new-q1w2e3" in err
     assert _tree(out) == before
+
+
+_WORKER_KILLED_AT_ITS_HEARTBEAT = """
+import os, signal
+from DeepDreamAnalysisLib.studies import engine
+def replace(src, dst):
+    os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+engine._worker_setup(None, 1, [{beat!r}], None)
+"""
+
+
+def test_a_study_worker_killed_while_writing_its_heartbeat_leaves_nothing_the_next_run_keeps(tmp_path):
+    """A study's worker writes runs/<key>/worker.json first; killed then (Ray kills a worker at a stop), it
+    leaves the heartbeat's temporary file, which the next run into that folder removes."""
+    run = tmp_path / "study" / "runs" / "k1"
+    run.mkdir(parents=True)
+    child = subprocess.run([sys.executable, "-c", _WORKER_KILLED_AT_ITS_HEARTBEAT.format(beat=str(run / "worker.json"))],
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert len(_hidden(run)) == 1 and (run / LOCK_NAME).exists()
+    with FolderLock(run):
+        assert _hidden(run) == []
+    assert sorted(p.name for p in run.iterdir()) == []

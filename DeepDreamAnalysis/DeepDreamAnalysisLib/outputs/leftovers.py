@@ -24,6 +24,9 @@ system drops the lock itself); the next run that takes the lock reads the log fi
   naming the path and what to do; its log lines are kept, so each later run warns again and removes
   the item once only the tool's files are left in it.
 
+The log is not flushed to the disk (no fsync): after a power loss an item whose log line was lost
+is not recognised and stays, it is never deleted on a guess.
+
 Where the operating system offers no ``O_NOFOLLOW``/``dir_fd`` operations (Windows), nothing is
 removed: the leftovers stay, as before.
 """

@@ -163,13 +163,17 @@ def _worker_setup(model_payload: dict, threads: int | None, heartbeats: list, sp
     """Write the heartbeats (this worker's pid, for the driver), set torch's threads, load the model."""
     import torch
 
+    from ..atomic import write_text_atomic
+    from ..errors import OutputError
+    from ..outputs import FolderLock
+
     for heartbeat in heartbeats:
         if heartbeat:
-            try:
-                tmp = Path(f"{heartbeat}.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}))
-                os.replace(tmp, heartbeat)
-            except OSError:
+            try:  # under the run folder's lock: a worker killed mid-write leaves a temporary file the next run removes
+                with FolderLock(Path(heartbeat).parent):
+                    write_text_atomic(heartbeat, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                                             "started": time.time()}))
+            except (OSError, OutputError):
                 pass
     if spec.custom_features and not spec.custom_allowed:  # user code runs only when the user allowed it
         raise StudySpecError("This study's custom features were not allowed (--allow-custom-features); the worker "
