@@ -508,6 +508,44 @@ def test_sigterm_or_sighup_stops_the_study_like_ctrl_c_and_leaves_no_process(fil
     assert {k: (out / "runs" / k / "curves.csv").stat().st_mtime_ns for k in finished} == stamps
 
 
+@pytest.mark.slow
+def test_sigterm_while_ray_starts_stops_the_study_like_ctrl_c_and_leaves_no_process(files, tmp_path):
+    """``ray.init`` puts its own SIGTERM handler (exit at once) in place while it starts Ray: a
+    SIGTERM then (a study stopped seconds after it began) stops the study as at any other moment."""
+    from process_tree import descendants, kill_all, still_alive
+
+    study = _write(tmp_path, _spec(files, models=[{"name": "a", "path": str(files["a"])}], restarts=1,
+                                   images=[{"name": "ct", "path": str(files["ct"]), "seeds": [[24, 20, 0]]}]))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "DeepDreamAnalysisLib.cli", "study", str(study), "--out", str(out), "--workers", "1"]
+    err_file = tmp_path / "stderr.txt"
+    with open(err_file, "w") as err:  # a file, not a pipe: a process left behind could hold a pipe open
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+    started: dict = {}
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None and not any(
+                "gcs_server" in c for c in started.values()):
+            started.update(descendants(proc.pid))
+            time.sleep(0.02)
+        assert any("gcs_server" in c for c in started.values()), err_file.read_text()  # Ray is starting
+        proc.send_signal(signal.SIGTERM)
+        end = time.monotonic() + 60
+        while time.monotonic() < end and proc.poll() is None:  # what the start goes on to start, too
+            started.update(descendants(proc.pid))
+            time.sleep(0.02)
+        assert proc.wait(timeout=1) == 130, err_file.read_text()
+        left = still_alive(started, within=30)
+        assert not left, f"still running after the study ended: {left}"
+    finally:
+        kill_all(started)
+        proc.kill()
+    err = err_file.read_text()
+    assert "stopped (SIGTERM)" in err and "Traceback" not in err, err
+    assert not (out / "deepdream.lock").exists()
+    assert "running" not in {json.loads(p.read_text())["state"] for p in out.glob("runs/*/status.json")}
+
+
 STOP_WHILE_RECORDING = """
 import os, signal, sys
 from DeepDreamAnalysisLib import cli

@@ -311,14 +311,28 @@ def _start_ray(ray, address: str | None, workers: int | None, timeout_s: float):
     """Join or start Ray; returns True when this call started it (and must shut it down).
 
     ``ray.init`` replaces the SIGTERM handler with its own (exit at once); a handler the caller
-    installed (the command line's, :mod:`..stopping`: stop like Ctrl-C) is put back."""
+    installed (the command line's, :mod:`..stopping`: stop like Ctrl-C) is put back. A stop while
+    Ray starts (SIGTERM: Ray's handler's ``sys.exit``; SIGHUP: held until the start is over) shuts
+    down what was started and raises :class:`..stopping.Stopped`, as a stop at any later moment."""
     if ray.is_initialized():
         return False
-    from ..stopping import python_handlers, restore_handlers
+    from ..stopping import Stopped, deferred, python_handlers, restore_handlers
 
     handlers = python_handlers()
     try:
-        return _init_ray(ray, address, workers, timeout_s)
+        try:
+            with deferred():
+                return _init_ray(ray, address, workers, timeout_s)
+        except SystemExit as exc:
+            if signal.SIGTERM not in handlers or exc.code != signal.SIGTERM:
+                raise  # no handler of the caller's to honour: Ray's exit stands
+            stop = Stopped(signal.SIGTERM)
+            stop.__suppress_context__ = True
+            raise stop
+    except KeyboardInterrupt:
+        with deferred():
+            ray.shutdown()  # the processes the interrupted start left
+        raise
     finally:
         restore_handlers(handlers)
 
