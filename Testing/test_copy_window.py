@@ -165,7 +165,8 @@ def test_a_window_found_not_exact_during_the_run_is_dropped_and_the_iteration_re
     loop.window_plan = WindowPlan(CopyWindow((40, 40), (16, 16), (8, 8)), "too small on purpose")
     states = [(s.objective, s.probability_at_seed, s.image.clone(), s.probability.clone()) for s in loop]
     assert loop.window is None
-    assert loop.copy_window_record()["copy_window_note"].startswith("full-crop copies from iteration 0: copy 0's")
+    assert loop.copy_window_record()["copy_window_note"].startswith(
+        "full-crop copies from iteration 0: the copies' seed logits on the window differ")
     _, full = _run(net, card, image, (0, 48, 48), cfg, window=False)
     _assert_same_dream(states, full, image_atol=1e-4)
 
@@ -177,7 +178,7 @@ def test_the_window_is_deterministic_and_independent_of_the_start_image(demo):
                                                 DreamConfig(iterations=4, method="robust", random_seed=3), CPU)]
             for s0 in (0, 0)]
     assert all(torch.equal(x, y) for x, y in zip(*runs))
-    assert a.window == CopyWindow((36, 36), (24, 24), (12, 12))
+    assert a.window == CopyWindow((36, 36), (24, 24), (12, 12), grid=4)
     near_border = find_window(net, card, (1, 96, 96), (0, 5, 90), CPU).window
     assert near_border is not None and near_border.start[0] == 0 and near_border.start[1] + near_border.size[1] == 96
 
@@ -223,3 +224,82 @@ def test_batched_members_with_windows_equal_separate_runs(demo):
         _assert_same_dream(together[m], [(s.objective, s.probability_at_seed, s.image.clone(), s.probability.clone())
                                          for s in loop])
     assert all(loop.window is not None for loop in batch[:3])
+
+
+# ----------------------------------------------------------------------------- the mask near the seed
+
+
+def _full_mask(net, card, image, seed, threshold=0.5):
+    """The mask as a run found it before near-seed boxes: the full crop's forward, then its component."""
+    from DeepDreamAnalysisLib.mask import seed_component
+
+    with torch.no_grad():
+        z = net((image[0] if card.spatial_dims == 2 else image)[None, None] * card.preprocessing.scale
+                + card.preprocessing.offset)[0]
+    p = torch.softmax(z, 0)[card.target_class] if card.activation == "softmax" else torch.sigmoid(z[card.target_class])
+    return seed_component((p[None] if card.spatial_dims == 2 else p).numpy(), seed, threshold)
+
+
+def test_the_mask_near_the_seed_equals_the_full_crops_at_every_iteration(demo):
+    """The demo dream from a healthy-looking crop: empty masks while the seed is below 0.5 (no full
+    forward), then boxes around the seed that grow with the dream, checked against the full crop."""
+    net, card = demo
+    image, seed = liver_like((1, 96, 96)), (0, 48, 48)
+    loop = DreamLoop(net, card, image, seed, DreamConfig(iterations=40, method="robust+spectral", random_seed=1), CPU)
+    loop.box_radius = 2  # a first box smaller than the dream's mask: it must grow, within the iteration
+    below = near = 0
+    for state in loop:
+        assert state.seed_mask is not None
+        assert np.array_equal(state.seed_mask, _full_mask(net, card, state.image, seed)), state.iteration
+        below += state.probability_at_seed <= 0.5
+        near += int(state.seed_mask.sum()) > 0
+    assert below >= 3 and near >= 10 and loop.box_checked and loop.box_off is None
+    assert loop.box_radius >= 4 * 2  # the dream outgrew the first box at least twice
+    assert loop.copy_window_record()["mask_near_seed"].startswith("exact, in a box around the seed")
+
+
+def test_batched_members_find_the_same_masks_near_their_seeds(demo):
+    from DeepDreamAnalysisLib.engine.batched import BatchedDreamLoop
+
+    net, card = demo
+    starts = [liver_like((1, 96, 96), seed=r) for r in range(3)]
+    seeds = [(0, 48, 48), (0, 48, 48), (0, 40, 52)]
+    loops = [DreamLoop(net, card, starts[r], seeds[r], DreamConfig(iterations=30, method="robust+spectral",
+                                                                   random_seed=r), CPU) for r in range(3)]
+    masks = 0
+    for events in BatchedDreamLoop(loops):
+        for e in events:
+            assert np.array_equal(e.state.seed_mask, _full_mask(net, card, e.state.image, seeds[e.index]))
+            masks += int(e.state.seed_mask.sum()) > 0
+    assert masks >= 30 and all(lp.box_checked and lp.box_off is None for lp in loops)
+
+
+def test_a_box_found_not_exact_turns_the_masks_near_the_seed_off(demo, monkeypatch):
+    """A box whose input window lacks the outputs' receptive field (here: made too tight on purpose)
+    is caught at its first use: full maps for the rest of the run, the same masks, and run.json says why."""
+    import dataclasses
+
+    from DeepDreamAnalysisLib import dream
+    from DeepDreamAnalysisLib.dreaming.near_seed import plan_box
+
+    def too_tight(window, spatial, seed, radius):  # the output box rounded out to the grid, no field around it
+        box = plan_box(window, spatial, seed, radius)
+        if box is None:
+            return None
+        inp = tuple(slice(o.start // 4 * 4, -(-o.stop // 4) * 4) for o in box.out)
+        return dataclasses.replace(box, inp=inp, inner=tuple(slice(o.start - i.start, o.stop - i.start)
+                                                             for o, i in zip(box.out, inp)))
+
+    monkeypatch.setattr(dream, "plan_box", too_tight)
+    net, card = demo
+    image, seed = liver_like((1, 96, 96)), (0, 48, 48)
+    loop = DreamLoop(net, card, image, seed, DreamConfig(iterations=25, method="robust+spectral", random_seed=1), CPU)
+    for state in loop:
+        mask = state.seed_mask
+        if mask is None:
+            from DeepDreamAnalysisLib.mask import seed_component
+
+            mask = seed_component(state.probability.numpy(), seed, 0.5)
+        assert np.array_equal(mask, _full_mask(net, card, state.image, seed))
+    assert loop.box_off is not None and "differed from the full crop's" in loop.box_off
+    assert loop.copy_window_record()["mask_near_seed"].startswith("off: at iteration")

@@ -95,8 +95,10 @@ def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None 
         with deterministic(config.dream.random_seed, device):
             for state in loop:
                 it = state.iteration
-                prob_np = state.probability.detach().cpu().numpy()
-                mask = seed_component(prob_np, seed_in_crop, config.dream.threshold)
+                probability = _ProbabilityOf(state)  # read only where needed (snapshots): it may cost a forward
+                mask = state.seed_mask
+                if mask is None:
+                    mask = seed_component(probability(), seed_in_crop, config.dream.threshold)
                 step = Step(it, state.objective, state.probability_at_seed, int(mask.sum()), {})
                 steps.append(step)
                 monitor.observe(it, mask, state.probability_at_seed, step.mask_voxels)
@@ -112,21 +114,21 @@ def run_analysis(volume: Volume, seed_ijk, model, config: AnalysisConfig | None 
                 t_features += time.perf_counter() - tf
                 snap = None
                 if it % config.snapshot_every == 0 or it == total - 1:
-                    snap = _snapshot(state, prob_np, mask, snapshots, config.max_snapshots)
+                    snap = _snapshot(state, probability(), mask, snapshots, config.max_snapshots)
                 if on_progress is not None:
                     elapsed = time.perf_counter() - t0
                     eta = elapsed / (it + 1) * (total - it - 1)
                     on_progress(Progress(step, snap, total, elapsed, eta, late))
                 if cancel is not None and cancel.is_set():
                     if snap is None:
-                        _snapshot(state, prob_np, mask, snapshots, config.max_snapshots)
+                        _snapshot(state, probability(), mask, snapshots, config.max_snapshots)
                     status = "cancelled"
                     break
         if status == "completed" and loop.stopped_early:
             status = "stopped"
             last = steps[-1]
             if snapshots[-1].iteration != last.iteration:
-                _snapshot(state, prob_np, mask, snapshots, config.max_snapshots)
+                _snapshot(state, probability(), mask, snapshots, config.max_snapshots)
             if all(math.isnan(last.features.get(n, math.nan)) for n in names) and last.mask_voxels:
                 last.features.clear()
                 computer.submit(last, state.image, mask, context)
@@ -349,6 +351,19 @@ def looks_like_label_map(array: np.ndarray) -> bool:
         return False
     values = np.unique(array)
     return values.size <= LABEL_MAP_MAX_VALUES and np.array_equal(values, np.round(values))
+
+
+class _ProbabilityOf:
+    """The probability map of a :class:`~.dream.DreamState` as a numpy array ``[k, j, i]``, computed
+    at the first call (the loop may not have needed it: :mod:`.dreaming.near_seed`)."""
+
+    def __init__(self, state):
+        self.state, self.array = state, None
+
+    def __call__(self) -> np.ndarray:
+        if self.array is None:
+            self.array = self.state.probability.detach().cpu().numpy()
+        return self.array
 
 
 def _snapshot(state, prob_np, mask, snapshots, cap) -> Snapshot:

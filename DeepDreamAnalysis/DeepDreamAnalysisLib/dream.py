@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from .card import ModelCard
 from .config import DreamConfig, resolve_objective
 from .dreaming.convolutions import batch_voxels, convolutions_for
 from .dreaming.method import DreamMethod
+from .dreaming.near_seed import SLACK, START_RADIUS, component_in_box, grown, plan_box, reach_of
 from .dreaming.redirect import RedirectCounter, redirected_relus, relu_modules
 from .dreaming.window import AUDIT_EVERY, WindowMismatch, WindowPlan, close, find_window, forget
 from .errors import ConfigError, ModelError, RunFault, SeedError
@@ -105,13 +106,56 @@ class DreamState:
 
     ``image`` and ``probability`` are tensors ``[k, j, i]`` on the loop's device (do not modify);
     ``objective`` is the objective's value (logit units), ``probability_at_seed`` in [0, 1].
+    ``probability`` is computed when first read where the loop did not need it (one forward of
+    ``image``); :attr:`seed_mask` is the mask when the loop can give it without the full map.
     """
 
     iteration: int
     objective: float
     probability_at_seed: float
     image: torch.Tensor
-    probability: torch.Tensor
+    known_probability: torch.Tensor | None = None
+    compute_probability: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
+    find_mask: Callable[[], np.ndarray | None] | None = field(default=None, repr=False)
+
+    @property
+    def probability(self) -> torch.Tensor:
+        """The target's probability map ``[k, j, i]`` of ``image`` (detached)."""
+        if self.known_probability is None:
+            self.known_probability = self.compute_probability().detach()
+        return self.known_probability
+
+    @property
+    def seed_mask(self) -> np.ndarray | None:
+        """The mask (bool ``[k, j, i]``: the component of ``probability > threshold``, the run's
+        threshold, that holds the seed) when the loop knows it without the full map
+        (:mod:`.dreaming.near_seed`: empty while the seed is below the threshold, else found in the
+        box around the seed); None: compute it from :attr:`probability`."""
+        if self.find_mask is not None:
+            self._mask, self.find_mask = self.find_mask(), None
+        return getattr(self, "_mask", None)
+
+
+@dataclass
+class SeedMaps:
+    """What one iteration's forward knows besides the objective: the probability at the seed, and the
+    full probability map ``[k, j, i]`` and/or the seed's mask when computed (:mod:`.dreaming.near_seed`).
+    ``full_logits``: the untransformed crop's logits ``[C, ...]`` when a window audit computed them."""
+
+    p_seed: float
+    probability: torch.Tensor | None = None
+    empty: bool = False
+    """The mask is empty (the seed is at or below the threshold)."""
+    full_logits: torch.Tensor | None = None
+    box: object = None
+    """The :class:`~.dreaming.near_seed.Box` whose probabilities (``box_probability``, network spatial
+    axes) hold the whole mask, or None."""
+    box_probability: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, probability: torch.Tensor, seed) -> "SeedMaps":
+        probability = probability.detach()
+        return cls(float(probability[tuple(seed)]), probability)
 
 
 @contextlib.contextmanager
@@ -177,6 +221,11 @@ class DreamLoop:
         self._gradient_voxels = 0
         self.window_plan = self._plan_window(copy_window)
         """How the transformed copies are evaluated (:class:`~.dreaming.window.WindowPlan`; None without copies)."""
+        self.box_radius = START_RADIUS
+        """Half-size of the box of outputs the mask is looked for in (:mod:`.dreaming.near_seed`); grows."""
+        self.box_checked = False
+        self.box_off: str | None = None
+        """Why masks near the seed are off for the rest of the run (full maps), or None."""
 
     @property
     def window(self):
@@ -191,16 +240,28 @@ class DreamLoop:
         return find_window(self.network, self.card, tuple(self.x0.shape), self.seed, self.device, self._relus)
 
     def copy_window_record(self) -> dict:
-        """For run.json: ``copy_window`` (the window's size, or None), its start and the reason."""
+        """For run.json: ``copy_window`` (the window's size, or None), its start and the reason, and
+        ``mask_near_seed``: how the mask was found (:mod:`.dreaming.near_seed`)."""
         if self.window_plan is None:
             return {"copy_window": None, "copy_window_start": None,
-                    "copy_window_note": f"no transformed copies (method {self.config.method})"}
-        return self.window_plan.record()
+                    "copy_window_note": f"no transformed copies (method {self.config.method})",
+                    "mask_near_seed": "off: no seed window (full probability maps)"}
+        record = self.window_plan.record()
+        if self.box_off is not None:
+            record["mask_near_seed"] = f"off: {self.box_off}"
+        elif self.window is None:
+            record["mask_near_seed"] = "off: no seed window (full probability maps)"
+        else:
+            record["mask_near_seed"] = ("exact, in a box around the seed (the box's probabilities checked against the "
+                                        f"full crop's at its first use and every {AUDIT_EVERY} iterations)")
+        return record
 
     def drop_window(self, why: str) -> None:
         """Evaluate the copies on the full crop from now on (the window was found not exact)."""
         forget(self.network)
         self.window_plan = WindowPlan(None, f"full-crop copies from iteration {self._iteration}: {why}")
+        if self.box_off is None:
+            self.box_off = f"from iteration {self._iteration}, with the seed window"
 
     @property
     def update_region(self) -> torch.Tensor | None:
@@ -230,16 +291,15 @@ class DreamLoop:
         if self.method.is_paper:
             return self._objective_and_probability(self.network(self._network_input(x)))
         if self.window is not None:
-            window_in, full_in = self.window_inputs(x)
-            with torch.no_grad():
-                full = self.run_network(full_in)
             with redirected_relus(self._relus, self.redirects):
-                logits = self.run_network(window_in, for_backward=True)
+                logits = self.run_network(self.window_input(x), for_backward=True)
             try:
-                return self.windowed_objective(logits, full, x)
+                objective, maps = self.windowed_objective(logits, x)
             except WindowMismatch as why:
                 self.drop_window(str(why))
-            return self.full_copies_forward(x, self.method.transforms.last)
+                return self.full_copies_forward(x, self.method.transforms.last)
+            masks_near_seed([self], [x], [maps], self.run_network)
+            return objective, maps
         return self.full_copies_forward(x)
 
     def run_network(self, batch: torch.Tensor, for_backward: bool = False) -> torch.Tensor:
@@ -264,33 +324,48 @@ class DreamLoop:
             logits = self.run_network(self._batch_input(self.method.batch(x, drawn=drawn)), for_backward=True)
         return self._objective_and_probability(logits)
 
-    def window_inputs(self, x: torch.Tensor):
-        """(the copies' windows as network input ``[K, 1, *window]``, the full crop's ``[1, 1, ...]``,
-        detached: its forward needs no gradient)."""
-        return self._batch_input(self.method.batch(x, self.window)), self._network_input(x.detach())
+    def window_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The copies' windows as network input ``[K, 1, *window]``."""
+        return self._batch_input(self.method.batch(x, self.window))
 
-    def windowed_objective(self, logits: torch.Tensor, full: torch.Tensor, x: torch.Tensor):
-        """(objective, probability map) from the copies' window logits and the full crop's logits (of
-        image ``x``); :class:`WindowMismatch` when copy 0's seed logits differ from the full crop's, or,
-        at an audited iteration, any copy's from that copy on the full crop."""
-        self._check_logits(full, 1, self._crop_spatial())
+    @property
+    def spatial_seed(self) -> tuple[int, ...]:
+        """The seed in the network's spatial axes (``[j, i]`` for a 2D network)."""
+        return self.seed[1:] if self.card.spatial_dims == 2 else self.seed
+
+    def windowed_objective(self, logits: torch.Tensor, x: torch.Tensor):
+        """(objective, :class:`SeedMaps`) from the copies' window logits (of image ``x``): the seed's
+        probability from copy 0's (the image itself). At an audited iteration (every
+        :data:`AUDIT_EVERY`, iteration 0 first) the copies also run on the full crop without gradient:
+        :class:`WindowMismatch` when any copy's seed logits differ from its window's; that forward's
+        copy 0 gives the full probability map."""
         window = self.window
         if tuple(logits.shape) != (self.method.copies, self.card.out_channels) + tuple(window.size):
             raise WindowMismatch(f"the network returned {list(logits.shape)} for the copies' windows")
-        spatial_seed = self.seed[1:] if self.card.spatial_dims == 2 else self.seed
         at_seed = logits[(slice(None), slice(None)) + tuple(window.seed)]  # [K, C]
-        full_at_seed = full[(0, slice(None)) + spatial_seed]
-        if not close(at_seed[0], full_at_seed):
-            raise WindowMismatch("copy 0's seed logits on the window "
-                                 f"({[round(float(v), 5) for v in at_seed[0].detach()]}) differ from the full crop's "
-                                 f"({[round(float(v), 5) for v in full_at_seed]})")
+        maps = SeedMaps(self._seed_probability(at_seed[0].detach()))
         if self._iteration % AUDIT_EVERY == 0:
             with torch.no_grad():
                 copies = self.run_network(self._batch_input(self.method.batch(x.detach(), drawn=self.method.transforms.last)))
-            if not close(at_seed, copies[(slice(None), slice(None)) + spatial_seed]):
+            self._check_logits(copies, self.method.copies, self._crop_spatial())
+            if not close(at_seed, copies[(slice(None), slice(None)) + self.spatial_seed]):
                 raise WindowMismatch(f"the copies' seed logits on the window differ from the same copies' on the full "
                                      f"crop (audit at iteration {self._iteration})")
-        return self._seed_objective(at_seed), self._probability(full[0].detach())
+            maps.full_logits = copies[0].detach()
+            maps.probability = self._probability(maps.full_logits)
+        return self._seed_objective(at_seed), maps
+
+    def _seed_probability(self, z: torch.Tensor) -> float:
+        """The target's probability from the seed's logits ``[C]``."""
+        t = self.card.target_class
+        return float(torch.sigmoid(z[t]) if self.card.activation == "sigmoid" else torch.softmax(z, dim=0)[t])
+
+    def full_probability(self, x: torch.Tensor) -> torch.Tensor:
+        """The probability map ``[k, j, i]`` of image ``x``: one forward of the crop, without gradient."""
+        with torch.no_grad():
+            logits = self.run_network(self._network_input(x.detach()))
+        self._check_logits(logits, 1, self._crop_spatial())
+        return self._probability(logits[0])
 
     def _crop_spatial(self) -> tuple[int, ...]:
         return tuple(self.x0.shape[1:]) if self.card.spatial_dims == 2 else tuple(self.x0.shape)
@@ -376,6 +451,21 @@ class DreamLoop:
         noise = torch.randn(tuple(self.x0.shape), generator=gen) * std + mean
         return noise.to(self.device).clamp_(self.low, self.high)
 
+    def state(self, iteration: int, objective: float, x: torch.Tensor, maps: SeedMaps) -> DreamState:
+        """The :class:`DreamState` of image ``x`` (detached) at ``iteration``."""
+        return DreamState(iteration, objective, maps.p_seed, x, maps.probability, lambda: self.full_probability(x),
+                          lambda: self.mask_near_seed(maps))
+
+    def mask_near_seed(self, maps: SeedMaps) -> np.ndarray | None:
+        """The mask of an iteration from its :class:`SeedMaps`, where no full map is needed (else None)."""
+        if maps.empty:
+            return np.zeros(tuple(self.x0.shape), dtype=bool)
+        if maps.box is None:
+            return None
+        probability = maps.box_probability[0] if self.card.spatial_dims == 2 else maps.box_probability
+        return component_in_box(probability.cpu().numpy(), maps.box, self.spatial_seed, self.config.threshold,
+                                tuple(self.x0.shape))
+
     def __iter__(self) -> Iterator[DreamState]:
         cfg = self.config
         x = self.initial_image()
@@ -399,7 +489,8 @@ class DreamLoop:
                 raise model_fault(exc, it, self.card, self.x0.shape) from exc
             x = x.detach()
             obj_value = float(objective.detach())
-            p_seed = float(prob.detach()[self.seed])
+            maps = prob if isinstance(prob, SeedMaps) else SeedMaps.of(prob, self.seed)
+            p_seed = maps.p_seed
             if not (math.isfinite(obj_value) and bool(torch.isfinite(grad).all())):
                 raise RunFault(
                     f"The gradient became NaN or infinite at iteration {it}; the result keeps the iterations "
@@ -411,10 +502,71 @@ class DreamLoop:
                     "start): the seed lies where the model cannot see, or the model is saturated there. Pick a "
                     "seed inside the region the model segments (for example inside the organ), or try --start noise."
                 )
-            yield DreamState(it, obj_value, p_seed, x, prob.detach())
+            yield self.state(it, obj_value, x, maps)
             if cfg.stop_probability is not None:
                 above = above + 1 if p_seed > cfg.stop_probability else 0
                 if above >= cfg.stop_patience:
                     self.stopped_early = True
                     return
             x = self.method.update(x, grad)
+
+
+def masks_near_seed(loops: list, xs: list, maps: list, run: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Give each windowed loop's :class:`SeedMaps` (``loops[m]`` at image ``xs[m]``) what its mask
+    needs (:mod:`.dreaming.near_seed`): nothing when the seed is at or below the threshold (empty), the
+    probabilities of a box around the seed that holds every voxel above the threshold it could reach,
+    or, where boxes are off for it, the full map. ``run``: the network on a batch without gradient
+    (one call per input size: the loops' boxes share one radius, hence one size)."""
+    requests = []  # (loop, x, maps, box or None for the full crop)
+    wanted = [lp for lp, m in zip(loops, maps) if m.p_seed > lp.config.threshold and lp.box_off is None]
+    radius = max((lp.box_radius for lp in wanted), default=START_RADIUS)
+    for loop, x, m in zip(loops, xs, maps):
+        if m.p_seed <= loop.config.threshold:  # the seed itself is outside the mask: it is empty
+            m.empty = True
+        elif loop.box_off is None:
+            requests.append((loop, x, m, plan_box(loop.window, loop._crop_spatial(), loop.spatial_seed, radius)))
+        elif m.probability is None:
+            requests.append((loop, x, m, None))
+    while requests:
+        groups: dict[tuple, list] = {}  # input size -> [(loop, x, maps, box or None: the full crop)]
+        for loop, x, m, box in requests:
+            if box is None and m.full_logits is not None:  # a window audit ran the full crop already
+                m.probability = loop._probability(m.full_logits)
+                continue
+            if box is not None and not loop.box_checked and m.full_logits is None:  # a box's first use: checked
+                groups.setdefault(loop._crop_spatial(), []).append((loop, x, m, None))
+            size = box.input_size if box is not None else loop._crop_spatial()
+            groups.setdefault(size, []).append((loop, x, m, box))
+        outputs = []
+        with torch.no_grad():
+            for group in groups.values():
+                images = [(x[0] if lp.card.spatial_dims == 2 else x).detach() for lp, x, _, _ in group]
+                batch = torch.cat([lp._batch_input(image[b.inp if b is not None else ...].unsqueeze(0))
+                                   for (lp, _, _, b), image in zip(group, images)], dim=0)
+                outputs.extend(zip(group, run(batch)))
+        for (loop, _, m, box), z in outputs:  # the full crops first: a box is checked against them
+            if box is None:
+                loop._check_logits(z[None], 1, loop._crop_spatial())
+                m.full_logits = z
+                m.probability = loop._probability(z)
+        requests = []
+        for (loop, x, m, box), z in outputs:
+            if box is None:
+                continue
+            inner = z[(slice(None),) + box.inner]
+            if m.full_logits is not None:  # a box's first use, or a window audit
+                if not close(inner, m.full_logits[(slice(None),) + box.out]):
+                    loop.box_off = (f"at iteration {loop._iteration} the box's logits differed from the full crop's "
+                                    "(full probability maps from then on)")
+                    continue
+                loop.box_checked = True
+            probability = loop._probability(inner)
+            above = (probability[0] if loop.card.spatial_dims == 2 else probability) > loop.config.threshold
+            reach = reach_of(above, box, loop.spatial_seed)
+            if reach is not None:  # nothing above the threshold on the box's open sides: the mask is inside
+                m.box, m.box_probability = box, probability
+                loop.box_radius = max(START_RADIUS, reach + SLACK)
+                continue
+            loop.box_radius = grown(max(loop.box_radius, radius), loop._crop_spatial())  # a larger box
+            requests.append((loop, x, m, plan_box(loop.window, loop._crop_spatial(), loop.spatial_seed,
+                                                  loop.box_radius)))

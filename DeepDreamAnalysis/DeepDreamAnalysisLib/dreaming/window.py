@@ -61,6 +61,8 @@ class CopyWindow:
     start: tuple[int, ...]
     size: tuple[int, ...]
     seed: tuple[int, ...]
+    grid: int = 1
+    """The downsampling grid (voxels) the window's start and size are multiples of (verified on it)."""
 
     @property
     def slices(self) -> tuple[slice, ...]:
@@ -214,7 +216,7 @@ def _find_window(network, card, crop_shape, seed, device, relus) -> WindowPlan:
                                     f"{'x'.join(map(str, spatial))} crop; a window on the grid of {step} "
                                     f"({'x'.join(map(str, size))}) would hold {100 * fraction:.0f}% of it"
                                     + (f" ({why})" if why else ""))
-        window = CopyWindow(tuple(start), tuple(size), tuple(c - b for c, b in zip(s, start)))
+        window = CopyWindow(tuple(start), tuple(size), tuple(c - b for c, b in zip(s, start)), step)
         ok, why = _verify(seed_logits_and_grad, verify_in, z_full, g_full, window)
         if ok:
             return WindowPlan(window, f"window {'x'.join(map(str, size))} of the {'x'.join(map(str, spatial))} "

@@ -29,7 +29,7 @@ from typing import Iterator
 
 import torch
 
-from ..dream import model_fault
+from ..dream import SeedMaps, masks_near_seed, model_fault
 from ..dreaming.convolutions import batch_voxels, convolutions_for
 from ..dreaming.redirect import redirected_relus
 from ..dreaming.window import WindowMismatch
@@ -116,20 +116,8 @@ class BatchedDreamLoop:
         (their copies, or their copies' windows, :mod:`..dreaming.window`) in one forward per input
         size (one, unless the windows differ), and the full crops of the windowed members in one
         forward without gradient."""
-        inputs, fulls = [], []
-        for loop, x in zip(loops, xs):
-            if loop.window is not None:
-                window_in, full_in = loop.window_inputs(x)
-                inputs.append(window_in)
-                fulls.append(full_in)
-            else:
-                inputs.append(member_input(loop, x))
-                fulls.append(None)
-        full_logits = None
-        if any(f is not None for f in fulls):
-            full_batch = torch.cat([f for f in fulls if f is not None], dim=0)
-            with torch.no_grad(), self._kernels(batch_voxels(full_batch), gradient=False):
-                full_logits = self.network(full_batch)
+        windowed = [loop.window is not None for loop in loops]
+        inputs = [loop.window_input(x) if w else member_input(loop, x) for loop, x, w in zip(loops, xs, windowed)]
         sizes: dict[tuple, list[int]] = {}
         for pos, inp in enumerate(inputs):
             sizes.setdefault(tuple(inp.shape[1:]), []).append(pos)
@@ -148,19 +136,25 @@ class BatchedDreamLoop:
                     n = inputs[p].shape[0]
                     rows[p] = logits[row:row + n]
                     row += n
-        outputs, full_row = [], 0
+        outputs, near = [], []
         for pos, loop in enumerate(loops):
-            if fulls[pos] is None:
+            if not windowed[pos]:
                 outputs.append(loop._objective_and_probability(rows[pos]))
                 continue
-            full = full_logits[full_row:full_row + 1]
-            full_row += 1
             try:
-                outputs.append(loop.windowed_objective(rows[pos], full, xs[pos]))
+                outputs.append(loop.windowed_objective(rows[pos], xs[pos]))
+                near.append(pos)
             except WindowMismatch as why:  # this member's copies on the full crop from now on, same transforms
                 loop.drop_window(str(why))
                 outputs.append(loop.full_copies_forward(xs[pos], loop.method.transforms.last))
+        if near:  # the windowed members' masks, near their seeds: their boxes of one size in one forward
+            masks_near_seed([loops[p] for p in near], [xs[p] for p in near], [outputs[p][1] for p in near],
+                            self._run_without_gradient)
         return outputs
+
+    def _run_without_gradient(self, batch: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), self._kernels(batch_voxels(batch), gradient=False):
+            return self.network(batch)
 
     def _kernels(self, voxels: int, gradient: bool = True):
         """The CPU convolution kernels for a batch of ``voxels`` voxels (all paper: torch's choice)."""
@@ -205,7 +199,8 @@ class BatchedDreamLoop:
                 loop = loops[m]
                 x = xs[m] = xs[m].detach()
                 obj_value = float(objectives[m].detach())
-                p_seed = float(probs[m].detach()[loop.seed])
+                maps = probs[m] if isinstance(probs[m], SeedMaps) else SeedMaps.of(probs[m], loop.seed)
+                p_seed = maps.p_seed
                 if not (math.isfinite(obj_value) and bool(torch.isfinite(grad).all())):
                     events.append(MemberEvent(m, error=RunFault(
                         f"The gradient became NaN or infinite at iteration {it}; the result keeps the iterations "
@@ -220,9 +215,7 @@ class BatchedDreamLoop:
                         "noise.")))
                     self._retired.add(m)
                     continue
-                from ..dream import DreamState
-
-                events.append(MemberEvent(m, state=DreamState(it, obj_value, p_seed, x, probs[m].detach())))
+                events.append(MemberEvent(m, state=loop.state(it, obj_value, x, maps)))
                 cfg = loop.config
                 if cfg.stop_probability is not None:
                     above[m] = above[m] + 1 if p_seed > cfg.stop_probability else 0

@@ -1,0 +1,135 @@
+"""The mask near the seed, exactly, without the network's forward on the whole crop.
+
+At every iteration a run needs the mask: the connected component of ``probability > threshold``
+that holds the seed (:func:`..mask.seed_component`, face connectivity). The methods whose copies
+run on an exact seed window (:mod:`.window`) used to forward the whole crop once more per iteration
+for it. Where the window is exact the mask can be had for less, and still exactly:
+
+1. **Seed below the threshold** (the first iterations of a dream): the mask is empty. The seed's
+   probability comes from copy 0's window logits, which equal the full crop's (the window is exact,
+   and audited): no other forward is needed.
+2. **Seed above it**: the network runs, without gradient, on an input window around the seed
+   that holds the receptive field of every output in a box around the seed (the seed window's
+   field on either side of the box, one more grid step for outputs on another phase of the
+   network's downsampling grid, aligned to that grid as the seed window is). The component is found
+   in the box; when it reaches a side of the box inside the crop it may go on outside, so the box is
+   doubled and the iteration recomputed, up to the whole crop. A box holding the whole component
+   gives the whole component (a path out of the box passes through its border).
+3. **Checked, exact or off**: the first time a run uses a box, and at every window audit
+   (:data:`.window.AUDIT_EVERY` iterations, whose full-crop forward gives the full map anyway), the
+   box's probabilities are compared with the full crop's; a difference beyond :data:`.window.RTOL`
+   turns the boxes off for the rest of the run (full maps, as before), noted in run.json.
+
+The full probability map (snapshots, every ``snapshot_every`` iterations) is computed when asked
+for: :class:`~..dream.DreamState` ``.probability`` runs the network on that iteration's image then.
+
+Axis order: boxes are in the network's spatial axes, ``[j, i]`` for a 2D network (the crop's single
+axial slice) and ``[k, j, i]`` for a 3D one; masks are ``[k, j, i]`` over the crop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+START_RADIUS = 8
+"""Half-size, in output voxels, of the first box around the seed (a dream's first mask is small)."""
+SLACK = 4
+"""Voxels the next iteration's box leaves around the last mask (a mask grows a little per iteration;
+one that grows more reaches the box's side and the box is doubled)."""
+
+
+@dataclass(frozen=True)
+class Box:
+    """Outputs ``out`` (crop voxels, network spatial axes) computed exactly from the input window
+    ``inp``; ``inner``: ``out`` in the window's own coordinates; ``open_sides[a]``: whether the low
+    and high sides of ``out`` along axis ``a`` lie inside the crop (a mask touching them may go on)."""
+
+    inp: tuple[slice, ...]
+    out: tuple[slice, ...]
+    inner: tuple[slice, ...]
+    open_sides: tuple[tuple[bool, bool], ...]
+
+    @property
+    def input_size(self) -> tuple[int, ...]:
+        return tuple(s.stop - s.start for s in self.inp)
+
+
+def plan_box(window, spatial: tuple[int, ...], seed: tuple[int, ...], radius: int) -> Box | None:
+    """The box of outputs within ``radius`` voxels of ``seed`` (network spatial axes) and the input
+    window that computes them exactly on a network whose seed ``window`` (a
+    :class:`.window.CopyWindow`, its ``grid`` the downsampling grid it was verified on) is exact;
+    None when that input window would be the whole crop (then the full map costs the same)."""
+    grid = max(1, int(getattr(window, "grid", 1)))
+    before = tuple(window.seed)
+    after = tuple(n - s - 1 for n, s in zip(window.size, window.seed))
+    inp, out, inner, sides = [], [], [], []
+    for a, n in enumerate(spatial):
+        lo, hi = max(0, seed[a] - radius), min(n - 1, seed[a] + radius)
+        begin = max(0, ((lo - before[a] - grid) // grid) * grid)
+        end = min(n, -((-(hi + 1 + after[a] + grid)) // grid) * grid)
+        inp.append(slice(begin, end))
+        out.append(slice(lo, hi + 1))
+        inner.append(slice(lo - begin, hi + 1 - begin))
+        sides.append((lo > 0, hi < n - 1))
+    if all(s.start == 0 and s.stop == n for s, n in zip(inp, spatial)):
+        return None
+    return Box(tuple(inp), tuple(out), tuple(inner), tuple(sides))
+
+
+def component_in_box(probability: np.ndarray, box: Box, seed: tuple[int, ...], threshold: float,
+                     crop_shape: tuple[int, int, int]) -> np.ndarray | None:
+    """The seed's component as a bool mask ``[k, j, i]`` over the crop, from ``probability`` on
+    ``box.out`` (network spatial axes); None when the component reaches an open side of the box
+    (it may go on outside: a larger box is needed)."""
+    from ..mask import seed_component
+
+    local_seed = tuple(s - o.start for s, o in zip(seed, box.out))
+    lifted = probability if len(crop_shape) == probability.ndim else probability[None]
+    offset = 0 if len(crop_shape) == probability.ndim else 1
+    part = seed_component(lifted, ((0,) if offset else ()) + local_seed, threshold)
+    flat = part[0] if offset else part
+    for a, (low, high) in enumerate(box.open_sides):
+        index = [slice(None)] * flat.ndim
+        if low:
+            index[a] = 0
+            if flat[tuple(index)].any():
+                return None
+        if high:
+            index[a] = -1
+            if flat[tuple(index)].any():
+                return None
+    mask = np.zeros(crop_shape, dtype=bool)
+    mask[((slice(None),) if offset else ()) + box.out] = part
+    return mask
+
+
+def reach_of(above, box: Box, seed: tuple[int, ...]) -> int | None:
+    """How far (voxels, along any axis) from the seed the voxels above the threshold reach in the box
+    (``above``: a bool tensor over ``box.out``, network spatial axes); None when any lies on an open
+    side of the box: the mask might go on outside it (then a larger box is needed)."""
+    import torch
+
+    for a, (low, high) in enumerate(box.open_sides):
+        if (low and bool(above.select(a, 0).any())) or (high and bool(above.select(a, -1).any())):
+            return None
+    where = torch.nonzero(above)
+    if where.numel() == 0:
+        return 0
+    local = torch.tensor([s - o.start for s, o in zip(seed, box.out)], device=where.device)
+    return int((where - local).abs().max())
+
+
+def grown(radius: int, spatial: tuple[int, ...]) -> int:
+    """The next box radius: twice the last, enough to reach the whole crop in a few steps."""
+    return min(2 * max(1, radius), max(spatial))
+
+
+def box_fraction(box: Box, spatial: tuple[int, ...]) -> float:
+    """The fraction of the crop's voxels in the box's input window."""
+    return math.prod(box.input_size) / math.prod(spatial)
+
+
+__all__ = ["Box", "plan_box", "component_in_box", "grown", "reach_of", "box_fraction", "START_RADIUS", "SLACK"]
