@@ -11,10 +11,13 @@ for it. Where the window is exact the mask can be had for less, and still exactl
 2. **Seed above it**: the network runs, without gradient, on an input window around the seed
    that holds the receptive field of every output in a box around the seed (the seed window's
    field on either side of the box, one more grid step for outputs on another phase of the
-   network's downsampling grid, aligned to that grid as the seed window is). The component is found
-   in the box; when it reaches a side of the box inside the crop it may go on outside, so the box is
-   doubled and the iteration recomputed, up to the whole crop. A box holding the whole component
-   gives the whole component (a path out of the box passes through its border).
+   network's downsampling grid, aligned to that grid as the seed window is). When no voxel on a side
+   of the box that lies inside the crop is above the threshold, the component cannot leave the box
+   (a path out of it passes through its border), and the component found in the box is the whole
+   mask; otherwise the box is doubled and the iteration's box recomputed, up to the whole crop. The
+   next iteration's box reaches :data:`SLACK` voxels beyond the farthest voxel above the threshold
+   (at least :data:`START_RADIUS`); the members of a batch share the largest, so their boxes run as
+   one batch. The component itself is found when the run reads the mask (``DreamState.seed_mask``).
 3. **Checked, exact or off**: the first time a run uses a box, and at every window audit
    (:data:`.window.AUDIT_EVERY` iterations, whose full-crop forward gives the full map anyway), the
    box's probabilities are compared with the full crop's; a difference beyond :data:`.window.RTOL`

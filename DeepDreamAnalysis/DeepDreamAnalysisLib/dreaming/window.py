@@ -6,8 +6,8 @@ seed (on the demo network, a MONAI UNet with two strides and batch norm: 23 x 23
 crop). So each transformed copy (:mod:`.transforms`) needs the network only on a window around the
 seed that holds that field, aligned to the network's downsampling grid: its seed logits are then the
 full crop's, up to the order of floating-point sums. The loop forwards the K copies' windows with
-gradient (one batch) and the full crop once without gradient, for the probability map, the mask and
-the features.
+gradient (one batch); the mask comes from a box around the seed, without gradient, once the seed is
+above the threshold (:mod:`.near_seed`), and the full probability map only when asked for.
 
 Exact or off, never approximate:
 
@@ -23,11 +23,12 @@ Exact or off, never approximate:
    :data:`MAX_FRACTION` of the crop, there is no window: full-crop copies, as before, with the reason.
    A network that mixes the whole image (instance norm, the MONAI default; attention; global pooling;
    SwinUNETR, UNETR) has a field that is the whole crop and gets full-crop copies this way.
-3. At every iteration the loop compares copy 0's window logits at the seed with the full crop's (it
-   computes both anyway), and every :data:`AUDIT_EVERY` iterations (iteration 0 first) every copy's,
-   with one more forward of the K copies on the full crop without gradient: a difference beyond
-   :data:`RTOL` switches the run to full-crop copies for good, recomputing that iteration with the
-   same random transforms, and says so (``copy_window_note`` in run.json).
+3. Every :data:`AUDIT_EVERY` iterations (iteration 0 first) the loop forwards the K copies on the
+   full crop without gradient and compares every copy's seed logits with its window's: a difference
+   beyond :data:`RTOL` switches the run to full-crop copies for good, recomputing that iteration with
+   the same random transforms, and says so (``copy_window_note`` in run.json). That forward's copy 0
+   (the image itself) also gives the iteration's full probability map, against which the box of
+   :mod:`.near_seed` is checked.
 """
 
 from __future__ import annotations
