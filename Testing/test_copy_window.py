@@ -193,8 +193,10 @@ def test_run_json_records_the_window(tmp_path, demo):
     cfg = AnalysisConfig(dream=DreamConfig(iterations=2, method="robust"), features=FeatureConfig(names=()))
     result = run_analysis(volume, (48, 48, 0), model, cfg)
     assert result.metadata["copy_window"] == [24, 24] and "exact" in result.metadata["copy_window_note"]
+    assert result.metadata["mask_near_seed"].startswith("exact, in a box around the seed")
     cfg = AnalysisConfig(dream=DreamConfig(iterations=2, method="paper"), features=FeatureConfig(names=()))
-    assert run_analysis(volume, (48, 48, 0), model, cfg).metadata["copy_window"] is None
+    paper = run_analysis(volume, (48, 48, 0), model, cfg).metadata
+    assert paper["copy_window"] is None and paper["mask_near_seed"].startswith("off: no seed window")
 
 
 def test_batched_members_with_windows_equal_separate_runs(demo):
@@ -303,3 +305,40 @@ def test_a_box_found_not_exact_turns_the_masks_near_the_seed_off(demo, monkeypat
         assert np.array_equal(mask, _full_mask(net, card, state.image, seed))
     assert loop.box_off is not None and "differed from the full crop's" in loop.box_off
     assert loop.copy_window_record()["mask_near_seed"].startswith("off: at iteration")
+
+
+class _Smoothing3d(torch.nn.Module):
+    """A local 3D network with a known field: two 5x5x5 box filters (9 voxels across), logits
+    (-s, s) of the smoothed image. Its probability map is a smooth blob around a bright object."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv3d(1, 1, 5, padding=2, bias=False)
+        self.b = torch.nn.Conv3d(1, 1, 5, padding=2, bias=False)
+        for conv in (self.a, self.b):
+            torch.nn.init.constant_(conv.weight, 1 / 125)
+
+    def forward(self, x):
+        s = self.b(self.a(x))
+        return torch.cat([-s, s], dim=1)
+
+
+def test_masks_near_the_seed_of_a_3d_network_with_anisotropic_spacing():
+    """A 3D network (two 5x5x5 convolutions) on a 40 x 48 x 48 crop with a bright ellipsoid at the
+    seed, anisotropic spacing: the mask at every iteration equals the full crop's, with a first box
+    too small on purpose (it grows along every axis within the iteration)."""
+    card = _card(3, size_divisible=1, preprocessing={"type": "window", "min": 100.0, "max": 200.0})
+    net = _Smoothing3d().eval()
+    k, j, i = np.mgrid[:40, :48, :48]
+    image = (80.0 + 60.0 * (((k - 20) / 4.0) ** 2 + ((j - 24) / 7.0) ** 2 + ((i - 24) / 6.0) ** 2 < 1)).astype(np.float32)
+    seed = (20, 24, 24)
+    loop = DreamLoop(net, card, image, seed, DreamConfig(iterations=6, method="robust", random_seed=0), CPU,
+                     spacing=(0.8, 0.8, 2.5))
+    assert loop.window is not None and tuple(loop.window.size) == (9, 9, 9)
+    loop.box_radius = 1
+    sizes = []
+    for state in loop:
+        assert state.seed_mask is not None
+        assert np.array_equal(state.seed_mask, _full_mask(net, card, state.image, seed)), state.iteration
+        sizes.append(int(state.seed_mask.sum()))
+    assert min(sizes) > 100 and loop.box_checked and loop.box_off is None and loop.box_radius > 4
