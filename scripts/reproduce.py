@@ -320,6 +320,12 @@ def _end_pool(pool, grace_s: float = 5.0) -> None:
         if p.is_alive():
             p.kill()
             p.join(1.0)
+    # the pool's manager thread notices its dead processes and closes its wake-up pipe; wait for it, or
+    # Python's exit handler may write to that pipe while it closes ("Bad file descriptor" traceback at
+    # exit: a race in concurrent.futures of Python 3.11, whose exit handler takes no lock)
+    manager = getattr(pool, "_executor_manager_thread", None)
+    if manager is not None and manager.is_alive():
+        manager.join(grace_s)
 
 
 def train_all(out: Path, settings: Settings, jobs: list[TrainJob], reuse: bool = False) -> dict:
