@@ -310,6 +310,7 @@ def _end_pool(pool, grace_s: float = 5.0) -> None:
     """Stop a ProcessPoolExecutor at once: drop the queued jobs and end its processes (SIGTERM, then
     SIGKILL after ``grace_s``); ``shutdown(wait=True)`` would let every queued training run first."""
     processes = list((getattr(pool, "_processes", None) or {}).values())  # no public way before Python 3.14
+    manager = getattr(pool, "_executor_manager_thread", None)  # shutdown(wait=False) forgets it
     pool.shutdown(wait=False, cancel_futures=True)
     for p in processes:
         if p.is_alive():
@@ -323,7 +324,6 @@ def _end_pool(pool, grace_s: float = 5.0) -> None:
     # the pool's manager thread notices its dead processes and closes its wake-up pipe; wait for it, or
     # Python's exit handler may write to that pipe while it closes ("Bad file descriptor" traceback at
     # exit: a race in concurrent.futures of Python 3.11, whose exit handler takes no lock)
-    manager = getattr(pool, "_executor_manager_thread", None)
     if manager is not None and manager.is_alive():
         manager.join(grace_s)
 
