@@ -203,3 +203,28 @@ def test_a_card_step_without_a_method_is_the_papers_alpha():
     # another method does not take 500 as image units per iteration: its own default step applies
     robust = dream_settings(old_card, method="robust")
     assert robust.values["step"] is None and "for paper" in robust.origin["step"]
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_batched_members_update_in_one_stacked_step_with_each_members_own_numbers(dims):
+    """A batch's members whose methods update alike (engine/batched.py) take one stacked step: each
+    member's own update up to rounding (a stacked Fourier transform may sum in another order; each
+    is normalised by its own largest value); a member that updates otherwise (Adam) makes them go one by one."""
+    from DeepDreamAnalysisLib.dreaming.method import update_together
+
+    shape = (1, 24, 32) if dims == 2 else (8, 16, 16)
+    gen = torch.Generator().manual_seed(0)
+    loops = [_loop(DreamConfig(iterations=1, method="robust+spectral", random_seed=r), dims=dims,
+                   image=liver_like(shape, seed=r)) for r in range(3)]
+    methods = [lp.method for lp in loops]
+    xs = [lp.x0.clone() for lp in loops]
+    grads = [torch.randn(shape, generator=gen) * 10 ** r for r in range(3)]  # each its own scale
+    assert all(methods[0].same_update(m) for m in methods[1:])
+    together = update_together(methods, xs, grads)
+    alone = [m.update(x, g) for m, x, g in zip(methods, xs, grads)]
+    assert all(torch.allclose(t, a, rtol=0, atol=1e-4) for t, a in zip(together, alone))  # of steps of 1-15 HU
+    assert not torch.allclose(together[0], xs[0], rtol=0, atol=1e-2)
+    adam = _loop(DreamConfig(iterations=1, method="adam+spectral"), dims=dims, image=liver_like(shape)).method
+    assert not methods[0].same_update(adam)
+    mixed = update_together(methods[:2] + [adam], xs, grads)
+    assert torch.equal(mixed[0], methods[0].update(xs[0], grads[0]))

@@ -43,6 +43,9 @@ class SpectralPreconditioner:
         if spatial_dims == 2:
             self.weights = self.weights.unsqueeze(0)
 
-    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
-        spectrum = torch.fft.rfftn(grad, dim=self.dims)
-        return torch.fft.irfftn(spectrum * self.weights, s=self.shape, dim=self.dims)
+    def __call__(self, grad: torch.Tensor, stacked: bool = False) -> torch.Tensor:
+        """``grad`` [k, j, i], or ``[M, k, j, i]`` with ``stacked`` (M gradients of the same crop, each
+        transformed as alone up to rounding, in one call)."""
+        dims = tuple(d + 1 for d in self.dims) if stacked else self.dims
+        spectrum = torch.fft.rfftn(grad, dim=dims)
+        return torch.fft.irfftn(spectrum * self.weights, s=self.shape, dim=dims)

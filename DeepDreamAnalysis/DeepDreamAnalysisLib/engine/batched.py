@@ -31,6 +31,7 @@ import torch
 
 from ..dream import SeedMaps, masks_near_seed, model_fault
 from ..dreaming.convolutions import batch_voxels, convolutions_for
+from ..dreaming.method import update_together
 from ..dreaming.redirect import redirected_relus
 from ..dreaming.window import WindowMismatch
 from ..errors import ModelError, RunFault, SeedError
@@ -195,6 +196,7 @@ class BatchedDreamLoop:
             except Exception as exc:  # an exception inside the user's model
                 first = loops[active[0]]
                 raise model_fault(exc, it, first.card, first.x0.shape) from exc
+            going_on = []
             for m, grad in zip(active, grads):
                 loop = loops[m]
                 x = xs[m] = xs[m].detach()
@@ -224,7 +226,12 @@ class BatchedDreamLoop:
                         loop.stopped_early = True
                         self._retired.add(m)
                         continue
-                xs[m] = loop.method.update(x, grad)
+                going_on.append((m, x, grad))
+            if going_on:  # the members' next images, in one stacked update where their methods allow
+                nexts = update_together([loops[m].method for m, _, _ in going_on], [x for _, x, _ in going_on],
+                                        [g for _, _, g in going_on])
+                for (m, _, _), x in zip(going_on, nexts):
+                    xs[m] = x
             yield events
             it += 1
 
