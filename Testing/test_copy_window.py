@@ -342,3 +342,29 @@ def test_masks_near_the_seed_of_a_3d_network_with_anisotropic_spacing():
         assert np.array_equal(state.seed_mask, _full_mask(net, card, state.image, seed)), state.iteration
         sizes.append(int(state.seed_mask.sum()))
     assert min(sizes) > 100 and loop.box_checked and loop.box_off is None and loop.box_radius > 4
+
+
+def test_batched_members_copies_are_sampled_together_with_the_same_numbers(demo):
+    """The members of a batch with the same window sample their copies in one call
+    (engine/batched.py windowed_inputs): each member's own random draws, the same inputs and the same
+    input gradients, to the last bit, as each member's own copies."""
+    from DeepDreamAnalysisLib.engine.batched import windowed_inputs
+
+    net, card = demo
+
+    def members():
+        return [DreamLoop(net, card, liver_like((1, 96, 96), seed=r), (0, 48, 48),
+                          DreamConfig(iterations=1, method="robust+spectral", random_seed=r), CPU) for r in range(3)]
+
+    together, alone = members(), members()
+    xa = [lp.x0.clone().requires_grad_(True) for lp in together]
+    xb = [lp.x0.clone().requires_grad_(True) for lp in alone]
+    inputs = windowed_inputs(together, xa)
+    own = [lp.window_input(x) for lp, x in zip(alone, xb)]
+    assert all(torch.equal(a, b) for a, b in zip(inputs, own))
+    assert not torch.equal(inputs[0][1:], inputs[1][1:])  # each member's own random transforms
+    weights = torch.randn(own[0].shape, generator=torch.Generator().manual_seed(0))
+    ga = torch.autograd.grad(sum((a * weights).sum() for a in inputs), xa)
+    gb = torch.autograd.grad(sum((b * weights).sum() for b in own), xb)
+    assert all(torch.equal(a, b) for a, b in zip(ga, gb))
+    assert all(torch.equal(a.method.transforms.last[0], b.method.transforms.last[0]) for a, b in zip(together, alone))

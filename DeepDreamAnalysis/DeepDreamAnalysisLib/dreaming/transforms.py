@@ -94,6 +94,28 @@ class RandomTransforms:
         """The copies of ``image`` ([(k,) j, i]) under the given transforms, ``[M, (k,) j, i]`` (only the
         ``window``'s voxels with one); ``noise``: the copies' intensity noise over the whole crop
         (default: drawn here)."""
+        grid = self.grid(mats, shift, window)
+        nd = len(self.shape)
+        # the M copies' grids stacked along the first axis: ONE image to sample (no copy per transform,
+        # and its gradient gathered in one buffer), the same interpolation at every point
+        m, size = grid.shape[0], tuple(grid.shape[1:-1])
+        stacked = grid.reshape((1, m * size[0]) + size[1:] + (nd,))
+        out = F.grid_sample(image[None, None], stacked, mode="bilinear", padding_mode="border",
+                            align_corners=True).reshape((m,) + size)
+        if self.noise_std > 0 and noise is None:
+            noise = self.noise_std * torch.randn((mats.shape[0],) + self.shape, generator=self.generator).to(
+                out.device)
+        return self.noisy(out, noise, window)
+
+    def noisy(self, copies: torch.Tensor, noise, window=None) -> torch.Tensor:
+        """``copies`` ``[M, ...]`` plus their intensity ``noise`` (over the whole crop; its ``window``)."""
+        if self.noise_std > 0 and noise is not None:
+            copies = copies + (noise if window is None else noise[(slice(None),) + window.slices])
+        return copies
+
+    def grid(self, mats: torch.Tensor, shift: torch.Tensor, window=None) -> torch.Tensor:
+        """Where copy ``m`` samples each voxel (of the ``window``): ``[M, *size, n]`` in grid_sample's
+        normalised (i, j[, k]) coordinates."""
         theta = self.theta(mats, shift)  # [M, n, n+1]
         nd = len(self.shape)
         base = self.base if window is None else self.base[window.slices]
@@ -102,18 +124,13 @@ class RandomTransforms:
         for a in range(nd):  # + sum over input axes of coordinate * column: a few fused ops
             grid = torch.addcmul(grid, base[(None,) + (slice(None),) * nd + (slice(a, a + 1),)],
                                  theta[lead + (slice(None), a)])
-        # the M copies' grids stacked along the first axis: ONE image to sample (no copy per transform,
-        # and its gradient gathered in one buffer), the same interpolation at every point
-        m, size = grid.shape[0], tuple(grid.shape[1:-1])
-        stacked = grid.reshape((1, m * size[0]) + size[1:] + (nd,))
-        out = F.grid_sample(image[None, None], stacked, mode="bilinear", padding_mode="border",
-                            align_corners=True).reshape((m,) + size)
-        if self.noise_std > 0:
-            if noise is None:
-                noise = self.noise_std * torch.randn((mats.shape[0],) + self.shape, generator=self.generator).to(
-                    out.device)
-            out = out + (noise if window is None else noise[(slice(None),) + window.slices])
-        return out
+        return grid
+
+    def same_copies(self, other: "RandomTransforms") -> bool:
+        """Whether ``other`` makes its copies as this does (the same crop, copies, spacing and noise):
+        several dreams' copies can then be sampled in one call (:func:`copies_together`)."""
+        return (self.shape == other.shape and self.copies == other.copies and self.noise_std == other.noise_std
+                and self.spatial_dims == other.spatial_dims and torch.equal(self.spacing, other.spacing))
 
     def theta(self, mats: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """The transforms as ``affine_grid`` matrices ``[M, n, n+1]`` in normalised (i, j[, k]) coordinates.
@@ -133,3 +150,30 @@ class RandomTransforms:
         t = np.where(c > 0, t, 0.0)
         theta = np.concatenate([a[:, ::-1, ::-1], t[:, ::-1, None]], axis=-1)  # rows and columns in (i, j[, k])
         return torch.from_numpy(np.ascontiguousarray(theta, dtype=np.float32)).to(mats.device)
+
+
+def copies_together(transforms: list, images: list, window=None) -> torch.Tensor:
+    """The copies of several dreams at once: ``transforms[m]`` (all :meth:`RandomTransforms.same_copies`
+    of the first) applied to ``images[m]`` (``[k, j, i]``, with gradient), each drawing its own random
+    transforms from its own generator as :meth:`RandomTransforms.batch` does, sampled in ONE
+    grid_sample call over the dreams. Returns ``[sum K, *size]``: dream 0's K copies (copy 0 the image
+    itself), then dream 1's, ... (``size`` the ``window``'s, or the crop's); each dream's draws are
+    kept in its ``last``."""
+    first = transforms[0]
+    nd = len(first.shape)
+    grids, noises, heads = [], [], []
+    for t, x in zip(transforms, images):
+        mats, shift, noise = t.last = t.draw_all()
+        grids.append(t.grid(mats, shift, window))
+        noises.append(noise)
+        image = x[0] if t.spatial_dims == 2 else x
+        heads.append(image if window is None else image[window.slices])
+    m, size = grids[0].shape[0], tuple(grids[0].shape[1:-1])
+    stacked = torch.stack(grids).reshape((len(grids), m * size[0]) + size[1:] + (nd,))
+    volumes = torch.stack([x[0] if first.spatial_dims == 2 else x for x in images])[:, None]
+    sampled = F.grid_sample(volumes, stacked, mode="bilinear", padding_mode="border",
+                            align_corners=True).reshape((len(grids), m) + size)
+    parts = []
+    for t, head, copies, noise in zip(transforms, heads, sampled.unbind(0), noises):
+        parts.extend([head.unsqueeze(0), t.noisy(copies, noise, window)])
+    return torch.cat(parts, dim=0)

@@ -32,6 +32,7 @@ import torch
 from ..dream import SeedMaps, masks_near_seed, model_fault
 from ..dreaming.convolutions import batch_voxels, convolutions_for
 from ..dreaming.method import update_together
+from ..dreaming.transforms import copies_together
 from ..dreaming.redirect import redirected_relus
 from ..dreaming.window import WindowMismatch
 from ..errors import ModelError, RunFault, SeedError
@@ -53,6 +54,35 @@ def member_input(loop, x: torch.Tensor) -> torch.Tensor:
     if loop.method.is_paper:
         return loop._network_input(x)
     return loop._batch_input(loop.method.batch(x))
+
+
+def windowed_inputs(loops: list, xs: list) -> list:
+    """The network inputs ``[K, C=1, *window]`` of the members whose copies run on a seed window, the
+    members with the same window and the same kind of copies sampled together
+    (:func:`~..dreaming.transforms.copies_together`: each with its own random draws); None for the others."""
+    out: list = [None] * len(loops)
+    groups: dict = {}
+    for pos, loop in enumerate(loops):
+        if loop.window is not None:
+            groups.setdefault(loop.window, []).append(pos)
+    for window, positions in groups.items():
+        first = loops[positions[0]]
+        alike = [p for p in positions if loops[p].method.transforms is not None and first.method.transforms is not None
+                 and first.method.transforms.same_copies(loops[p].method.transforms)
+                 and loops[p].card.preprocessing == first.card.preprocessing]
+        if len(alike) < 2:
+            for p in positions:
+                out[p] = loops[p].window_input(xs[p])
+            continue
+        copies = copies_together([loops[p].method.transforms for p in alike], [xs[p] for p in alike], window)
+        batch = first._batch_input(copies)
+        k = first.method.copies
+        for row, p in enumerate(alike):
+            out[p] = batch[row * k:(row + 1) * k]
+        for p in positions:
+            if out[p] is None:
+                out[p] = loops[p].window_input(xs[p])
+    return out
 
 
 def batchable(network, inputs: list[torch.Tensor], rtol: float = 1e-3, atol: float = 1e-4) -> tuple[bool, str]:
@@ -118,7 +148,8 @@ class BatchedDreamLoop:
         size (one, unless the windows differ), and the full crops of the windowed members in one
         forward without gradient."""
         windowed = [loop.window is not None for loop in loops]
-        inputs = [loop.window_input(x) if w else member_input(loop, x) for loop, x, w in zip(loops, xs, windowed)]
+        inputs = windowed_inputs(loops, xs)
+        inputs = [inp if inp is not None else member_input(loop, x) for inp, loop, x in zip(inputs, loops, xs)]
         sizes: dict[tuple, list[int]] = {}
         for pos, inp in enumerate(inputs):
             sizes.setdefault(tuple(inp.shape[1:]), []).append(pos)
