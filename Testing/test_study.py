@@ -436,6 +436,15 @@ def test_a_study_stopped_in_the_callers_ray_session_cancels_its_runs_and_keeps_t
     assert sorted(states) == ["interrupted", "interrupted"]
 
 
+def _rerun_redoes_nothing(cmd, out: Path, finished: set) -> None:
+    """The same command again completes the 8 runs without rewriting the ``finished`` ones."""
+    stamps = {k: (out / "runs" / k / "curves.csv").stat().st_mtime_ns for k in finished}
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "8 of 8 runs done, 0 failed" in rerun.stdout
+    assert {k: (out / "runs" / k / "curves.csv").stat().st_mtime_ns for k in finished} == stamps
+
+
 @pytest.mark.slow
 def test_ctrl_c_marks_runs_in_progress_and_the_same_command_resumes(files, tmp_path):
     # batch: 1 so that runs finish one by one (a batch's runs finish together)
@@ -457,11 +466,7 @@ def test_ctrl_c_marks_runs_in_progress_and_the_same_command_resumes(files, tmp_p
     states = [json.loads(p.read_text()).get("state") for p in out.glob("runs/*/status.json")]
     assert "interrupted" in states and "done" in states and "running" not in states
     finished = {p.parent.name for p in out.glob("runs/*/status.json") if json.loads(p.read_text())["state"] == "done"}
-    stamps = {k: (out / "runs" / k / "curves.csv").stat().st_mtime_ns for k in finished}
-    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr
-    assert "8 of 8 runs done, 0 failed" in rerun.stdout
-    assert {k: (out / "runs" / k / "curves.csv").stat().st_mtime_ns for k in finished} == stamps
+    _rerun_redoes_nothing(cmd, out, finished)
 
 
 @pytest.mark.slow
@@ -501,11 +506,7 @@ def test_sigterm_or_sighup_stops_the_study_like_ctrl_c_and_leaves_no_process(fil
     assert finished and not (out / "deepdream.lock").exists()
     if sig == "SIGHUP":
         return  # the rerun is the same as after SIGTERM
-    stamps = {k: (out / "runs" / k / "curves.csv").stat().st_mtime_ns for k in finished}
-    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr
-    assert "8 of 8 runs done, 0 failed" in rerun.stdout
-    assert {k: (out / "runs" / k / "curves.csv").stat().st_mtime_ns for k in finished} == stamps
+    _rerun_redoes_nothing(cmd, out, finished)
 
 
 @pytest.mark.slow

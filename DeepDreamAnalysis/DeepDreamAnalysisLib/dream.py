@@ -153,8 +153,11 @@ class SeedMaps:
     box_probability: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, probability: torch.Tensor, seed) -> "SeedMaps":
-        probability = probability.detach()
+    def of(cls, output, seed) -> "SeedMaps":
+        """A forward's maps: ``output`` itself when it is SeedMaps, else a full probability map [k, j, i]."""
+        if isinstance(output, SeedMaps):
+            return output
+        probability = output.detach()
         return cls(float(probability[tuple(seed)]), probability)
 
 
@@ -489,7 +492,7 @@ class DreamLoop:
                 raise model_fault(exc, it, self.card, self.x0.shape) from exc
             x = x.detach()
             obj_value = float(objective.detach())
-            maps = prob if isinstance(prob, SeedMaps) else SeedMaps.of(prob, self.seed)
+            maps = SeedMaps.of(prob, self.seed)
             p_seed = maps.p_seed
             if not (math.isfinite(obj_value) and bool(torch.isfinite(grad).all())):
                 raise RunFault(

@@ -32,7 +32,6 @@ axial slice) and ``[k, j, i]`` for a 3D one; masks are ``[k, j, i]`` over the cr
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,9 +129,4 @@ def grown(radius: int, spatial: tuple[int, ...]) -> int:
     return min(2 * max(1, radius), max(spatial))
 
 
-def box_fraction(box: Box, spatial: tuple[int, ...]) -> float:
-    """The fraction of the crop's voxels in the box's input window."""
-    return math.prod(box.input_size) / math.prod(spatial)
-
-
-__all__ = ["Box", "plan_box", "component_in_box", "grown", "reach_of", "box_fraction", "START_RADIUS", "SLACK"]
+__all__ = ["Box", "plan_box", "component_in_box", "grown", "reach_of", "START_RADIUS", "SLACK"]

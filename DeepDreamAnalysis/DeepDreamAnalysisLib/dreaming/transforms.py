@@ -94,14 +94,7 @@ class RandomTransforms:
         """The copies of ``image`` ([(k,) j, i]) under the given transforms, ``[M, (k,) j, i]`` (only the
         ``window``'s voxels with one); ``noise``: the copies' intensity noise over the whole crop
         (default: drawn here)."""
-        grid = self.grid(mats, shift, window)
-        nd = len(self.shape)
-        # the M copies' grids stacked along the first axis: ONE image to sample (no copy per transform,
-        # and its gradient gathered in one buffer), the same interpolation at every point
-        m, size = grid.shape[0], tuple(grid.shape[1:-1])
-        stacked = grid.reshape((1, m * size[0]) + size[1:] + (nd,))
-        out = F.grid_sample(image[None, None], stacked, mode="bilinear", padding_mode="border",
-                            align_corners=True).reshape((m,) + size)
+        out = _sample(image[None], self.grid(mats, shift, window)[None])[0]
         if self.noise_std > 0 and noise is None:
             noise = self.noise_std * torch.randn((mats.shape[0],) + self.shape, generator=self.generator).to(
                 out.device)
@@ -152,6 +145,17 @@ class RandomTransforms:
         return torch.from_numpy(np.ascontiguousarray(theta, dtype=np.float32)).to(mats.device)
 
 
+def _sample(images: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+    """``images`` ``[N, (k,) j, i]`` sampled at ``grids`` ``[N, M, *size, n]`` (:meth:`RandomTransforms.grid`):
+    ``[N, M, *size]``. Each image's M copies' grids are stacked along one axis: ONE image to sample
+    per dream (no copy per transform, its gradient gathered in one buffer), the same bilinear
+    interpolation (border values outside) at every point, one call for all N."""
+    n, m, size, nd = grids.shape[0], grids.shape[1], tuple(grids.shape[2:-1]), grids.shape[-1]
+    stacked = grids.reshape((n, m * size[0]) + size[1:] + (nd,))
+    return F.grid_sample(images[:, None], stacked, mode="bilinear", padding_mode="border",
+                         align_corners=True).reshape((n, m) + size)
+
+
 def copies_together(transforms: list, images: list, window=None) -> torch.Tensor:
     """The copies of several dreams at once: ``transforms[m]`` (all :meth:`RandomTransforms.same_copies`
     of the first) applied to ``images[m]`` (``[k, j, i]``, with gradient), each drawing its own random
@@ -160,7 +164,6 @@ def copies_together(transforms: list, images: list, window=None) -> torch.Tensor
     itself), then dream 1's, ... (``size`` the ``window``'s, or the crop's); each dream's draws are
     kept in its ``last``."""
     first = transforms[0]
-    nd = len(first.shape)
     grids, noises, heads = [], [], []
     for t, x in zip(transforms, images):
         mats, shift, noise = t.last = t.draw_all()
@@ -168,11 +171,7 @@ def copies_together(transforms: list, images: list, window=None) -> torch.Tensor
         noises.append(noise)
         image = x[0] if t.spatial_dims == 2 else x
         heads.append(image if window is None else image[window.slices])
-    m, size = grids[0].shape[0], tuple(grids[0].shape[1:-1])
-    stacked = torch.stack(grids).reshape((len(grids), m * size[0]) + size[1:] + (nd,))
-    volumes = torch.stack([x[0] if first.spatial_dims == 2 else x for x in images])[:, None]
-    sampled = F.grid_sample(volumes, stacked, mode="bilinear", padding_mode="border",
-                            align_corners=True).reshape((len(grids), m) + size)
+    sampled = _sample(torch.stack([x[0] if first.spatial_dims == 2 else x for x in images]), torch.stack(grids))
     parts = []
     for t, head, copies, noise in zip(transforms, heads, sampled.unbind(0), noises):
         parts.extend([head.unsqueeze(0), t.noisy(copies, noise, window)])

@@ -232,7 +232,7 @@ class BatchedDreamLoop:
                 loop = loops[m]
                 x = xs[m] = xs[m].detach()
                 obj_value = float(objectives[m].detach())
-                maps = probs[m] if isinstance(probs[m], SeedMaps) else SeedMaps.of(probs[m], loop.seed)
+                maps = SeedMaps.of(probs[m], loop.seed)
                 p_seed = maps.p_seed
                 if not (math.isfinite(obj_value) and bool(torch.isfinite(grad).all())):
                     events.append(MemberEvent(m, error=RunFault(
