@@ -457,6 +457,9 @@ class DeepDreamAnalysisLogic(ScriptedLoadableModuleLogic, AnalysisLogicCore):
         ScriptedLoadableModuleLogic.__init__(self)
         AnalysisLogicCore.__init__(self)
         self._timer = None
+        from DeepDreamAnalysisLib.process_runner import remove_dead_run_folders
+
+        remove_dead_run_folders()  # what a crash of Slicer left mid-run: only the tool's folders, of ended processes
 
     def getParameterNode(self):
         return DeepDreamAnalysisParameterNode(super().getParameterNode())

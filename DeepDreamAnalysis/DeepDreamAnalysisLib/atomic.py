@@ -2,7 +2,9 @@
 
 A reader never sees a half-written file, and a failed write leaves the old file (or none). A process
 killed mid-write leaves the temporary file; in an output folder (locked, :mod:`.outputs.lock`) the
-next run removes it (:mod:`.outputs.leftovers`).
+next run removes it (:mod:`.outputs.leftovers`); elsewhere the temporary file's name names the
+process that wrote it, and the next atomic write of the same target removes it once that process has
+ended (:mod:`.outputs.orphans`).
 
 While an :class:`~.outputs.manifest.ManifestWriter` is active (:data:`WRITE_GUARD`), every atomic
 write asks it first (a file the tool did not write is never replaced) and tells it afterwards (the
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import contextvars
 import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None):
         raise OutputError(f"Cannot write into {target.parent} ({exc.strerror}). Choose a writable output folder.") from None
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())  # made 0600; give the file the usual permissions
         if guard is not None:
             guard.about_to_place(target, tmp)  # a kill right after the rename still leaves a known file
         os.replace(tmp, target)
@@ -58,14 +59,16 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None):
 def _new_temp(target: Path, suffix: str) -> str:
     """Create the empty temporary file for ``target``. In a folder this process holds the lock of, its
     name embeds the run's nonce and is logged in the lock before it is created, so a rerun after a
-    kill knows it as the tool's and removes it (:mod:`.outputs.leftovers`); elsewhere a random name."""
+    kill knows it as the tool's and removes it (:mod:`.outputs.leftovers`); elsewhere its name names
+    this process, and the temporary files of earlier writes of ``target`` by processes that have ended
+    are removed first (:mod:`.outputs.orphans`)."""
+    from .outputs import orphans
     from .outputs.lock import staging_path
 
     path = staging_path(target.parent, f".{target.name}.", ".tmp" + suffix, target=target.name)
     if path is None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + suffix, dir=target.parent)
-        os.close(fd)
-        return tmp
+        orphans.remove_dead_temps(target)
+        return orphans.new_temp(target, ".tmp" + suffix)
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600))
     return str(path)
 

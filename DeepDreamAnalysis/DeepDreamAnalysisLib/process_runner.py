@@ -5,7 +5,9 @@ the GIL while Qt idles in C++, so a worker *thread* crawls (docs/slicer-panel.md
 process"). :class:`ProcessRunner` has the interface of :class:`~.runner.AnalysisRunner` (``start``,
 ``poll``, ``cancel``, ``done``, ``join``, ``result``, ``error``) but runs
 :mod:`DeepDreamAnalysisLib.worker` in a child process (``PythonSlicer`` in Slicer, else
-``sys.executable``) and talks to it through files in a private temporary folder:
+``sys.executable``) and talks to it through files in a private temporary folder
+(``<temp>/deepdream-run-<nonce>``, mode 0700; one that a crash of Slicer left is removed by the next
+start, once its processes have ended: :mod:`.outputs.orphans`):
 
 - inputs: the image (``volume.npy``) and the job (geometry, seed, model path, configuration,
   reference path) written at :meth:`start`;
@@ -28,12 +30,12 @@ is the ``Comparison``.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,8 +43,11 @@ import numpy as np
 
 from .config import AnalysisConfig
 from .errors import DeepDreamError
+from .outputs import orphans
 from .result import AnalysisResult, Progress, Snapshot
 from .worker import FRAME_HEADER
+
+log = logging.getLogger(__name__)
 
 MAX_FRAMES_PER_POLL = 500
 """Reports one :meth:`ProcessRunner.poll` returns at most; the rest wait for the next (``backlog``).
@@ -93,6 +98,16 @@ def worker_threads(cores: int | None = None) -> int:
     return max(1, (available_cores() if cores is None else int(cores)) - 1)
 
 
+def remove_dead_run_folders() -> list[Path]:
+    """Remove the temporary folders that runs of processes which have ended left behind (Slicer crashed
+    or was killed mid-run): only folders proven the tool's, see :mod:`.outputs.orphans`. Never raises."""
+    try:
+        return orphans.remove_dead_run_folders()
+    except Exception as exc:  # noqa: BLE001 - a clean-up never stops a run
+        log.warning("Could not look for the temporary folders of earlier runs: %s", exc)
+        return []
+
+
 def _package_parent() -> str:
     return str(Path(__file__).resolve().parent.parent)
 
@@ -121,6 +136,9 @@ class ProcessRunner:
         self.threads = worker_threads() if threads is None else max(1, int(threads))
         """torch CPU threads of the worker (default :func:`worker_threads`: one core fewer than there are)."""
         self.folder: Path | None = None
+        """The private temporary folder shared with the child (``<temp>/deepdream-run-<nonce>``, mode 0700,
+        :class:`~.outputs.orphans.RunFolder`); None before :meth:`start` and once removed."""
+        self._scratch: orphans.RunFolder | None = None
         self.process: subprocess.Popen | None = None
         self.result: AnalysisResult | None = None
         self.error: BaseException | None = None
@@ -160,20 +178,28 @@ class ProcessRunner:
         if self.process is not None:
             raise RuntimeError("This runner was started already; make a new one for another run.")
         self._check()
-        self.folder = Path(tempfile.mkdtemp(prefix="deepdream-run-"))
-        np.save(self.folder / "volume.npy", np.ascontiguousarray(self.volume.array, dtype=np.float32))
-        (self.folder / "job.pkl").write_bytes(pickle.dumps(self._job(), protocol=pickle.HIGHEST_PROTOCOL))
+        remove_dead_run_folders()
+        self._scratch = orphans.RunFolder.create()
+        self.folder = self._scratch.path
+        try:
+            np.save(self.folder / "volume.npy", np.ascontiguousarray(self.volume.array, dtype=np.float32))
+            (self.folder / "job.pkl").write_bytes(pickle.dumps(self._job(), protocol=pickle.HIGHEST_PROTOCOL))
+            self._log = open(self.folder / "worker.log", "wb")
+        except BaseException:  # a full disk: the copy of the image goes at once
+            self._cleanup()
+            raise
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([_package_parent()] + [p for p in [env.get("PYTHONPATH")] if p])
         env.setdefault("PYTHONUNBUFFERED", "1")
-        self._log = open(self.folder / "worker.log", "wb")
         kwargs = {}
         if os.name == "nt":
             kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)
         try:
             self.process = subprocess.Popen(
                 [self.python, "-m", "DeepDreamAnalysisLib.worker", str(self.folder)], stdin=subprocess.PIPE,
-                stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=str(self.folder), **kwargs)
+                stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=str(self.folder),
+                pass_fds=self._scratch.pass_fds, **kwargs)  # the worker holds the folder's lock too
+            self._scratch.add_process(self.process.pid)
         except OSError as exc:
             self._cleanup()
             raise DeepDreamError(f"Could not start the {self.what} process ({self.python}): {exc}. "
@@ -382,8 +408,9 @@ class ProcessRunner:
         if self._log is not None:
             self._log.close()
             self._log = None
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
+        if self._scratch is not None:
+            self._scratch.remove()
+            self._scratch = None
             self.folder = None
 
 

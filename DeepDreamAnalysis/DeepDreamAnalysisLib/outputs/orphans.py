@@ -1,0 +1,311 @@
+"""Leftovers of a killed process outside a locked output folder, and the proof that they are the tool's.
+
+Inside an output folder the lock file is the staging log that proves which hidden items a killed run
+left (:mod:`.leftovers`). Two kinds of temporary items live elsewhere; here the proof is the item's
+own record of the process that made it (:mod:`.processes`: PID, start time, boot) and that process
+being gone. Every doubt keeps the item; nothing is ever followed through a link.
+
+**The Slicer panel's worker folder** (``<temp>/deepdream-run-<nonce>``, :class:`RunFolder`): the
+private folder a :class:`~..process_runner.ProcessRunner` hands its worker process (a copy of the
+image, the job, the progress and snapshot files). It is made with mode 0700; its first file,
+``deepdream-owner``, names the folder's random 128-bit nonce and each process that uses it (Slicer's
+process, then the worker) with its start time and the boot, and stays ``flock``-ed for as long as
+either process lives (the worker inherits the open file). A run that ends removes its folder; a
+Slicer crash or a SIGKILL cannot, so :func:`remove_dead_run_folders` (at each worker start and each
+start of the module's logic) removes a folder of the temporary folder only when all of this holds:
+
+- its name is ``deepdream-run-`` and 32 hex digits, it is a real folder (not a link), owned by you;
+- it holds ``deepdream-owner``, a regular file owned by you, naming the same nonce;
+- nobody holds the owner file's lock, and every process it names has ended;
+- it holds nothing but regular files, owned by you, with the names the tool writes there
+  (``volume.npy``, ``job.pkl``, ``worker.log``, ``progress.bin``, ``outcome.pkl``,
+  ``snap-<n>.pkl``, their ``.part`` files).
+
+A folder with anything else in it is left as it is, with a warning naming it; anything not proven
+the tool's (an older version's ``deepdream-run-xxxxxxxx``, another user's, a link) is not touched.
+
+**An atomic write's temporary file outside a locked folder** (``--out file.json`` of
+``deepdream-analysis reference``, a model card, ...): :func:`new_temp` names it
+``.<target>.deepdream-tmp-<pid>-<start>-<host>-<nonce>.tmp<suffix>`` (``<host>``: 8 hex digits of a
+hash of the machine's name, so that a process of another machine writing into a shared folder is
+never judged by this machine's process table). The next atomic write of the same target
+(:func:`remove_dead_temps`) removes such a file when its ``<host>`` is this machine's, the process
+it names has ended, and it is a regular file owned by you with no other link to it. A file you name
+that way yourself is taken for a leftover.
+
+Windows: nothing is removed (no ``flock``, no ``O_NOFOLLOW`` operations; ``os.kill`` cannot test a
+process there).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import secrets
+import shutil
+import socket
+import stat
+import tempfile
+from pathlib import Path
+
+from . import processes
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = (fcntl is not None and processes.CAN_TELL and hasattr(os, "O_NOFOLLOW") and hasattr(os, "O_DIRECTORY")
+             and os.open in os.supports_dir_fd and os.unlink in os.supports_dir_fd
+             and os.rmdir in os.supports_dir_fd and os.stat in os.supports_dir_fd and os.scandir in os.supports_fd)
+
+# --- the worker's folder -------------------------------------------------------------------------
+
+RUN_PREFIX = "deepdream-run-"
+OWNER_NAME = "deepdream-owner"
+_RUN_NAME = re.compile(r"^deepdream-run-([0-9a-f]{32})$")
+_RUN_FILES = re.compile(r"^(?:volume\.npy|job\.pkl|worker\.log|progress\.bin|outcome\.pkl|snap-\d{1,12}\.pkl)"
+                        r"(?:\.part)?$")
+_OWNER_HEADER = "deepdream-analysis worker-folder {nonce}"
+_OWNER_LINE = re.compile(r"^process (\d{1,7}) (\d{0,20}) ([0-9a-f]{0,32})$")
+_OWNER_MAX = 4096
+
+
+def _owner_line(pid: int) -> str:
+    pid, start, boot = processes.identity(pid)
+    return f"process {pid} {start} {boot}\n"
+
+
+class RunFolder:
+    """A worker's private folder (see the module docstring). ``path``; ``fd``: the open, locked owner
+    file (None where the system has no ``flock``): pass it to the worker (:attr:`pass_fds`) so the
+    folder counts as in use for as long as the worker lives."""
+
+    def __init__(self, path: Path, fd: int | None):
+        self.path = path
+        self.fd = fd
+
+    @classmethod
+    def create(cls, base: str | os.PathLike | None = None) -> "RunFolder":
+        base = Path(base if base is not None else tempfile.gettempdir())
+        if not SUPPORTED:  # pragma: no cover - Windows
+            return cls(Path(tempfile.mkdtemp(prefix=RUN_PREFIX, dir=base)), None)
+        for _ in range(100):
+            nonce = secrets.token_hex(16)
+            path = base / f"{RUN_PREFIX}{nonce}"
+            try:
+                os.mkdir(path, 0o700)
+                break
+            except FileExistsError:
+                continue
+        else:  # pragma: no cover - 100 random 128-bit names taken
+            raise FileExistsError(f"no free name for a temporary folder in {base}")
+        fd = None
+        try:
+            dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            try:
+                os.fchmod(dfd, 0o700)  # the image of a patient in a shared temporary folder: yours only
+                fd = os.open(OWNER_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_APPEND, 0o600,
+                             dir_fd=dfd)
+            finally:
+                os.close(dfd)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # held while this process or the worker lives
+            os.write(fd, (_OWNER_HEADER.format(nonce=nonce) + "\n" + _owner_line(os.getpid())).encode("ascii"))
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+        return cls(path, fd)
+
+    @property
+    def pass_fds(self) -> tuple[int, ...]:
+        return () if self.fd is None else (self.fd,)
+
+    def add_process(self, pid: int) -> None:
+        """Record a process that uses the folder (the worker), before anything else can happen."""
+        if self.fd is not None:
+            try:
+                os.write(self.fd, _owner_line(pid).encode("ascii"))
+            except OSError:  # the lock it inherited keeps the folder in use all the same
+                pass
+
+    def remove(self) -> None:
+        """Delete the folder (this process's own), then let go of the owner file."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
+
+
+def _parse_owner(data: bytes, nonce: str) -> list[tuple[int, str, str]] | None:
+    """The processes an owner file names, or None when it is not the owner file of the folder ``nonce``."""
+    try:
+        lines = data.decode("ascii").split("\n")
+    except UnicodeDecodeError:
+        return None
+    if lines[0] != _OWNER_HEADER.format(nonce=nonce):
+        return None
+    owners = []
+    for line in lines[1:-1]:  # the last piece follows the last newline: "" or a line cut short by a kill
+        m = _OWNER_LINE.match(line)
+        if m is None:
+            return None
+        owners.append((int(m.group(1)), m.group(2), m.group(3)))
+    return owners or None
+
+
+def _own_plain_file(st: os.stat_result) -> bool:
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and st.st_nlink == 1
+
+
+def remove_dead_run_folders(base: str | os.PathLike | None = None) -> list[Path]:
+    """Remove the worker folders in ``base`` (default: the temporary folder) whose processes have all
+    ended (see the module docstring); returns those removed. Never raises for a folder: one it cannot
+    remove is kept, with a warning when it is the tool's."""
+    if not SUPPORTED:  # pragma: no cover - Windows
+        return []
+    base = os.fspath(base if base is not None else tempfile.gettempdir())
+    try:
+        bfd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return []
+    removed = []
+    try:
+        with os.scandir(bfd) as it:
+            names = [e.name for e in it if _RUN_NAME.match(e.name)]
+        for name in names:
+            try:
+                if _remove_run_folder(base, bfd, name):
+                    removed.append(Path(base) / name)
+            except OSError as exc:
+                log.warning("%s is a worker folder of deepdream-analysis whose processes have ended, but it could not "
+                            "be removed (%s). Delete it yourself.", os.path.join(base, name), exc.strerror or exc)
+    finally:
+        os.close(bfd)
+    return removed
+
+
+def _remove_run_folder(base: str, bfd: int, name: str) -> bool:
+    nonce = _RUN_NAME.match(name).group(1)
+    try:
+        st = os.stat(name, dir_fd=bfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        return False  # a link, a file, another user's folder: not ours
+    try:
+        dfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=bfd)
+    except OSError:
+        return False
+    try:
+        here = os.fstat(dfd)
+        if (here.st_dev, here.st_ino) != (st.st_dev, st.st_ino):
+            return False  # replaced since it was looked at
+        try:
+            ofd = os.open(OWNER_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dfd)
+        except OSError:
+            return False  # no owner file (an older version's folder, or not the tool's)
+        try:
+            ost = os.fstat(ofd)
+            if not _own_plain_file(ost) or ost.st_size > _OWNER_MAX:
+                return False
+            try:
+                fcntl.flock(ofd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return False  # in use: a live run holds it (or another start is cleaning it up)
+            owners = _parse_owner(os.pread(ofd, _OWNER_MAX, 0), nonce)
+            if owners is None or not all(processes.is_gone(*owner) for owner in owners):
+                return False  # not the tool's owner file, or a process that uses the folder still lives
+            with os.scandir(dfd) as it:
+                entries = [(e.name, e.stat(follow_symlinks=False)) for e in it]
+            foreign = sorted(n for n, s in entries if n != OWNER_NAME and not (_RUN_FILES.match(n) and _own_plain_file(s)))
+            if foreign:
+                shown = ", ".join(foreign[:5]) + (f", ... ({len(foreign)} in all)" if len(foreign) > 5 else "")
+                log.warning("%s is the temporary folder of a Slicer panel run of deepdream-analysis that has ended, but "
+                            "it holds %s, which the tool did not put there, so the tool left the folder as it is. Move "
+                            "your files out of it (the next run then deletes the rest), or delete the folder yourself.",
+                            os.path.join(base, name), shown)
+                return False
+            for entry, _ in entries:
+                if entry != OWNER_NAME:
+                    os.unlink(entry, dir_fd=dfd)
+            os.unlink(OWNER_NAME, dir_fd=dfd)  # last: until here a second look still finds the proof
+        finally:
+            os.close(ofd)
+    finally:
+        os.close(dfd)
+    os.rmdir(name, dir_fd=bfd)
+    return True
+
+
+# --- an atomic write's temporary file outside a locked folder ------------------------------------
+
+TEMP_MARK = ".deepdream-tmp-"
+_NAME_KEPT = 100  # bytes of the target's name kept in its temporary file's name (a name has at most 255)
+
+
+def host_tag() -> str:
+    """8 hex digits naming this machine in temporary file names."""
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+
+
+def _temp_prefix(name: str) -> str:
+    kept = name.encode("utf-8", "surrogateescape")[:_NAME_KEPT].decode("utf-8", "ignore")
+    return f".{kept}{TEMP_MARK}"
+
+
+def new_temp(target: Path, suffix: str) -> str:
+    """Create the empty temporary file for an atomic write of ``target``, named after it and this process
+    (see the module docstring), mode 0600; returns its path."""
+    pid, start, _ = processes.identity()
+    prefix = _temp_prefix(target.name)
+    for _ in range(100):
+        path = target.parent / f"{prefix}{pid}-{start or 0}-{host_tag()}-{secrets.token_hex(8)}{suffix}"
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600))
+        except FileExistsError:  # pragma: no cover - a 64-bit random name taken
+            continue
+        return str(path)
+    raise FileExistsError(f"no free temporary name beside {target}")  # pragma: no cover
+
+
+def remove_dead_temps(target: str | os.PathLike) -> list[str]:
+    """Remove the temporary files of earlier atomic writes of ``target`` whose processes have ended (see
+    the module docstring); returns their names. Never raises."""
+    if not SUPPORTED:  # pragma: no cover - Windows
+        return []
+    target = Path(target)
+    pattern = re.compile(re.escape(_temp_prefix(target.name)) + r"(\d{1,7})-(\d{1,20})-([0-9a-f]{8})-[0-9a-f]{16}"
+                         r"\.tmp(?:\..*)?$", re.DOTALL)
+    host = host_tag()
+    removed = []
+    try:
+        dfd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return []
+    try:
+        with os.scandir(dfd) as it:
+            found = [(e.name, m) for e in it for m in [pattern.match(e.name)] if m]
+        for name, m in found:
+            if m.group(3) != host:
+                continue  # another machine's process (a shared folder): not this machine's to judge
+            start = "" if m.group(2) == "0" else m.group(2)
+            if not processes.is_gone(int(m.group(1)), start):
+                continue  # a write going on now
+            try:
+                if _own_plain_file(os.stat(name, dir_fd=dfd, follow_symlinks=False)):
+                    os.unlink(name, dir_fd=dfd)
+                    removed.append(name)
+            except OSError:
+                pass
+    finally:
+        os.close(dfd)
+    return removed
