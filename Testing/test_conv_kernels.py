@@ -112,6 +112,8 @@ def test_large_3d_batch_keeps_onednn_and_small_3d_window_goes_native():
     assert not convolutions.prefers_native("cpu", 3, 4 * 16 ** 3)  # 16,384
     assert not convolutions.prefers_native("cpu", 3, 32 ** 3, gradient=False)  # a 3D crop's forward alone
     assert convolutions.prefers_native("cpu", 2, 16 * 24 ** 2)  # 4 restarts x 4 copies' windows
+    assert convolutions.prefers_native("cpu", 2, 4 * 56 ** 2, gradient=False)  # 4 restarts' boxes near the seed
+    assert not convolutions.prefers_native("cpu", 2, 4 * 96 ** 2, gradient=False)  # 4 full demo crops
     assert not convolutions.prefers_native("cpu", 2, 256 ** 2)
     assert not convolutions.prefers_native("cuda", 2, 4 * 24 ** 2)  # a GPU: nothing changes
     net = _unet(3)
@@ -188,11 +190,12 @@ def test_batched_restarts_pick_native_kernels_for_their_windows(demo):
     finally:
         log.close()
     windows = [f for f in log.forwards if f[0] == (16, 1, 24, 24)]  # 4 restarts x 4 copies: 9,216 voxels
-    # at iteration 0, each member's audit of its 4 copies on the full crop: 36,864 voxels, no gradient (no
-    # other full crop: the seeds are below the threshold, their masks empty, dreaming/near_seed.py)
-    fulls = [f for f in log.forwards if f[0] == (4, 1, 96, 96)]
+    # at iteration 0, the members' audits of their 4 copies on the full crop, in one forward: 147,456 voxels, no
+    # gradient (no other full crop: the seeds are below the threshold, their masks empty, dreaming/near_seed.py)
+    fulls = [f for f in log.forwards if f[0] == (16, 1, 96, 96)]
     assert len(windows) == 2 and all(not mkldnn for _, _, mkldnn, _ in windows)
-    assert len(fulls) == 4 and all(mkldnn for _, _, mkldnn, _ in fulls)
+    assert len(fulls) == 1 and all(mkldnn for _, _, mkldnn, _ in fulls)
+    assert len(log.forwards) == 3
     assert log.backwards and all(not mkldnn for mkldnn, _ in log.backwards)
 
 

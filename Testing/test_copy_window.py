@@ -281,7 +281,7 @@ def test_a_box_found_not_exact_turns_the_masks_near_the_seed_off(demo, monkeypat
     is caught at its first use: full maps for the rest of the run, the same masks, and run.json says why."""
     import dataclasses
 
-    from DeepDreamAnalysisLib import dream
+    from DeepDreamAnalysisLib import seed_outputs
     from DeepDreamAnalysisLib.dreaming.near_seed import plan_box
 
     def too_tight(window, spatial, seed, radius):  # the output box rounded out to the grid, no field around it
@@ -292,7 +292,7 @@ def test_a_box_found_not_exact_turns_the_masks_near_the_seed_off(demo, monkeypat
         return dataclasses.replace(box, inp=inp, inner=tuple(slice(o.start - i.start, o.stop - i.start)
                                                              for o, i in zip(box.out, inp)))
 
-    monkeypatch.setattr(dream, "plan_box", too_tight)
+    monkeypatch.setattr(seed_outputs, "plan_box", too_tight)
     net, card = demo
     image, seed = liver_like((1, 96, 96)), (0, 48, 48)
     loop = DreamLoop(net, card, image, seed, DreamConfig(iterations=25, method="robust+spectral", random_seed=1), CPU)
@@ -368,3 +368,70 @@ def test_batched_members_copies_are_sampled_together_with_the_same_numbers(demo)
     gb = torch.autograd.grad(sum((b * weights).sum() for b in own), xb)
     assert all(torch.equal(a, b) for a, b in zip(ga, gb))
     assert all(torch.equal(a.method.transforms.last[0], b.method.transforms.last[0]) for a, b in zip(together, alone))
+
+
+def test_members_outputs_read_together_equal_each_read_alone(demo, monkeypatch):
+    """Several dreams' objectives, seed probabilities and audits read from one batch of window logits
+    (seed_outputs.windowed_objectives, as batched restarts do) give each dream exactly what reading its
+    own rows alone gives; the audit runs the members' full-crop copies in one forward, or one member
+    per forward where they would not fit (AUDIT_BATCH_VOXELS), with the same maps."""
+    from DeepDreamAnalysisLib import seed_outputs
+
+    net, card = demo
+    loops = [DreamLoop(net, card, liver_like((1, 96, 96), seed=r), (0, 48, 48),
+                       DreamConfig(iterations=1, method="robust+spectral", random_seed=r), CPU) for r in range(3)]
+    xs = [lp.x0 for lp in loops]
+    inputs = [lp.window_input(x) for lp, x in zip(loops, xs)]
+    with torch.no_grad():
+        logits = net(torch.cat(inputs))
+    calls = []
+
+    def run(batch):
+        calls.append(batch.shape[0])
+        return net(batch)
+
+    for iteration in (1, 0):  # 0: an audited iteration
+        for lp in loops:
+            lp._iteration = iteration
+        calls.clear()
+        together = seed_outputs.windowed_objectives(loops, logits, xs, run)
+        assert calls == ([] if iteration else [12])
+        monkeypatch.setattr(seed_outputs, "AUDIT_BATCH_VOXELS", 1)
+        for m, lp in enumerate(loops):
+            calls.clear()
+            ((objective, maps),) = seed_outputs.windowed_objectives([lp], logits[4 * m:4 * m + 4], [xs[m]], run)
+            assert calls == ([] if iteration else [4])
+            assert torch.equal(objective, together[m][0]) and maps.p_seed == together[m][1].p_seed
+            if iteration == 0:
+                torch.testing.assert_close(maps.probability, together[m][1].probability, rtol=0, atol=1e-6)
+        monkeypatch.undo()
+    assert len({round(maps.p_seed, 9) for _, maps in together}) == 3  # three different dreams
+
+
+def test_the_reach_of_several_boxes_at_once_is_each_ones_own():
+    """near_seed.reaches on G masks at once: per mask, None when a voxel above the threshold lies on an
+    open side of the box, else the farthest such voxel's distance from the seed along any axis (0 when
+    none), as the definition computed one mask at a time."""
+    from DeepDreamAnalysisLib.dreaming.near_seed import Box, reaches
+
+    box = Box(inp=(slice(0, 20), slice(0, 24)), out=(slice(2, 14), slice(3, 19)), inner=(slice(2, 14), slice(3, 19)),
+              open_sides=((True, False), (False, True)))
+    seed = (8, 10)
+    rng = np.random.default_rng(0)
+    above = np.zeros((40, 12, 16), dtype=bool)
+    for g in range(40):
+        r = rng.integers(0, 9)
+        j0, i0 = seed[0] - 2, seed[1] - 3
+        above[g, max(0, j0 - r):j0 + r + 1, max(0, i0 - r):i0 + r + 1] = rng.random((12, 16))[
+            max(0, j0 - r):j0 + r + 1, max(0, i0 - r):i0 + r + 1] > 0.3
+    above[3] = False
+
+    def one(a):
+        if a[0].any() or a[:, -1].any():  # the open sides: low along j, high along i
+            return None
+        where = np.argwhere(a)
+        return 0 if len(where) == 0 else int(np.abs(where - np.array([seed[0] - 2, seed[1] - 3])).max())
+
+    expected = [one(a) for a in above]
+    assert reaches(torch.from_numpy(above), box, seed) == expected
+    assert expected[3] == 0 and None in expected and any(e not in (None, 0) for e in expected)

@@ -1,6 +1,8 @@
 """Dream methods (docs/dream-methods.md): each dreams, K copies are one batched forward, the spectral
 update knows the spacing, options are checked, the card's dream block is used, paper is unchanged."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -83,6 +85,28 @@ def test_batched_copies_equal_separate_ones():
     torch.testing.assert_close(together, one_by_one)
     identity = t.apply(image, torch.diag(1 / t.spacing).unsqueeze(0), torch.zeros(1, 3))
     torch.testing.assert_close(identity[0], image, atol=1e-3, rtol=0)
+
+
+def test_the_random_transforms_come_from_the_generator_in_a_fixed_order():
+    """One iteration's draws are the generator's next uniform numbers in the order zooms, angles,
+    shifts (one call for all; a dream repeated with the same seed, batched or alone, draws the same)."""
+    for n, shape, spacing in ((2, (1, 24, 32), (2.0, 0.8, 0.7)), (3, (8, 16, 16), (3.0, 0.9, 0.9))):
+        for copies in (2, 4, 7):
+            t = RandomTransforms(shape, tuple(s // 2 for s in shape), spacing, n, copies=copies, jitter=2, scale=0.1,
+                                 rotate=10, noise_std=0.0, random_seed=11)
+            mats, shift = t.draw()
+            g = torch.Generator().manual_seed(11 + 7919)
+            m = copies - 1
+            zoom = 1 + 0.1 * (torch.rand(m, generator=g) * 2 - 1)
+            angle = math.radians(10) * (torch.rand(m, generator=g) * 2 - 1)
+            expected_shift = 2 * (torch.rand(m, n, generator=g) * 2 - 1)
+            torch.testing.assert_close(shift, expected_shift, rtol=0, atol=1e-6)
+            sp = torch.tensor(spacing[3 - n:])
+            assert torch.allclose(mats[:, -2, -2], torch.cos(angle) * zoom / sp[-2], atol=1e-6)
+            assert torch.allclose(mats[:, -1, -2], torch.sin(angle) * zoom / sp[-1], atol=1e-6)
+            assert torch.allclose(mats[:, -2, -1], -torch.sin(angle) * zoom / sp[-2], atol=1e-6)
+            if n == 3:
+                assert torch.allclose(mats[:, 0, 0], zoom / sp[0], atol=1e-6)
 
 
 def test_transforms_are_deterministic_under_a_seed():

@@ -30,11 +30,12 @@ from .card import ModelCard
 from .config import DreamConfig, resolve_objective
 from .dreaming.convolutions import batch_voxels, convolutions_for
 from .dreaming.method import DreamMethod
-from .dreaming.near_seed import SLACK, START_RADIUS, component_in_box, grown, plan_box, reach_of
+from .dreaming.near_seed import START_RADIUS, component_in_box
 from .dreaming.redirect import RedirectCounter, redirected_relus, relu_modules
-from .dreaming.window import AUDIT_EVERY, WindowMismatch, WindowPlan, close, find_window, forget
+from .dreaming.window import AUDIT_EVERY, WindowMismatch, WindowPlan, find_window, forget
 from .errors import ConfigError, ModelError, RunFault, SeedError
 from .result import Crop
+from .seed_outputs import SeedMaps, class_probability, masks_near_seed, seed_objectives, windowed_objectives
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -134,31 +135,6 @@ class DreamState:
         if self.find_mask is not None:
             self._mask, self.find_mask = self.find_mask(), None
         return getattr(self, "_mask", None)
-
-
-@dataclass
-class SeedMaps:
-    """What one iteration's forward knows besides the objective: the probability at the seed, and the
-    full probability map ``[k, j, i]`` and/or the seed's mask when computed (:mod:`.dreaming.near_seed`).
-    ``full_logits``: the untransformed crop's logits ``[C, ...]`` when a window audit computed them."""
-
-    p_seed: float
-    probability: torch.Tensor | None = None
-    empty: bool = False
-    """The mask is empty (the seed is at or below the threshold)."""
-    full_logits: torch.Tensor | None = None
-    box: object = None
-    """The :class:`~.dreaming.near_seed.Box` whose probabilities (``box_probability``, network spatial
-    axes) hold the whole mask, or None."""
-    box_probability: torch.Tensor | None = None
-
-    @classmethod
-    def of(cls, output, seed) -> "SeedMaps":
-        """A forward's maps: ``output`` itself when it is SeedMaps, else a full probability map [k, j, i]."""
-        if isinstance(output, SeedMaps):
-            return output
-        probability = output.detach()
-        return cls(float(probability[tuple(seed)]), probability)
 
 
 @contextlib.contextmanager
@@ -341,27 +317,11 @@ class DreamLoop:
         probability from copy 0's (the image itself). At an audited iteration (every
         :data:`AUDIT_EVERY`, iteration 0 first) the copies also run on the full crop without gradient:
         :class:`WindowMismatch` when any copy's seed logits differ from its window's; that forward's
-        copy 0 gives the full probability map."""
-        window = self.window
-        if tuple(logits.shape) != (self.method.copies, self.card.out_channels) + tuple(window.size):
-            raise WindowMismatch(f"the network returned {list(logits.shape)} for the copies' windows")
-        at_seed = logits[(slice(None), slice(None)) + tuple(window.seed)]  # [K, C]
-        maps = SeedMaps(self._seed_probability(at_seed[0].detach()))
-        if self._iteration % AUDIT_EVERY == 0:
-            with torch.no_grad():
-                copies = self.run_network(self._batch_input(self.method.batch(x.detach(), drawn=self.method.transforms.last)))
-            self._check_logits(copies, self.method.copies, self._crop_spatial())
-            if not close(at_seed, copies[(slice(None), slice(None)) + self.spatial_seed]):
-                raise WindowMismatch(f"the copies' seed logits on the window differ from the same copies' on the full "
-                                     f"crop (audit at iteration {self._iteration})")
-            maps.full_logits = copies[0].detach()
-            maps.probability = self._probability(maps.full_logits)
-        return self._seed_objective(at_seed), maps
-
-    def _seed_probability(self, z: torch.Tensor) -> float:
-        """The target's probability from the seed's logits ``[C]``."""
-        t = self.card.target_class
-        return float(torch.sigmoid(z[t]) if self.card.activation == "sigmoid" else torch.softmax(z, dim=0)[t])
+        copy 0 gives the full probability map (:func:`.seed_outputs.windowed_objectives`, for one dream)."""
+        (result,) = windowed_objectives([self], logits, [x], self.run_network)
+        if isinstance(result, WindowMismatch):
+            raise result
+        return result
 
     def full_probability(self, x: torch.Tensor) -> torch.Tensor:
         """The probability map ``[k, j, i]`` of image ``x``: one forward of the crop, without gradient."""
@@ -395,17 +355,11 @@ class DreamLoop:
 
     def _seed_objective(self, at_seed: torch.Tensor) -> torch.Tensor:
         """The objective averaged over the copies, from their seed logits ``[K, C]``."""
-        t = self.card.target_class
-        objective = at_seed[:, t]
-        if self.card.activation == "softmax" and self.objective == "log_odds":
-            others = torch.cat([at_seed[:, :t], at_seed[:, t + 1:]], dim=1)
-            objective = objective - torch.logsumexp(others, dim=1)
-        return objective.mean()
+        return seed_objectives(self.card, self.objective, at_seed[None])[0]
 
     def _probability(self, z: torch.Tensor) -> torch.Tensor:
         """The target's probability map [k, j, i] from one copy's detached logits ``[C, ...]``."""
-        t = self.card.target_class
-        prob = torch.sigmoid(z[t]) if self.card.activation == "sigmoid" else torch.softmax(z, dim=0)[t]
+        prob = class_probability(self.card, z[None])[0]
         return prob.unsqueeze(0) if self.card.spatial_dims == 2 else prob
 
     def _objective_and_probability(self, logits: torch.Tensor):
@@ -465,8 +419,7 @@ class DreamLoop:
             return np.zeros(tuple(self.x0.shape), dtype=bool)
         if maps.box is None:
             return None
-        probability = maps.box_probability[0] if self.card.spatial_dims == 2 else maps.box_probability
-        return component_in_box(probability.cpu().numpy(), maps.box, self.spatial_seed, self.config.threshold,
+        return component_in_box(maps.box_probability.cpu().numpy(), maps.box, self.spatial_seed, self.config.threshold,
                                 tuple(self.x0.shape))
 
     def __iter__(self) -> Iterator[DreamState]:
@@ -512,64 +465,3 @@ class DreamLoop:
                     self.stopped_early = True
                     return
             x = self.method.update(x, grad)
-
-
-def masks_near_seed(loops: list, xs: list, maps: list, run: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """Give each windowed loop's :class:`SeedMaps` (``loops[m]`` at image ``xs[m]``) what its mask
-    needs (:mod:`.dreaming.near_seed`): nothing when the seed is at or below the threshold (empty), the
-    probabilities of a box around the seed that holds every voxel above the threshold it could reach,
-    or, where boxes are off for it, the full map. ``run``: the network on a batch without gradient
-    (one call per input size: the loops' boxes share one radius, hence one size)."""
-    requests = []  # (loop, x, maps, box or None for the full crop)
-    wanted = [lp for lp, m in zip(loops, maps) if m.p_seed > lp.config.threshold and lp.box_off is None]
-    radius = max((lp.box_radius for lp in wanted), default=START_RADIUS)
-    for loop, x, m in zip(loops, xs, maps):
-        if m.p_seed <= loop.config.threshold:  # the seed itself is outside the mask: it is empty
-            m.empty = True
-        elif loop.box_off is None:
-            requests.append((loop, x, m, plan_box(loop.window, loop._crop_spatial(), loop.spatial_seed, radius)))
-        elif m.probability is None:
-            requests.append((loop, x, m, None))
-    while requests:
-        groups: dict[tuple, list] = {}  # input size -> [(loop, x, maps, box or None: the full crop)]
-        for loop, x, m, box in requests:
-            if box is None and m.full_logits is not None:  # a window audit ran the full crop already
-                m.probability = loop._probability(m.full_logits)
-                continue
-            if box is not None and not loop.box_checked and m.full_logits is None:  # a box's first use: checked
-                groups.setdefault(loop._crop_spatial(), []).append((loop, x, m, None))
-            size = box.input_size if box is not None else loop._crop_spatial()
-            groups.setdefault(size, []).append((loop, x, m, box))
-        outputs = []
-        with torch.no_grad():
-            for group in groups.values():
-                images = [(x[0] if lp.card.spatial_dims == 2 else x).detach() for lp, x, _, _ in group]
-                batch = torch.cat([lp._batch_input(image[b.inp if b is not None else ...].unsqueeze(0))
-                                   for (lp, _, _, b), image in zip(group, images)], dim=0)
-                outputs.extend(zip(group, run(batch)))
-        for (loop, _, m, box), z in outputs:  # the full crops first: a box is checked against them
-            if box is None:
-                loop._check_logits(z[None], 1, loop._crop_spatial())
-                m.full_logits = z
-                m.probability = loop._probability(z)
-        requests = []
-        for (loop, x, m, box), z in outputs:
-            if box is None:
-                continue
-            inner = z[(slice(None),) + box.inner]
-            if m.full_logits is not None:  # a box's first use, or a window audit
-                if not close(inner, m.full_logits[(slice(None),) + box.out]):
-                    loop.box_off = (f"at iteration {loop._iteration} the box's logits differed from the full crop's "
-                                    "(full probability maps from then on)")
-                    continue
-                loop.box_checked = True
-            probability = loop._probability(inner)
-            above = (probability[0] if loop.card.spatial_dims == 2 else probability) > loop.config.threshold
-            reach = reach_of(above, box, loop.spatial_seed)
-            if reach is not None:  # nothing above the threshold on the box's open sides: the mask is inside
-                m.box, m.box_probability = box, probability
-                loop.box_radius = max(START_RADIUS, reach + SLACK)
-                continue
-            loop.box_radius = grown(max(loop.box_radius, radius), loop._crop_spatial())  # a larger box
-            requests.append((loop, x, m, plan_box(loop.window, loop._crop_spatial(), loop.spatial_seed,
-                                                  loop.box_radius)))

@@ -20,6 +20,11 @@ dims   batch x window (voxels)     native/oneDNN
 3D     4 x 16^3 (16,384)           1.06 - 1.24
 =====  ==========================  =============
 
+A forward alone (no gradient: the members' boxes around their seeds, a full crop's probability map),
+demo network, 1 and 2 threads, three rounds each: 2 x 56^2 (6,272 voxels) 0.52-0.69, 4 x 56^2 (12,544:
+4 restarts' boxes) 0.63-0.87, 4 x 64^2 (16,384) 0.73-0.86, 8 x 48^2 (18,432) 0.74-1.06, 4 x 72^2
+(20,736) 0.62-1.19, 4 x 96^2 (36,864) 0.85-1.27.
+
 So every method but ``paper`` runs a batch on the CPU through the native kernels when it holds at
 most :data:`NATIVE_MAX_VOXELS` voxels (batch x spatial voxels) for its number of spatial dimensions,
 and through torch's own choice otherwise. The two compute the same convolution; their sums may
@@ -37,7 +42,7 @@ import contextlib
 
 import torch
 
-NATIVE_MAX_VOXELS = {(2, True): 40_000, (3, True): 8_000, (2, False): 10_000, (3, False): 0}
+NATIVE_MAX_VOXELS = {(2, True): 40_000, (3, True): 8_000, (2, False): 18_000, (3, False): 0}
 """Largest batch (images x spatial voxels) run through the native CPU kernels, per (spatial dimensions,
 with gradient): a forward whose backward follows, or a forward alone."""
 

@@ -32,6 +32,7 @@ axial slice) and ``[k, j, i]`` for a 3D one; masks are ``[k, j, i]`` over the cr
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,20 +109,35 @@ def component_in_box(probability: np.ndarray, box: Box, seed: tuple[int, ...], t
     return mask
 
 
-def reach_of(above, box: Box, seed: tuple[int, ...]) -> int | None:
-    """How far (voxels, along any axis) from the seed the voxels above the threshold reach in the box
-    (``above``: a bool tensor over ``box.out``, network spatial axes); None when any lies on an open
-    side of the box: the mask might go on outside it (then a larger box is needed)."""
+def reaches(above, box: Box, seed: tuple[int, ...]) -> list[int | None]:
+    """For each row of ``above`` (a bool tensor ``[G, *box.out]``: the voxels above the threshold in the
+    box of G dreams with the same box and seed, network spatial axes): how far (voxels, along any
+    axis) from the seed they reach, 0 when none; None when any lies on an open side of the box (the
+    mask might go on outside it: a larger box is needed). A few operations for all rows and one copy
+    to Python."""
     import torch
 
+    g = int(above.shape[0])
+    rows = [torch.where(above, _distance(tuple(above.shape[1:]), tuple(s - o.start for s, o in zip(seed, box.out)),
+                                         str(above.device)), -1).reshape(g, -1).amax(dim=1)]
     for a, (low, high) in enumerate(box.open_sides):
-        if (low and bool(above.select(a, 0).any())) or (high and bool(above.select(a, -1).any())):
-            return None
-    where = torch.nonzero(above)
-    if where.numel() == 0:
-        return 0
-    local = torch.tensor([s - o.start for s, o in zip(seed, box.out)], device=where.device)
-    return int((where - local).abs().max())
+        for open_side, end in ((low, 0), (high, -1)):
+            if open_side:
+                rows.append(above.select(a + 1, end).reshape(g, -1).any(dim=1).to(rows[0].dtype))
+    table = torch.stack(rows).tolist()
+    return [None if any(r[col] for r in table[1:]) else max(0, int(table[0][col])) for col in range(g)]
+
+
+@functools.lru_cache(maxsize=64)
+def _distance(shape: tuple[int, ...], local: tuple[int, ...], device: str):
+    """The Chebyshev distance (voxels) of every voxel of a box of ``shape`` from ``local``: int64 ``shape``."""
+    import torch
+
+    dist = torch.zeros(shape, dtype=torch.int64, device=device)
+    for a, (n, c) in enumerate(zip(shape, local)):
+        along = (torch.arange(n, device=device) - c).abs().reshape((n,) + (1,) * (len(shape) - a - 1))
+        dist = torch.maximum(dist, along)
+    return dist
 
 
 def grown(radius: int, spatial: tuple[int, ...]) -> int:
@@ -129,4 +145,4 @@ def grown(radius: int, spatial: tuple[int, ...]) -> int:
     return min(2 * max(1, radius), max(spatial))
 
 
-__all__ = ["Box", "plan_box", "component_in_box", "grown", "reach_of", "START_RADIUS", "SLACK"]
+__all__ = ["Box", "plan_box", "component_in_box", "grown", "reaches", "START_RADIUS", "SLACK"]

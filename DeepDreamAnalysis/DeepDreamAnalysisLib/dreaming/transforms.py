@@ -39,6 +39,7 @@ class RandomTransforms:
         rows = np.where(c > 0, 1 / np.maximum(c, 1e-12), 0.0)  # an axis of size 1 stays at 0
         self._theta_constants = (c, np.asarray(self.spacing.cpu(), dtype=np.float64), np.asarray(self.seed.cpu(), dtype=np.float64),
                                  rows)
+        self._spacing32 = np.asarray(self.spacing.cpu(), dtype=np.float32)
         self.last = None
         """The random draws of the last :meth:`batch` (matrices, shifts, noise)."""
         with warnings.catch_warnings():  # an axis of size 1 is handled in theta (its column is 0)
@@ -48,20 +49,24 @@ class RandomTransforms:
         """The crop's voxel centres in grid_sample's normalised (i, j[, k]) coordinates, [..., n]."""
 
     def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(matrices [K-1, n, n] mapping mm offsets to voxel offsets, shifts [K-1, n] in voxels)."""
+        """(matrices [K-1, n, n] mapping mm offsets to voxel offsets, shifts [K-1, n] in voxels).
+
+        One call to the generator for the iteration's ``(2 + n) (K-1)`` uniform numbers, in the order
+        zooms, angles, shifts (the same numbers as three calls in that order); the few products are
+        computed in numpy, which costs less than torch's per-call overhead on such small arrays."""
         n, m = len(self.shape), self.copies - 1
-        u = lambda *s: torch.rand(*s, generator=self.generator) * 2 - 1  # noqa: E731  uniform in [-1, 1]
-        zoom = 1 + self.scale * u(m)
-        angle = math.radians(self.rotate) * u(m)
-        shift = self.jitter * u(m, n)
-        mats = torch.zeros(m, n, n)
-        c, s = torch.cos(angle), torch.sin(angle)
+        u = torch.rand(m * (2 + n), generator=self.generator).numpy() * np.float32(2) - np.float32(1)  # [-1, 1]
+        zoom = np.float32(1) + np.float32(self.scale) * u[:m]
+        angle = np.float32(math.radians(self.rotate)) * u[m:2 * m]
+        shift = np.float32(self.jitter) * u[2 * m:].reshape(m, n)
+        mats = np.zeros((m, n, n), dtype=np.float32)
+        c, s = np.cos(angle), np.sin(angle)
         # rotation in the (j, i) plane, i.e. about the axial k axis; the last two axes are j, i
         mats[:, -2, -2], mats[:, -2, -1], mats[:, -1, -2], mats[:, -1, -1] = c, -s, s, c
         if n == 3:
             mats[:, 0, 0] = 1.0
-        mats = mats * zoom[:, None, None] / self.spacing.cpu()[None, :, None]
-        return mats.to(self.device), shift.to(self.device)
+        mats = mats * zoom[:, None, None] / self._spacing32[None, :, None]
+        return torch.from_numpy(mats).to(self.device), torch.from_numpy(shift).to(self.device)
 
     def batch(self, x: torch.Tensor, window=None, drawn=None) -> torch.Tensor:
         """``x`` [k, j, i] -> the copies in the network's spatial layout, ``[K, (k,) j, i]``.
@@ -106,10 +111,13 @@ class RandomTransforms:
             copies = copies + (noise if window is None else noise[(slice(None),) + window.slices])
         return copies
 
-    def grid(self, mats: torch.Tensor, shift: torch.Tensor, window=None) -> torch.Tensor:
+    def grid(self, mats: torch.Tensor, shift: torch.Tensor, window=None, seeds=None) -> torch.Tensor:
         """Where copy ``m`` samples each voxel (of the ``window``): ``[M, *size, n]`` in grid_sample's
-        normalised (i, j[, k]) coordinates."""
-        theta = self.theta(mats, shift)  # [M, n, n+1]
+        normalised (i, j[, k]) coordinates. ``seeds`` (``[M, n]`` voxels, network spatial axes): each
+        copy's own centre (several dreams' copies at once, :func:`copies_together`); default this
+        dream's seed. Each copy's row is computed on its own: the same numbers for a copy alone or
+        among others."""
+        theta = self.theta(mats, shift, seeds)  # [M, n, n+1]
         nd = len(self.shape)
         base = self.base if window is None else self.base[window.slices]
         lead = (slice(None),) + (None,) * nd
@@ -125,7 +133,7 @@ class RandomTransforms:
         return (self.shape == other.shape and self.copies == other.copies and self.noise_std == other.noise_std
                 and self.spatial_dims == other.spatial_dims and torch.equal(self.spacing, other.spacing))
 
-    def theta(self, mats: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    def theta(self, mats: torch.Tensor, shift: torch.Tensor, seeds=None) -> torch.Tensor:
         """The transforms as ``affine_grid`` matrices ``[M, n, n+1]`` in normalised (i, j[, k]) coordinates.
 
         Copy ``m`` samples voxel ``p`` at ``q = seed + mats[m] (D (p - seed)) + shift[m]`` (``D`` the
@@ -133,13 +141,15 @@ class RandomTransforms:
         and ``u`` in [-1, 1]) that is ``u = A v + t``, ``A = mats D c / c_row``. Building the grid
         from these few numbers and the precomputed voxel coordinates (:meth:`apply`) costs less than
         half of transforming every voxel's millimetre offset (docs/dream-methods.md, "Cost").
+        ``seeds``: ``[M, n]``, each copy's centre (default: this dream's seed for all).
         """
         m = mats.detach().cpu().numpy().astype(np.float64)  # a few numbers: numpy's small-array ops cost less
         c, sp, seed, rows = self._theta_constants
+        seeds = np.broadcast_to(seed if seeds is None else np.asarray(seeds, dtype=np.float64), (m.shape[0], len(c)))
         scaled = m * (sp * c)[None, None, :]  # [M, b, a]
         a = scaled * rows[None, :, None]
-        t = (seed + shift.detach().cpu().numpy().astype(np.float64)
-             + (m * sp[None, None, :]) @ (c - seed)) * rows - 1
+        moved = ((m * sp[None, None, :]) * (c - seeds)[:, None, :]).sum(axis=-1)  # row by row: [M, b]
+        t = (seeds + shift.detach().cpu().numpy().astype(np.float64) + moved) * rows - 1
         t = np.where(c > 0, t, 0.0)
         theta = np.concatenate([a[:, ::-1, ::-1], t[:, ::-1, None]], axis=-1)  # rows and columns in (i, j[, k])
         return torch.from_numpy(np.ascontiguousarray(theta, dtype=np.float32)).to(mats.device)
@@ -159,20 +169,21 @@ def _sample(images: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
 def copies_together(transforms: list, images: list, window=None) -> torch.Tensor:
     """The copies of several dreams at once: ``transforms[m]`` (all :meth:`RandomTransforms.same_copies`
     of the first) applied to ``images[m]`` (``[k, j, i]``, with gradient), each drawing its own random
-    transforms from its own generator as :meth:`RandomTransforms.batch` does, sampled in ONE
-    grid_sample call over the dreams. Returns ``[sum K, *size]``: dream 0's K copies (copy 0 the image
-    itself), then dream 1's, ... (``size`` the ``window``'s, or the crop's); each dream's draws are
-    kept in its ``last``."""
+    transforms from its own generator as :meth:`RandomTransforms.batch` does; their sampling grids
+    built together (each copy's row on its own, as alone) and sampled in ONE grid_sample call over
+    the dreams. Returns ``[sum K, *size]``: dream 0's K copies (copy 0 the image itself), then dream
+    1's, ... (``size`` the ``window``'s, or the crop's); each dream's draws are kept in its ``last``."""
     first = transforms[0]
-    grids, noises, heads = [], [], []
-    for t, x in zip(transforms, images):
-        mats, shift, noise = t.last = t.draw_all()
-        grids.append(t.grid(mats, shift, window))
-        noises.append(noise)
-        image = x[0] if t.spatial_dims == 2 else x
-        heads.append(image if window is None else image[window.slices])
-    sampled = _sample(torch.stack([x[0] if first.spatial_dims == 2 else x for x in images]), torch.stack(grids))
+    draws = []
+    for t in transforms:
+        t.last = t.draw_all()
+        draws.append(t.last)
+    m = first.copies - 1
+    seeds = np.repeat(np.stack([t._theta_constants[2] for t in transforms]), m, axis=0)  # [N (K-1), n]
+    grids = first.grid(torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws]), window, seeds)
+    spatial = [x[0] if first.spatial_dims == 2 else x for x in images]
+    sampled = _sample(torch.stack(spatial), grids.reshape((len(transforms), m) + tuple(grids.shape[1:])))
     parts = []
-    for t, head, copies, noise in zip(transforms, heads, sampled.unbind(0), noises):
-        parts.extend([head.unsqueeze(0), t.noisy(copies, noise, window)])
+    for t, image, copies, (_, _, noise) in zip(transforms, spatial, sampled.unbind(0), draws):
+        parts.extend([(image if window is None else image[window.slices]).unsqueeze(0), t.noisy(copies, noise, window)])
     return torch.cat(parts, dim=0)

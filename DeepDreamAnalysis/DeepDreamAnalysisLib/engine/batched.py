@@ -29,13 +29,14 @@ from typing import Iterator
 
 import torch
 
-from ..dream import SeedMaps, masks_near_seed, model_fault
+from ..dream import model_fault
 from ..dreaming.convolutions import batch_voxels, convolutions_for
 from ..dreaming.method import update_together
 from ..dreaming.transforms import copies_together
 from ..dreaming.redirect import redirected_relus
 from ..dreaming.window import WindowMismatch
 from ..errors import ModelError, RunFault, SeedError
+from ..seed_outputs import SeedMaps, masks_near_seed, same_seed_outputs, windowed_objectives
 
 
 @dataclass
@@ -112,6 +113,25 @@ def batchable(network, inputs: list[torch.Tensor], rtol: float = 1e-3, atol: flo
     return True, ""
 
 
+def member_checks(objectives: list, grads: list, first: bool) -> tuple[list, list, list]:
+    """The members' objective values (floats), whether each gradient is finite, and (``first``: at
+    iteration 0) whether each is non-zero anywhere (else all True): a few stacked operations and one
+    copy to Python for all members, not a handful per member."""
+    with torch.no_grad():
+        values = torch.stack([o.detach().reshape(()) for o in objectives])
+        shapes = {tuple(g.shape) for g in grads}
+        if len(shapes) != 1:  # members of several crop sizes: one by one
+            finite = [bool(torch.isfinite(g).all()) for g in grads]
+            moving = [bool(g.any()) for g in grads] if first else [True] * len(grads)
+            return values.tolist(), finite, moving
+        stacked = torch.stack(grads).flatten(1)
+        rows = [values, torch.isfinite(stacked).all(dim=1).to(values.dtype)]
+        if first:
+            rows.append(stacked.ne(0).any(dim=1).to(values.dtype))
+        table = torch.stack(rows).tolist()
+    return table[0], [bool(v) for v in table[1]], [bool(v) for v in table[2]] if first else [True] * len(grads)
+
+
 class BatchedDreamLoop:
     """Run the members (``DreamLoop`` s of one network and crop size) together, one forward per iteration.
 
@@ -154,6 +174,7 @@ class BatchedDreamLoop:
         for pos, inp in enumerate(inputs):
             sizes.setdefault(tuple(inp.shape[1:]), []).append(pos)
         rows: list = [None] * len(inputs)
+        together: dict[tuple, torch.Tensor] = {}  # a size's positions -> their logits, one tensor
         self._gradient_voxels = sum(batch_voxels(inp) for inp in inputs)
         with redirected_relus(*self._redirect):  # as each member's own forward (not paper)
             for positions in sizes.values():
@@ -163,23 +184,39 @@ class BatchedDreamLoop:
                 if not isinstance(logits, torch.Tensor) or logits.shape[0] != batch.shape[0]:
                     raise ModelError(f"For a batch of {batch.shape[0]} inputs the network returned "
                                      f"{getattr(logits, 'shape', [None])[0]} outputs: it cannot run a batch.")
+                together[tuple(positions)] = logits
                 row = 0
                 for p in positions:
                     n = inputs[p].shape[0]
                     rows[p] = logits[row:row + n]
                     row += n
-        outputs, near = [], []
+        outputs: list = [None] * len(loops)
+        readers: list[list[int]] = []  # windowed members whose outputs are read together
         for pos, loop in enumerate(loops):
             if not windowed[pos]:
-                outputs.append(loop._objective_and_probability(rows[pos]))
+                outputs[pos] = loop._objective_and_probability(rows[pos])
                 continue
-            try:
-                outputs.append(loop.windowed_objective(rows[pos], xs[pos]))
+            group = next((g for g in readers if same_seed_outputs(loops[g[0]], loop)), None)
+            if group is None:
+                readers.append([pos])
+            else:
+                group.append(pos)
+        near = []
+        for group in readers:
+            logits = together.get(tuple(group))
+            if logits is None:
+                logits = torch.cat([rows[p] for p in group], dim=0)
+            results = windowed_objectives([loops[p] for p in group], logits, [xs[p] for p in group],
+                                          self._run_without_gradient)
+            for pos, result in zip(group, results):
+                if isinstance(result, WindowMismatch):  # this member's copies on the full crop from now on
+                    loops[pos].drop_window(str(result))
+                    outputs[pos] = loops[pos].full_copies_forward(xs[pos], loops[pos].method.transforms.last)
+                    continue
+                outputs[pos] = result
                 near.append(pos)
-            except WindowMismatch as why:  # this member's copies on the full crop from now on, same transforms
-                loop.drop_window(str(why))
-                outputs.append(loop.full_copies_forward(xs[pos], loop.method.transforms.last))
         if near:  # the windowed members' masks, near their seeds: their boxes of one size in one forward
+            near.sort()
             masks_near_seed([loops[p] for p in near], [xs[p] for p in near], [outputs[p][1] for p in near],
                             self._run_without_gradient)
         return outputs
@@ -228,19 +265,19 @@ class BatchedDreamLoop:
                 first = loops[active[0]]
                 raise model_fault(exc, it, first.card, first.x0.shape) from exc
             going_on = []
-            for m, grad in zip(active, grads):
+            obj_values, finite, moving = member_checks([objectives[m] for m in active], grads, it == 0)
+            for m, grad, obj_value, grad_finite, grad_moving in zip(active, grads, obj_values, finite, moving):
                 loop = loops[m]
                 x = xs[m] = xs[m].detach()
-                obj_value = float(objectives[m].detach())
                 maps = SeedMaps.of(probs[m], loop.seed)
                 p_seed = maps.p_seed
-                if not (math.isfinite(obj_value) and bool(torch.isfinite(grad).all())):
+                if not (math.isfinite(obj_value) and grad_finite):
                     events.append(MemberEvent(m, error=RunFault(
                         f"The gradient became NaN or infinite at iteration {it}; the result keeps the iterations "
                         "before it. Try a smaller step or --normalize-gradient.")))
                     self._retired.add(m)
                     continue
-                if it == 0 and not bool(grad.any()):
+                if not grad_moving:
                     events.append(MemberEvent(m, error=SeedError(
                         "The network's output at the seed does not depend on the image (its gradient is zero at the "
                         "start): the seed lies where the model cannot see, or the model is saturated there. Pick a "
