@@ -12,6 +12,7 @@ The kills are real: a child process is killed with SIGKILL while it holds the fo
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
@@ -332,6 +333,12 @@ def test_a_live_writers_temporary_file_is_never_removed(tmp_path):
     writer = _child(_WRITER % str(target))
     try:
         tmp = Path(_line(writer))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:  # the writer holds its temporary file's lock while it writes
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
         write_text_atomic(target, "{}\n")  # another write of the same file meanwhile
         assert tmp.exists() and target.read_text() == "{}\n"
     finally:
@@ -372,6 +379,29 @@ def test_only_this_machines_dead_temporary_files_of_that_target_go(tmp_path):
     assert all((tmp_path / n).exists() for n, why in items.items() if why != "gone")
     assert (tmp_path / link).is_symlink() and (tmp_path / hard).exists() and (tmp_path / folder).is_dir()
     assert (tmp_path / "mine").read_text() == "keep"
+
+
+def test_a_temporary_file_whose_lock_a_live_process_holds_stays_whatever_pid_it_names(tmp_path):
+    """A writer this machine's process table cannot see (another PID namespace: a container, a flatpak)
+    still holds its temporary file's lock while it writes."""
+    target = tmp_path / "stats.json"
+    stale = tmp_path / f".stats.json.deepdream-tmp-{_dead_pid()}-0-{orphans.host_tag()}-0123456789abcdef.tmp.json"
+    stale.write_text("half")
+    holder = _child("""
+        import fcntl, os, sys
+        fd = os.open(%r, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        print("held", flush=True)
+        sys.stdin.read()
+    """ % str(stale))
+    try:
+        assert _line(holder) == "held"
+        write_text_atomic(target, "{}")
+        assert stale.read_text() == "half"
+    finally:
+        _kill(holder)
+    write_text_atomic(target, "{}")
+    assert not stale.exists()
 
 
 def test_a_temporary_name_of_a_long_target_fits_and_is_recognised(tmp_path):

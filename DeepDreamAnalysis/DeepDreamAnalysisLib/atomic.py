@@ -37,7 +37,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None):
         guard.claim(target, save=False)  # listed in the manifest file with its pending record, before the rename
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _new_temp(target, suffix)
+        tmp, held = _new_temp(target, suffix)
     except OSError as exc:
         raise OutputError(f"Cannot write into {target.parent} ({exc.strerror}). Choose a writable output folder.") from None
     try:
@@ -54,14 +54,18 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None):
     except BaseException:
         _remove(tmp)
         raise
+    finally:
+        if held is not None:
+            os.close(held)
 
 
-def _new_temp(target: Path, suffix: str) -> str:
+def _new_temp(target: Path, suffix: str) -> tuple[str, int | None]:
     """Create the empty temporary file for ``target``. In a folder this process holds the lock of, its
     name embeds the run's nonce and is logged in the lock before it is created, so a rerun after a
     kill knows it as the tool's and removes it (:mod:`.outputs.leftovers`); elsewhere its name names
     this process, and the temporary files of earlier writes of ``target`` by processes that have ended
-    are removed first (:mod:`.outputs.orphans`)."""
+    are removed first (:mod:`.outputs.orphans`). Returns the path and, outside a locked folder, the
+    open temporary file whose lock this process holds until the write is over (or None)."""
     from .outputs import orphans
     from .outputs.lock import staging_path
 
@@ -70,7 +74,7 @@ def _new_temp(target: Path, suffix: str) -> str:
         orphans.remove_dead_temps(target)
         return orphans.new_temp(target, ".tmp" + suffix)
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600))
-    return str(path)
+    return str(path), None
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

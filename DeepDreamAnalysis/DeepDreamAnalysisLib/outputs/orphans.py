@@ -28,9 +28,10 @@ the tool's (an older version's ``deepdream-run-xxxxxxxx``, another user's, a lin
 ``deepdream-analysis reference``, a model card, ...): :func:`new_temp` names it
 ``.<target>.deepdream-tmp-<pid>-<start>-<host>-<nonce>.tmp<suffix>`` (``<host>``: 8 hex digits of a
 hash of the machine's name, so that a process of another machine writing into a shared folder is
-never judged by this machine's process table). The next atomic write of the same target
-(:func:`remove_dead_temps`) removes such a file when its ``<host>`` is this machine's, the process
-it names has ended, and it is a regular file owned by you with no other link to it. A file you name
+never judged by this machine's process table); the writer holds the file's ``flock`` until the
+write is over. The next atomic write of the same target (:func:`remove_dead_temps`) removes such a
+file when its ``<host>`` is this machine's, the process it names has ended, nobody holds its lock,
+and it is a regular file owned by you with no other link to it. A file you name
 that way yourself is taken for a leftover.
 
 Windows: nothing is removed (no ``flock``, no ``O_NOFOLLOW`` operations; ``os.kill`` cannot test a
@@ -262,18 +263,26 @@ def _temp_prefix(name: str) -> str:
     return f".{kept}{TEMP_MARK}"
 
 
-def new_temp(target: Path, suffix: str) -> str:
+def new_temp(target: Path, suffix: str) -> tuple[str, int | None]:
     """Create the empty temporary file for an atomic write of ``target``, named after it and this process
-    (see the module docstring), mode 0600; returns its path."""
+    (see the module docstring), mode 0600; returns its path and an open descriptor of it holding its
+    ``flock`` (close it once the write is over; None where there is no ``flock``)."""
     pid, start, _ = processes.identity()
     prefix = _temp_prefix(target.name)
     for _ in range(100):
         path = target.parent / f"{prefix}{pid}-{start or 0}-{host_tag()}-{secrets.token_hex(8)}{suffix}"
         try:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600))
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
         except FileExistsError:  # pragma: no cover - a 64-bit random name taken
             continue
-        return str(path)
+        if fcntl is None:  # pragma: no cover - Windows
+            os.close(fd)
+            return str(path), None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else holds it
+        except OSError:  # pragma: no cover - a file system without flock: the PID alone proves it
+            pass
+        return str(path), fd
     raise FileExistsError(f"no free temporary name beside {target}")  # pragma: no cover
 
 
@@ -301,11 +310,30 @@ def remove_dead_temps(target: str | os.PathLike) -> list[str]:
             if not processes.is_gone(int(m.group(1)), start):
                 continue  # a write going on now
             try:
-                if _own_plain_file(os.stat(name, dir_fd=dfd, follow_symlinks=False)):
-                    os.unlink(name, dir_fd=dfd)
+                if _remove_temp(dfd, name):
                     removed.append(name)
             except OSError:
                 pass
     finally:
         os.close(dfd)
     return removed
+
+
+def _remove_temp(dfd: int, name: str) -> bool:
+    """Unlink ``name`` in ``dfd`` if it is a plain file of yours that no process holds the lock of."""
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dfd)  # a link: refused (ELOOP)
+    try:
+        st = os.fstat(fd)
+        if not _own_plain_file(st):
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False  # its writer still holds it (a process this machine cannot see, e.g. in a container)
+        now = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            return False  # replaced since it was opened
+        os.unlink(name, dir_fd=dfd)
+        return True
+    finally:
+        os.close(fd)
