@@ -6,6 +6,8 @@ test must not show a dialog or install packages).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from slicer_fixtures import slicer  # noqa: F401 - skips without slicer-core
@@ -26,7 +28,8 @@ def install_flow(monkeypatch, tmp_path):
         return answers.pop(0)
 
     def pip_install(args):
-        pip_calls.append(args)
+        constraints = args.split(" -c ", 1)[1].strip().strip('"') if " -c " in args else None
+        pip_calls.append((args, open(constraints).read() if constraints else None))  # as pip reads it
         requirements.write_text("")  # as if pip had installed it
 
     monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", confirm, raising=False)
@@ -48,13 +51,14 @@ def test_after_a_yes_pip_gets_a_constraint_that_pins_torch_and_slicers_packages(
     answers += [True]
     assert slicer_deps.ensure_dependencies(askConfirmation=True) is True
     assert len(asked) == 1 and len(pip_calls) == 1
-    args = pip_calls[0]
+    args, text = pip_calls[0]
     assert '"surely-not-installed-deepdream-pkg>=1.0"' in args and " -c " in args
     constraints = args.split(" -c ", 1)[1].strip().strip('"')
+    assert not os.path.exists(os.path.dirname(constraints))  # its temporary folder went once pip was done
     import numpy
     import torch
 
-    pins = open(constraints).read().splitlines()
+    pins = text.splitlines()
     assert f"torch=={torch.__version__}" in pins and f"numpy=={numpy.__version__}" in pins
     requirements.write_text("surely-not-installed-deepdream-pkg>=1.0\n")  # needed again: no second question
     assert slicer_deps.ensure_dependencies(askConfirmation=True) is True

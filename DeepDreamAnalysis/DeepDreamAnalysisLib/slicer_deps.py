@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -146,19 +147,23 @@ def ensure_dependencies(askConfirmation: bool = True) -> bool:
                 windowTitle="DeepDream Analysis"):
             return False  # asked again on the next Apply
     _approved_this_session = True
-    constraints = Path(tempfile.mkdtemp()) / "constraints.txt"
-    constraints.write_text(constraints_text(), encoding="utf-8")
-    try:  # a submodule: not imported with slicer itself
-        import slicer.packaging as packaging
-    except ImportError:
-        packaging = None
-    if packaging is not None and hasattr(packaging, "pip_ensure"):  # Slicer 5.12 and later
-        from packaging.requirements import Requirement
+    folder = Path(tempfile.mkdtemp(prefix="deepdream-pip-"))  # removed once pip is done: nothing left in /tmp
+    constraints = folder / "constraints.txt"
+    try:
+        constraints.write_text(constraints_text(), encoding="utf-8")
+        try:  # a submodule: not imported with slicer itself
+            import slicer.packaging as packaging
+        except ImportError:
+            packaging = None
+        if packaging is not None and hasattr(packaging, "pip_ensure"):  # Slicer 5.12 and later
+            from packaging.requirements import Requirement
 
-        packaging.pip_ensure([Requirement(m) for m in missing], constraints=str(constraints),
-                             prompt_install=False, requester="DeepDreamAnalysis")
-    else:
-        slicer.util.pip_install(" ".join(f'"{m}"' for m in missing) + f' -c "{constraints}"')
+            packaging.pip_ensure([Requirement(m) for m in missing], constraints=str(constraints),
+                                 prompt_install=False, requester="DeepDreamAnalysis")
+        else:
+            slicer.util.pip_install(" ".join(f'"{m}"' for m in missing) + f' -c "{constraints}"')
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     still = missing_requirements(read_requirements())
     if still:
         raise DependencyError(f"Could not install {', '.join(still)}; see the Python console for pip's output.")
