@@ -421,3 +421,84 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# --- a study worker's scratch folders -----------------------------------------------------------
+
+
+def test_a_study_worker_killed_while_loading_a_shipped_model_leaves_a_copy_the_next_worker_removes(tmp_path,
+                                                                                                   monkeypatch):
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    worker = _child("""
+        import sys
+        import DeepDreamAnalysisLib.models as models
+        from DeepDreamAnalysisLib.studies import engine
+        def stuck(path, **kwargs):  # the load takes long (a large model): the worker is killed meanwhile
+            print(path, flush=True)
+            sys.stdin.read()
+        models.load_model = stuck
+        engine._load_shipped_model({"sha256": "x", "bytes": b"weights", "filename": "a.pt", "card_bytes": b"{}",
+                                    "path": "/elsewhere/a.pt"})
+    """, TMPDIR=str(temp))
+    try:
+        copy = Path(_line(worker))
+        folder = copy.parent
+        assert folder.parent == temp and folder.name.startswith("ddstudy-") and copy.read_bytes() == b"weights"
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and (folder / "card.json").exists()
+        assert remove_dead_run_folders(temp) == [] and folder.is_dir()  # the worker lives
+        _kill(worker)
+    finally:
+        if worker.poll() is None:
+            _kill(worker)
+    from DeepDreamAnalysisLib.studies import engine
+
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    mine = engine._scratch_folder()  # the next worker's: the dead one's copy goes first
+    try:
+        assert not folder.exists() and [p.name for p in temp.iterdir()] == [mine.path.name]
+    finally:
+        mine.remove()
+
+
+def test_a_dead_study_workers_feature_copy_goes_with_its_byte_code_and_only_then(tmp_path, caplog):
+    worker = _child("""
+        import importlib.util, sys
+        from DeepDreamAnalysisLib.outputs.orphans import FEATURES_PREFIX, RunFolder
+        folder = RunFolder.create(%r, prefix=FEATURES_PREFIX)
+        copy = folder.add_file("my_features.py")
+        copy.write_text("def seed_value(image, mask, spacing):\\n    return 0.0\\n")
+        spec = importlib.util.spec_from_file_location("my_features", copy)
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))  # writes __pycache__/my_features.*.pyc
+        print(folder.path, flush=True)
+        sys.stdin.read()
+    """ % str(tmp_path), PYTHONDONTWRITEBYTECODE="")  # as Python does by default
+    try:
+        folder = Path(_line(worker))
+        assert folder.name.startswith("ddstudy-features-") and list((folder / "__pycache__").glob("my_features.*.pyc"))
+        _kill(worker)
+    finally:
+        if worker.poll() is None:
+            _kill(worker)
+    stray = folder / "__pycache__" / "other.cpython-311.pyc"
+    stray.write_bytes(b"not the tool's")
+    caplog.set_level(logging.WARNING)
+    assert remove_dead_run_folders(tmp_path) == [] and stray.exists()
+    assert any("__pycache__" in r.getMessage() and "study worker" in r.getMessage() for r in caplog.records)
+    stray.unlink()
+    (folder / "notes.txt").write_text("mine")  # a file the owner file does not name
+    assert remove_dead_run_folders(tmp_path) == [] and (folder / "notes.txt").read_text() == "mine"
+    (folder / "notes.txt").unlink()
+    assert remove_dead_run_folders(tmp_path) == [folder] and not folder.exists()
+
+
+def test_a_folder_names_only_plain_files_as_its_own(tmp_path):
+    folder = RunFolder.create(tmp_path, prefix=orphans.STUDY_PREFIX)
+    try:
+        for bad in ("", ".", "..", "a/b", OWNER_NAME, "__pycache__", "a\0b"):
+            with pytest.raises(ValueError):
+                folder.add_file(bad)
+        with pytest.raises(ValueError):
+            RunFolder.create(tmp_path, prefix="mine-")
+    finally:
+        folder.remove()

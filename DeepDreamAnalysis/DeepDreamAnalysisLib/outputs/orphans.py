@@ -7,19 +7,25 @@ being gone. Every doubt keeps the item; nothing is ever followed through a link.
 
 **The Slicer panel's worker folder** (``<temp>/deepdream-run-<nonce>``, :class:`RunFolder`): the
 private folder a :class:`~..process_runner.ProcessRunner` hands its worker process (a copy of the
-image, the job, the progress and snapshot files). It is made with mode 0700; its first file,
-``deepdream-owner``, names the folder's random 128-bit nonce and each process that uses it (Slicer's
-process, then the worker) with its start time and the boot, and stays ``flock``-ed for as long as
-either process lives (the worker inherits the open file). A run that ends removes its folder; a
-Slicer crash or a SIGKILL cannot, so :func:`remove_dead_run_folders` (at each worker start and each
-start of the module's logic) removes a folder of the temporary folder only when all of this holds:
+image, the job, the progress and snapshot files). **A study worker's scratch folder**: the copy of a
+model a Ray worker loads (``<temp>/ddstudy-<nonce>``, removed once loaded), or of a custom feature's
+file it imports (``<temp>/ddstudy-features-<nonce>``, removed when the worker exits). Each is made with mode 0700; its
+first file, ``deepdream-owner``, names the folder's random 128-bit nonce, each process that uses it
+(Slicer's process, then the worker) with its start time and the boot, and (a study's scratch folder)
+each file the tool puts there, before it is created; it stays ``flock``-ed for as long as a process
+using it lives (the panel's worker inherits the open file). A run that ends removes its folder; a
+Slicer crash or a SIGKILL cannot, so :func:`remove_dead_run_folders` (at each panel run's start, each
+start of the module's logic, and before a study worker makes such a folder) removes a folder of the
+temporary folder only when all of this holds:
 
-- its name is ``deepdream-run-`` and 32 hex digits, it is a real folder (not a link), owned by you;
+- its name is ``deepdream-run-``, ``ddstudy-`` or ``ddstudy-features-`` and 32 hex digits, it is a
+  real folder (not a link), owned by you;
 - it holds ``deepdream-owner``, a regular file owned by you, naming the same nonce;
 - nobody holds the owner file's lock, and every process it names has ended;
-- it holds nothing but regular files, owned by you, with the names the tool writes there
-  (``volume.npy``, ``job.pkl``, ``worker.log``, ``progress.bin``, ``outcome.pkl``,
-  ``snap-<n>.pkl``, their ``.part`` files).
+- it holds nothing but regular files, owned by you, with no other link, with the names the tool
+  writes there: ``volume.npy``, ``job.pkl``, ``worker.log``, ``progress.bin``, ``outcome.pkl``,
+  ``snap-<n>.pkl``, their ``.part`` files (a panel run's); the files the owner file names (a
+  study's), and Python's ``__pycache__/<name>.*.pyc`` of a logged ``<name>.py``.
 
 A folder with anything else in it is left as it is, with a warning naming it; anything not proven
 the tool's (an older version's ``deepdream-run-xxxxxxxx``, another user's, a link) is not touched.
@@ -41,6 +47,7 @@ process there).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -67,12 +74,16 @@ SUPPORTED = (fcntl is not None and processes.CAN_TELL and hasattr(os, "O_NOFOLLO
 # --- the worker's folder -------------------------------------------------------------------------
 
 RUN_PREFIX = "deepdream-run-"
+STUDY_PREFIX = "ddstudy-"
+FEATURES_PREFIX = "ddstudy-features-"
 OWNER_NAME = "deepdream-owner"
-_RUN_NAME = re.compile(r"^deepdream-run-([0-9a-f]{32})$")
+PYCACHE = "__pycache__"
+_RUN_NAME = re.compile(r"^(deepdream-run-|ddstudy-features-|ddstudy-)([0-9a-f]{32})$")
 _RUN_FILES = re.compile(r"^(?:volume\.npy|job\.pkl|worker\.log|progress\.bin|outcome\.pkl|snap-\d{1,12}\.pkl)"
                         r"(?:\.part)?$")
 _OWNER_HEADER = "deepdream-analysis worker-folder {nonce}"
 _OWNER_LINE = re.compile(r"^process (\d{1,7}) (\d{0,20}) ([0-9a-f]{0,32})$")
+_FILE_LINE = re.compile(r'^file (".*")$')
 _OWNER_MAX = 4096
 
 
@@ -91,13 +102,17 @@ class RunFolder:
         self.fd = fd
 
     @classmethod
-    def create(cls, base: str | os.PathLike | None = None) -> "RunFolder":
+    def create(cls, base: str | os.PathLike | None = None, prefix: str = RUN_PREFIX) -> "RunFolder":
+        """A new folder ``<base>/<prefix><nonce>`` (``prefix``: :data:`RUN_PREFIX`, or :data:`STUDY_PREFIX`
+        or :data:`FEATURES_PREFIX` for one whose files are logged with :meth:`add_file`)."""
+        if prefix not in (RUN_PREFIX, STUDY_PREFIX, FEATURES_PREFIX):
+            raise ValueError(f"unknown kind of temporary folder: {prefix!r}")
         base = Path(base if base is not None else tempfile.gettempdir())
         if not SUPPORTED:  # pragma: no cover - Windows
-            return cls(Path(tempfile.mkdtemp(prefix=RUN_PREFIX, dir=base)), None)
+            return cls(Path(tempfile.mkdtemp(prefix=prefix, dir=base)), None)
         for _ in range(100):
             nonce = secrets.token_hex(16)
-            path = base / f"{RUN_PREFIX}{nonce}"
+            path = base / f"{prefix}{nonce}"
             try:
                 os.mkdir(path, 0o700)
                 break
@@ -127,6 +142,14 @@ class RunFolder:
     def pass_fds(self) -> tuple[int, ...]:
         return () if self.fd is None else (self.fd,)
 
+    def add_file(self, name: str) -> Path:
+        """Log the file ``name`` (a plain name) as the tool's, before the caller creates it; its path."""
+        if not _plain_name(name) or name in (OWNER_NAME, PYCACHE):
+            raise ValueError(f"not a name for a file of a temporary folder: {name!r}")
+        if self.fd is not None:
+            os.write(self.fd, f"file {json.dumps(name)}\n".encode("ascii"))
+        return self.path / name
+
     def add_process(self, pid: int) -> None:
         """Record a process that uses the folder (the worker), before anything else can happen."""
         if self.fd is not None:
@@ -146,21 +169,35 @@ class RunFolder:
             self.fd = None
 
 
-def _parse_owner(data: bytes, nonce: str) -> list[tuple[int, str, str]] | None:
-    """The processes an owner file names, or None when it is not the owner file of the folder ``nonce``."""
+def _plain_name(name) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\0" not in name \
+        and (os.altsep is None or os.altsep not in name)
+
+
+def _parse_owner(data: bytes, nonce: str) -> tuple[list[tuple[int, str, str]], set[str]] | None:
+    """The processes and the files an owner file names, or None when it is not the owner file of the
+    folder ``nonce``."""
     try:
         lines = data.decode("ascii").split("\n")
     except UnicodeDecodeError:
         return None
     if lines[0] != _OWNER_HEADER.format(nonce=nonce):
         return None
-    owners = []
+    owners, files = [], set()
     for line in lines[1:-1]:  # the last piece follows the last newline: "" or a line cut short by a kill
         m = _OWNER_LINE.match(line)
-        if m is None:
+        if m is not None:
+            owners.append((int(m.group(1)), m.group(2), m.group(3)))
+            continue
+        m = _FILE_LINE.match(line)
+        try:
+            name = json.loads(m.group(1)) if m is not None else None
+        except ValueError:
+            name = None
+        if not _plain_name(name):
             return None
-        owners.append((int(m.group(1)), m.group(2), m.group(3)))
-    return owners or None
+        files.add(name)
+    return (owners, files) if owners else None
 
 
 def _own_plain_file(st: os.stat_result) -> bool:
@@ -168,8 +205,8 @@ def _own_plain_file(st: os.stat_result) -> bool:
 
 
 def remove_dead_run_folders(base: str | os.PathLike | None = None) -> list[Path]:
-    """Remove the worker folders in ``base`` (default: the temporary folder) whose processes have all
-    ended (see the module docstring); returns those removed. Never raises for a folder: one it cannot
+    """Remove the worker folders (a panel run's, a study worker's) in ``base`` (default: the temporary
+    folder) whose processes have all ended (see the module docstring); returns those removed. Never raises for a folder: one it cannot
     remove is kept, with a warning when it is the tool's."""
     if not SUPPORTED:  # pragma: no cover - Windows
         return []
@@ -195,7 +232,7 @@ def remove_dead_run_folders(base: str | os.PathLike | None = None) -> list[Path]
 
 
 def _remove_run_folder(base: str, bfd: int, name: str) -> bool:
-    nonce = _RUN_NAME.match(name).group(1)
+    kind, nonce = _RUN_NAME.match(name).groups()
     try:
         st = os.stat(name, dir_fd=bfd, follow_symlinks=False)
     except FileNotFoundError:
@@ -222,21 +259,25 @@ def _remove_run_folder(base: str, bfd: int, name: str) -> bool:
                 fcntl.flock(ofd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 return False  # in use: a live run holds it (or another start is cleaning it up)
-            owners = _parse_owner(os.pread(ofd, _OWNER_MAX, 0), nonce)
-            if owners is None or not all(processes.is_gone(*owner) for owner in owners):
+            parsed = _parse_owner(os.pread(ofd, _OWNER_MAX, 0), nonce)
+            if parsed is None or not all(processes.is_gone(*owner) for owner in parsed[0]):
                 return False  # not the tool's owner file, or a process that uses the folder still lives
+            files = None if kind == RUN_PREFIX else parsed[1]
             with os.scandir(dfd) as it:
                 entries = [(e.name, e.stat(follow_symlinks=False)) for e in it]
-            foreign = sorted(n for n, s in entries if n != OWNER_NAME and not (_RUN_FILES.match(n) and _own_plain_file(s)))
+            cache = [] if any(n == PYCACHE for n, _ in entries) else None
+            foreign = sorted(n for n, s in entries if n != OWNER_NAME and not _ours(n, s, files, dfd, cache))
             if foreign:
                 shown = ", ".join(foreign[:5]) + (f", ... ({len(foreign)} in all)" if len(foreign) > 5 else "")
-                log.warning("%s is the temporary folder of a Slicer panel run of deepdream-analysis that has ended, but "
-                            "it holds %s, which the tool did not put there, so the tool left the folder as it is. Move "
-                            "your files out of it (the next run then deletes the rest), or delete the folder yourself.",
-                            os.path.join(base, name), shown)
+                log.warning("%s is the temporary folder of a %s of deepdream-analysis that has ended, but it holds %s, "
+                            "which the tool did not put there, so the tool left the folder as it is. Move your files "
+                            "out of it (the next run then deletes the rest), or delete the folder yourself.",
+                            os.path.join(base, name), "Slicer panel run" if files is None else "study worker", shown)
                 return False
+            if cache:
+                _remove_pycache(dfd, cache)
             for entry, _ in entries:
-                if entry != OWNER_NAME:
+                if entry not in (OWNER_NAME, PYCACHE):
                     os.unlink(entry, dir_fd=dfd)
             os.unlink(OWNER_NAME, dir_fd=dfd)  # last: until here a second look still finds the proof
         finally:
@@ -245,6 +286,45 @@ def _remove_run_folder(base: str, bfd: int, name: str) -> bool:
         os.close(dfd)
     os.rmdir(name, dir_fd=bfd)
     return True
+
+
+def _ours(name: str, st: os.stat_result, files: set[str] | None, dfd: int, cache: list | None) -> bool:
+    """Whether the entry ``name`` of a dead worker's folder is one the tool writes there."""
+    if name == PYCACHE:
+        return files is not None and _pycache_ours(dfd, st, files, cache)
+    if not _own_plain_file(st):
+        return False
+    return _RUN_FILES.match(name) is not None if files is None else name in files
+
+
+def _pycache_ours(dfd: int, st: os.stat_result, files: set[str], cache: list) -> bool:
+    """Python's byte-code cache of a logged ``.py`` file (a custom feature imported from the folder):
+    a real folder of yours holding only ``<stem>.<tag>.pyc`` files of logged ``<stem>.py`` files."""
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        return False
+    stems = {f[:-3] for f in files if f.endswith(".py")}
+    fd = os.open(PYCACHE, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd)
+    try:
+        with os.scandir(fd) as it:
+            inside = [(e.name, e.stat(follow_symlinks=False)) for e in it]
+    finally:
+        os.close(fd)
+    for n, s in inside:
+        stem, _, rest = n.partition(".")
+        if not (_own_plain_file(s) and stem in stems and re.fullmatch(r"[A-Za-z0-9_-]+(?:\.opt-[12])?\.pyc", rest)):
+            return False
+    cache.extend(n for n, _ in inside)
+    return True
+
+
+def _remove_pycache(dfd: int, names: list[str]) -> None:
+    fd = os.open(PYCACHE, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd)
+    try:
+        for n in names:
+            os.unlink(n, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(PYCACHE, dir_fd=dfd)
 
 
 # --- an atomic write's temporary file outside a locked folder ------------------------------------

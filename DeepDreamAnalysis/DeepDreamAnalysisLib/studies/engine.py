@@ -19,7 +19,6 @@ runs in progress ``interrupted`` and the same command resumes.
 from __future__ import annotations
 
 import atexit
-import shutil
 
 import json
 import logging
@@ -96,21 +95,22 @@ def _load_shipped_model(payload: dict):
     """The model of ``payload`` (file bytes from the object store), loaded once per worker process."""
     key = payload["sha256"]
     if key not in _MODEL_CACHE:
-        import tempfile
-
         from ..models import load_model
 
         if payload.get("bytes") is None:  # a folder (MONAI bundle): the cluster must see the path
             model = load_model(payload["path"], card=payload.get("card_path"), device="cpu")
         else:  # the shipped copy lives only while it is loaded: nothing is left in the worker's /tmp
-            with tempfile.TemporaryDirectory(prefix="ddstudy-") as folder:
-                path = Path(folder) / payload["filename"]
+            folder = _scratch_folder()  # a worker killed meanwhile leaves it to the next one (outputs/orphans.py)
+            try:
+                path = folder.add_file(payload["filename"])
                 path.write_bytes(payload["bytes"])
                 card = None
                 if payload.get("card_bytes") is not None:
-                    card = Path(folder) / "card.json"
+                    card = folder.add_file("card.json" if payload["filename"] != "card.json" else "model.card.json")
                     card.write_bytes(payload["card_bytes"])
                 model = load_model(path, card=card, device="cpu")
+            finally:
+                folder.remove()
         model.path = payload["path"]  # the run.json names the user's file, not the worker's copy
         _MODEL_CACHE.clear()  # one model at a time per worker keeps memory bounded
         _MODEL_CACHE[key] = model
@@ -215,11 +215,20 @@ def _finish(result, run: RunSpec, volume, write_to):
 _CUSTOM_FILES: dict[str, Path] = {}
 
 
+def _scratch_folder(prefix: str = "ddstudy-"):
+    """A private temporary folder of this worker (``<temp>/<prefix><nonce>``, 0700, its files logged in
+    its owner file), after removing those that workers killed before their end left."""
+    from ..outputs import orphans
+    from ..process_runner import remove_dead_run_folders
+
+    remove_dead_run_folders()
+    return orphans.RunFolder.create(prefix=prefix)
+
+
 def _local_custom(spec: StudySpec) -> dict[str, str]:
     """The study's custom features with file targets pointing at a file this worker can read: the
     user's own file when it is here with the same contents, else the copy shipped with the study."""
     import hashlib
-    import tempfile
 
     targets = dict(spec.custom_features)
     for name, path in custom_feature_files(spec).items():
@@ -233,10 +242,11 @@ def _local_custom(spec: StudySpec) -> dict[str, str]:
             same = False
         if not same:
             if sha not in _CUSTOM_FILES or not _CUSTOM_FILES[sha].is_file():
-                folder = Path(tempfile.mkdtemp(prefix="ddstudy-features-"))
-                atexit.register(shutil.rmtree, folder, True)  # the feature's code is imported from it during the runs
-                (folder / path.name).write_bytes(data)
-                _CUSTOM_FILES[sha] = folder / path.name
+                folder = _scratch_folder("ddstudy-features-")
+                atexit.register(folder.remove)  # the feature's code is imported from it during the runs
+                copy = folder.add_file(path.name)
+                copy.write_bytes(data)
+                _CUSTOM_FILES[sha] = copy
             targets[name] = f"{_CUSTOM_FILES[sha]}:{targets[name].rpartition(':')[2]}"
     return targets
 
