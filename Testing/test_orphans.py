@@ -101,6 +101,26 @@ def test_a_process_is_gone_only_when_surely_ended():
         assert not processes.is_gone(odd)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="Linux: a process's threads in /proc")
+def test_a_process_whose_main_thread_ended_while_another_runs_is_not_gone():
+    """Its main thread shows as a zombie, but its files (and their locks) live on with the other thread."""
+    child = _child("""
+        import ctypes, os, sys, threading, time
+        threading.Thread(target=time.sleep, args=(120,)).start()
+        print(os.getpid(), flush=True)
+        ctypes.CDLL(None).pthread_exit(None)
+    """)
+    try:
+        pid = int(_line(child))
+        end = time.monotonic() + 30
+        while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z" and time.monotonic() < end:
+            time.sleep(0.02)
+        assert not processes.is_gone(pid, processes.start_time(pid))
+    finally:
+        _kill(child)
+    assert processes.is_gone(pid)
+
+
 # --- the worker's folder ----------------------------------------------------------------------
 
 

@@ -7,7 +7,8 @@ gone, never on a guess.
 
 - :func:`identity`: ``(pid, start, boot)`` of a process (this one by default).
 - :func:`is_gone`: True only when that process has ended: no process has the PID, or the process
-  with the PID started at another time or in another boot, or it is a zombie (ended, not yet reaped).
+  with the PID started at another time or in another boot, or it is a zombie (ended, not yet reaped)
+  none of whose threads still runs.
   A PID out of range, an unknown start time with the PID in use, or a system without ``/proc`` and
   ``kill(pid, 0)`` (Windows, where ``os.kill`` would end the process) count as alive.
 """
@@ -76,7 +77,31 @@ def is_gone(pid: int, start: str = "", boot: str = "") -> bool:
     if fields is None:
         return False  # no /proc (macOS): the PID is in use, so alive as far as we can tell
     if fields[0] in ("Z", "X"):
-        return True  # a zombie: ended, its files closed, only its exit status is waiting for its parent
+        # a zombie: ended, its files closed, only its exit status waiting for its parent; unless only its
+        # main thread has ended and other threads still run (then its open files, and their locks, live on)
+        return not _other_threads_run(pid)
     if start and len(fields) > 19 and fields[19].isdigit() and fields[19] != start:
         return True  # the PID was given to a later process
+    return False
+
+
+def _other_threads_run(pid: int) -> bool:
+    """Whether a thread of the process ``pid`` (whose main thread has ended) still runs."""
+    try:
+        tasks = os.listdir(f"/proc/{int(pid)}/task")
+    except FileNotFoundError:
+        return False  # the process is gone altogether
+    except OSError:
+        return True  # cannot tell: alive
+    for task in tasks:
+        try:
+            with open(f"/proc/{int(pid)}/task/{task}/stat", "rb") as f:
+                text = f.read().decode("ascii", "replace")
+        except FileNotFoundError:
+            continue  # that thread has just gone
+        except OSError:
+            return True
+        state = text[text.rindex(")") + 2:].split()[:1] if ")" in text else []
+        if not state or state[0] not in ("Z", "X"):
+            return True
     return False
