@@ -9,14 +9,14 @@ being gone. Every doubt keeps the item; nothing is ever followed through a link.
 private folder a :class:`~..process_runner.ProcessRunner` hands its worker process (a copy of the
 image, the job, the progress and snapshot files). **A study worker's scratch folder**: the copy of a
 model a Ray worker loads (``<temp>/ddstudy-<nonce>``, removed once loaded), or of a custom feature's
-file it imports (``<temp>/ddstudy-features-<nonce>``, removed when the worker exits). Each is made with mode 0700; its
-first file, ``deepdream-owner``, names the folder's random 128-bit nonce, each process that uses it
-(Slicer's process, then the worker) with its start time and the boot, and (a study's scratch folder)
-each file the tool puts there, before it is created; it stays ``flock``-ed for as long as a process
-using it lives (the panel's worker inherits the open file). A run that ends removes its folder; a
-Slicer crash or a SIGKILL cannot, so :func:`remove_dead_run_folders` (at each panel run's start, each
-start of the module's logic, and before a study worker makes such a folder) removes a folder of the
-temporary folder only when all of this holds:
+file it imports (``<temp>/ddstudy-features-<nonce>``, removed when the worker exits). Each is made
+with mode 0700; its first file, ``deepdream-owner``, names the folder's random 128-bit nonce, each
+process that uses it (Slicer's process, then the worker) with its start time and the boot, and (a
+study's scratch folder) each file the tool puts there, before it is created; it stays ``flock``-ed
+for as long as a process using it lives (the panel's worker inherits the open file). A run that
+ends removes its folder; a Slicer crash or a SIGKILL cannot, so :func:`remove_dead_run_folders` (at
+each panel run's start, each start of the module's logic, and before a study worker makes such a
+folder) removes a folder of the temporary folder only when all of this holds:
 
 - its name is ``deepdream-run-``, ``ddstudy-`` or ``ddstudy-features-`` and 32 hex digits, it is a
   real folder (not a link), owned by you;
@@ -37,8 +37,8 @@ hash of the machine's name, so that a process of another machine writing into a 
 never judged by this machine's process table); the writer holds the file's ``flock`` until the
 write is over. The next atomic write of the same target (:func:`remove_dead_temps`) removes such a
 file when its ``<host>`` is this machine's, the process it names has ended, nobody holds its lock,
-and it is a regular file owned by you with no other link to it. A file you name
-that way yourself is taken for a leftover.
+and it is a regular file owned by you with no other link to it. A file you name that way yourself
+is taken for a leftover.
 
 Windows: nothing is removed (no ``flock``, no ``O_NOFOLLOW`` operations; ``os.kill`` cannot test a
 process there).
@@ -206,8 +206,8 @@ def _own_plain_file(st: os.stat_result) -> bool:
 
 def remove_dead_run_folders(base: str | os.PathLike | None = None) -> list[Path]:
     """Remove the worker folders (a panel run's, a study worker's) in ``base`` (default: the temporary
-    folder) whose processes have all ended (see the module docstring); returns those removed. Never raises for a folder: one it cannot
-    remove is kept, with a warning when it is the tool's."""
+    folder) whose processes have all ended (see the module docstring); returns those removed. Never
+    raises for a folder: one it cannot remove is kept, with a warning when it is the tool's."""
     if not SUPPORTED:  # pragma: no cover - Windows
         return []
     base = os.fspath(base if base is not None else tempfile.gettempdir())
