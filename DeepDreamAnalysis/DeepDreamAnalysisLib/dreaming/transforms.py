@@ -131,7 +131,7 @@ class RandomTransforms:
         """Whether ``other`` makes its copies as this does (the same crop, copies, spacing and noise):
         several dreams' copies can then be sampled in one call (:func:`copies_together`)."""
         return (self.shape == other.shape and self.copies == other.copies and self.noise_std == other.noise_std
-                and self.spatial_dims == other.spatial_dims and torch.equal(self.spacing, other.spacing))
+                and self.spatial_dims == other.spatial_dims and np.array_equal(self._spacing32, other._spacing32))
 
     def theta(self, mats: torch.Tensor, shift: torch.Tensor, seeds=None) -> torch.Tensor:
         """The transforms as ``affine_grid`` matrices ``[M, n, n+1]`` in normalised (i, j[, k]) coordinates.
@@ -183,7 +183,8 @@ def copies_together(transforms: list, images: list, window=None) -> torch.Tensor
     grids = first.grid(torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws]), window, seeds)
     spatial = [x[0] if first.spatial_dims == 2 else x for x in images]
     sampled = _sample(torch.stack(spatial), grids.reshape((len(transforms), m) + tuple(grids.shape[1:])))
-    parts = []
-    for t, image, copies, (_, _, noise) in zip(transforms, spatial, sampled.unbind(0), draws):
-        parts.extend([(image if window is None else image[window.slices]).unsqueeze(0), t.noisy(copies, noise, window)])
-    return torch.cat(parts, dim=0)
+    if first.noise_std > 0:  # each dream's own noise, over its copies' window (same_copies: all or none have it)
+        sampled = sampled + torch.stack([noise if window is None else noise[(slice(None),) + window.slices]
+                                         for _, _, noise in draws])
+    heads = torch.stack([image if window is None else image[window.slices] for image in spatial])  # copy 0 of each
+    return torch.cat([heads.unsqueeze(1), sampled], dim=1).flatten(0, 1)

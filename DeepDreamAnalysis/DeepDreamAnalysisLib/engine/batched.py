@@ -57,10 +57,12 @@ def member_input(loop, x: torch.Tensor) -> torch.Tensor:
     return loop._batch_input(loop.method.batch(x))
 
 
-def windowed_inputs(loops: list, xs: list) -> list:
+def windowed_inputs(loops: list, xs: list, wholes: dict | None = None) -> list:
     """The network inputs ``[K, C=1, *window]`` of the members whose copies run on a seed window, the
     members with the same window and the same kind of copies sampled together
-    (:func:`~..dreaming.transforms.copies_together`: each with its own random draws); None for the others."""
+    (:func:`~..dreaming.transforms.copies_together`: each with its own random draws); None for the others.
+    ``wholes``: filled with ``{positions: their inputs as one batch}`` for the members sampled together
+    (the batch the network gets, without concatenating their rows again)."""
     out: list = [None] * len(loops)
     groups: dict = {}
     for pos, loop in enumerate(loops):
@@ -80,6 +82,8 @@ def windowed_inputs(loops: list, xs: list) -> list:
         k = first.method.copies
         for row, p in enumerate(alike):
             out[p] = batch[row * k:(row + 1) * k]
+        if wholes is not None:
+            wholes[tuple(alike)] = batch
         for p in positions:
             if out[p] is None:
                 out[p] = loops[p].window_input(xs[p])
@@ -168,7 +172,8 @@ class BatchedDreamLoop:
         size (one, unless the windows differ), and the full crops of the windowed members in one
         forward without gradient."""
         windowed = [loop.window is not None for loop in loops]
-        inputs = windowed_inputs(loops, xs)
+        wholes: dict = {}
+        inputs = windowed_inputs(loops, xs, wholes)
         inputs = [inp if inp is not None else member_input(loop, x) for inp, loop, x in zip(inputs, loops, xs)]
         sizes: dict[tuple, list[int]] = {}
         for pos, inp in enumerate(inputs):
@@ -178,7 +183,9 @@ class BatchedDreamLoop:
         self._gradient_voxels = sum(batch_voxels(inp) for inp in inputs)
         with redirected_relus(*self._redirect):  # as each member's own forward (not paper)
             for positions in sizes.values():
-                batch = torch.cat([inputs[p] for p in positions], dim=0)
+                batch = wholes.get(tuple(positions))
+                if batch is None:
+                    batch = torch.cat([inputs[p] for p in positions], dim=0)
                 with self._kernels(batch_voxels(batch)):
                     logits = self.network(batch)
                 if not isinstance(logits, torch.Tensor) or logits.shape[0] != batch.shape[0]:
