@@ -226,7 +226,7 @@ def bench_batched_restarts(device: str, iterations: int, restarts: int = 4) -> d
             for _ in loops(1)[0]:
                 pass
 
-        t_batch, t_one = _best_of(batched, alone, device, repeats=3)
+        t_batch, t_one = _best_of(batched, alone, device, repeats=5)  # a noisy ratio: best of 5 each, interleaved
         out[name] = {"ratio": t_batch / t_one, "restarts": restarts, "method": method,
                      "batched_ms_per_iteration": 1000 * t_batch / iterations,
                      "one_run_ms_per_iteration": 1000 * t_one / iterations,
