@@ -61,6 +61,19 @@ def _kill(process: subprocess.Popen) -> None:
     process.wait(30)
 
 
+def _holding_the_lock_of(path: Path) -> subprocess.Popen:
+    """A live process (not the file's writer) that holds ``path``'s flock until killed; returns once it does."""
+    holder = _child("""
+        import fcntl, os, sys
+        fd = os.open(%r, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        print("held", flush=True)
+        sys.stdin.read()
+    """ % str(path))
+    assert _line(holder) == "held"
+    return holder
+
+
 def _dead_pid() -> int:
     """The PID of a process that has ended (and been reaped)."""
     p = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -220,15 +233,8 @@ def test_a_folder_whose_owner_file_a_live_process_holds_stays_whatever_pids_it_n
     """The worker inherits the owner file's lock: the folder stays in use even for a process not named
     in it yet (Slicer killed between starting the worker and recording it)."""
     folder = _forged(tmp_path, _dead_pid())
-    holder = _child("""
-        import fcntl, os, sys
-        fd = os.open(%r, os.O_RDONLY)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        print("held", flush=True)
-        sys.stdin.read()
-    """ % str(folder / OWNER_NAME))
+    holder = _holding_the_lock_of(folder / OWNER_NAME)
     try:
-        assert _line(holder) == "held"
         assert remove_dead_run_folders(tmp_path) == [] and (folder / "volume.npy").exists()
     finally:
         _kill(holder)
@@ -407,15 +413,8 @@ def test_a_temporary_file_whose_lock_a_live_process_holds_stays_whatever_pid_it_
     target = tmp_path / "stats.json"
     stale = tmp_path / f".stats.json.deepdream-tmp-{_dead_pid()}-0-{orphans.host_tag()}-0123456789abcdef.tmp.json"
     stale.write_text("half")
-    holder = _child("""
-        import fcntl, os, sys
-        fd = os.open(%r, os.O_RDONLY)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        print("held", flush=True)
-        sys.stdin.read()
-    """ % str(stale))
+    holder = _holding_the_lock_of(stale)
     try:
-        assert _line(holder) == "held"
         write_text_atomic(target, "{}")
         assert stale.read_text() == "half"
     finally:
