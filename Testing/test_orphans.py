@@ -70,7 +70,11 @@ def _holding_the_lock_of(path: Path) -> subprocess.Popen:
         print("held", flush=True)
         sys.stdin.read()
     """ % str(path))
-    assert _line(holder) == "held"
+    try:
+        assert _line(holder) == "held"
+    except BaseException:
+        _kill(holder)
+        raise
     return holder
 
 
