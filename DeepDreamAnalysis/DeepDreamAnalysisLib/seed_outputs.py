@@ -169,8 +169,13 @@ def masks_near_seed(loops: list, xs: list, maps: list, run: Callable[[torch.Tens
         with torch.no_grad():
             for group in groups.values():
                 images = [(x[0] if lp.card.spatial_dims == 2 else x).detach() for lp, x, _, _ in group]
-                crops = [image[b.inp if b is not None else ...] for (_, _, _, b), image in zip(group, images)]
-                outputs.append((group, run(group[0][0]._batch_input(torch.stack(crops)))))
+                crops = torch.stack([image[b.inp if b is not None else ...] for (_, _, _, b), image in zip(group, images)])
+                first = group[0][0]
+                if all(lp.card.preprocessing == first.card.preprocessing for lp, _, _, _ in group):
+                    batch = first._batch_input(crops)  # one preprocessing for all (the usual case: one card)
+                else:
+                    batch = torch.cat([lp._batch_input(c[None]) for (lp, _, _, _), c in zip(group, crops)], dim=0)
+                outputs.append((group, run(batch)))
         for group, zs in outputs:  # the full crops first: a box is checked against them
             for (loop, _, m, box), z in zip(group, zs):
                 if box is None:
