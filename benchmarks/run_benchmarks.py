@@ -194,7 +194,7 @@ def bench_methods(device: str, iterations: int) -> dict:
         t_method, t_paper = _best_of(runner(method), runner("paper"), device, repeats=3)
         out[f"method {method}"] = {"ratio": t_method / t_paper, "ms_per_iteration": 1000 * t_method / iterations,
                                    "paper_ms_per_iteration": 1000 * t_paper / iterations, "iterations": iterations,
-                                   "model": c.name}
+                                   "model": c.name, "torch_threads": torch.get_num_threads()}
     # one copy through the same CPU kernels as the copies (dreaming/convolutions.py): ascent is paper's
     # single-copy update run the way every method but paper runs
     robust, ascent = out.get("method robust"), out.get("method ascent")
@@ -227,7 +227,7 @@ def bench_batched_restarts(device: str, iterations: int, restarts: int = 4) -> d
                 pass
 
         t_batch, t_one = _best_of(batched, alone, device, repeats=5)  # a noisy ratio: best of 5 each, interleaved
-        out[name] = {"ratio": t_batch / t_one, "restarts": restarts, "method": method,
+        out[name] = {"ratio": t_batch / t_one, "restarts": restarts, "method": method, "torch_threads": torch.get_num_threads(),
                      "batched_ms_per_iteration": 1000 * t_batch / iterations,
                      "one_run_ms_per_iteration": 1000 * t_one / iterations,
                      "separate_runs_ratio": float(restarts), "iterations": iterations, "model": c.name}

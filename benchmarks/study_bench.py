@@ -142,19 +142,25 @@ def _engine(spec_dict, folder: Path, workers: int, name: str) -> dict:
 
 def bench_study(runs: int = 20, iterations: int = 60) -> dict:
     """Both study benchmarks in one go (they share the inputs); returns two result dicts."""
+    import torch
+
     from DeepDreamAnalysisLib.studies import load_study
 
     load_before = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(prefix="ddbench-study-") as tmp:
-        folder = Path(tmp)
-        spec_dict = _inputs(folder, runs, iterations)
-        (folder / "plain.json").write_text(json.dumps(spec_dict))
-        loop = _PlainLoop(load_study(folder / "plain.json"), folder / "plain")
-        half = len(loop.runs) // 2
-        plain_first = loop(loop.runs[:half])  # the plain loop brackets the 1-worker study (load drift)
-        one = _engine(spec_dict, folder, 1, "one")
-        plain_second = loop(loop.runs[half:])
-        two = _engine(spec_dict, folder, 2, "two")
+    threads_before = torch.get_num_threads()  # the plain loop runs with one thread, as a study worker does
+    try:
+        with tempfile.TemporaryDirectory(prefix="ddbench-study-") as tmp:
+            folder = Path(tmp)
+            spec_dict = _inputs(folder, runs, iterations)
+            (folder / "plain.json").write_text(json.dumps(spec_dict))
+            loop = _PlainLoop(load_study(folder / "plain.json"), folder / "plain")
+            half = len(loop.runs) // 2
+            plain_first = loop(loop.runs[:half])  # the plain loop brackets the 1-worker study (load drift)
+            one = _engine(spec_dict, folder, 1, "one")
+            plain_second = loop(loop.runs[half:])
+            two = _engine(spec_dict, folder, 2, "two")
+    finally:
+        torch.set_num_threads(threads_before)  # the benchmarks after this one run with the process's threads
     plain = plain_first + plain_second
     load_after = os.getloadavg()[0]
     common = {"runs": runs, "iterations": iterations, "load_1min_before": round(load_before, 2),
