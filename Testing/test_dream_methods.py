@@ -3,7 +3,6 @@ update knows the spacing, options are checked, the card's dream block is used, p
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
