@@ -37,6 +37,15 @@ def _tree(folder: Path) -> dict:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def _refused_untouched(case, out: Path, capsys) -> str:
+    """Run into ``out``; assert the run is refused (exit 2) and no file in ``out`` changed; its stderr."""
+    before = _tree(out)
+    assert _run(case, out) == 2
+    err = capsys.readouterr().err
+    assert _tree(out) == before
+    return err
+
+
 def test_rerun_replaces_only_the_tools_files(case, tmp_path, capsys):
     out = tmp_path / "out"
     assert _run(case, out) == 0
@@ -394,11 +403,8 @@ def test_a_manifest_without_records_is_not_trusted(case, tmp_path, capsys):
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     del manifest["records"]  # an older version's manifest, or a forged one
     (out / MANIFEST_NAME).write_text(json.dumps(manifest))
-    before = _tree(out)
-    assert _run(case, out) == 2
-    err = capsys.readouterr().err
+    err = _refused_untouched(case, out, capsys)
     assert "no record of what the tool wrote" in err or "lists no file as the tool wrote it" in err
-    assert _tree(out) == before
 
 
 # ----------------------------------------------------------------------------- a process killed mid-write
@@ -630,11 +636,9 @@ def test_a_file_named_like_the_lock_that_is_not_the_tools_is_never_touched(case,
     else:
         lock.mkdir()
         (lock / "inside.txt").write_text("mine")
-    before = _tree(out)
-    assert _run(case, out) == 2
-    err = capsys.readouterr().err
+    err = _refused_untouched(case, out, capsys)
     assert "is not a lock file of deepdream-analysis" in err and "Move it away" in err
-    assert _tree(out) == before and precious.read_text() == "years of work"
+    assert precious.read_text() == "years of work"
     assert lock.is_symlink() == (kind == "link")
 
 
@@ -644,11 +648,8 @@ def test_hidden_items_the_tool_did_not_log_still_count_and_are_kept(case, tmp_pa
     out = tmp_path / "out"
     (out / ".snapshots-new-q1w2e3").mkdir(parents=True)
     (out / ".snapshots-new-q1w2e3" / "iter_0000_image.nii.gz").write_bytes(b"maybe mine")
-    before = _tree(out)
-    assert _run(case, out) == 2
-    err = capsys.readouterr().err
+    err = _refused_untouched(case, out, capsys)
     assert "is not empty (.snapshots-new-q1w2e3)" in err and "Hidden items such as .snapshots-new-q1w2e3" in err
-    assert _tree(out) == before
 
 
 _WORKER_KILLED_AT_ITS_HEARTBEAT = """
