@@ -114,19 +114,21 @@ class DreamMethod:
             return (x + self.step * normalised(direction)).clamp_(self.low, self.high)
 
 
-def update_together(methods: list, xs: list, grads: list) -> list:
+def update_together(methods: list, xs, grads) -> list:
     """The next images of several dreams (``methods[m]`` at image ``xs[m]`` with gradient
-    ``grads[m]``): when every method updates as the first does (:meth:`DreamMethod.same_update`), in one
-    stacked computation (one Fourier transform of all the gradients, each normalised by its own
-    largest value), giving each what its own :meth:`DreamMethod.update` gives up to rounding (a stacked
-    Fourier transform may sum in another order: about 1e-7 of the image's values); else one by one."""
+    ``grads[m]``; ``xs`` and ``grads`` lists, or each one stacked tensor ``[N, ...]``): when every
+    method updates as the first does (:meth:`DreamMethod.same_update`), in one stacked computation
+    (one Fourier transform of all the gradients, each normalised by its own largest value), giving
+    each what its own :meth:`DreamMethod.update` gives up to rounding (a stacked Fourier transform may
+    sum in another order: about 1e-7 of the image's values); else one by one."""
     first = methods[0]
     if len(methods) < 2 or not all(first.same_update(m) for m in methods[1:]):
         return [m.update(x, g) for m, x, g in zip(methods, xs, grads)]
     with torch.no_grad():
-        direction = torch.stack(grads)
+        direction = grads if isinstance(grads, torch.Tensor) else torch.stack(grads)
         if first.spectral is not None:
             direction = first.spectral(direction, stacked=True)
         largest = direction.abs().amax(dim=tuple(range(1, direction.dim())), keepdim=True).clamp_min(1e-30)
-        moved = (torch.stack(xs) + first.step * (direction / largest)).clamp_(first.low, first.high)
+        images = xs if isinstance(xs, torch.Tensor) else torch.stack(xs)
+        moved = (images + first.step * (direction / largest)).clamp_(first.low, first.high)
     return list(moved.unbind(0))

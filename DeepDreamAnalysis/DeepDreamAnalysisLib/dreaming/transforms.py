@@ -166,13 +166,14 @@ def _sample(images: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
                          align_corners=True).reshape((n, m) + size)
 
 
-def copies_together(transforms: list, images: list, window=None) -> torch.Tensor:
+def copies_together(transforms: list, images, window=None) -> torch.Tensor:
     """The copies of several dreams at once: ``transforms[m]`` (all :meth:`RandomTransforms.same_copies`
-    of the first) applied to ``images[m]`` (``[k, j, i]``, with gradient), each drawing its own random
-    transforms from its own generator as :meth:`RandomTransforms.batch` does; their sampling grids
-    built together (each copy's row on its own, as alone) and sampled in ONE grid_sample call over
-    the dreams. Returns ``[sum K, *size]``: dream 0's K copies (copy 0 the image itself), then dream
-    1's, ... (``size`` the ``window``'s, or the crop's); each dream's draws are kept in its ``last``."""
+    of the first) applied to ``images[m]`` (``[k, j, i]``, with gradient; a list, or one tensor
+    ``[N, k, j, i]``), each drawing its own random transforms from its own generator as
+    :meth:`RandomTransforms.batch` does; their sampling grids built together (each copy's row on
+    its own, as alone) and sampled in ONE grid_sample call over the dreams. Returns ``[sum K, *size]``:
+    dream 0's K copies (copy 0 the image itself), then dream 1's, ... (``size`` the ``window``'s, or
+    the crop's); each dream's draws are kept in its ``last``."""
     first = transforms[0]
     draws = []
     for t in transforms:
@@ -181,10 +182,13 @@ def copies_together(transforms: list, images: list, window=None) -> torch.Tensor
     m = first.copies - 1
     seeds = np.repeat(np.stack([t._theta_constants[2] for t in transforms]), m, axis=0)  # [N (K-1), n]
     grids = first.grid(torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws]), window, seeds)
-    spatial = [x[0] if first.spatial_dims == 2 else x for x in images]
-    sampled = _sample(torch.stack(spatial), grids.reshape((len(transforms), m) + tuple(grids.shape[1:])))
+    if isinstance(images, torch.Tensor):  # already one tensor [N, k, j, i]
+        spatial = images[:, 0] if first.spatial_dims == 2 else images
+    else:
+        spatial = torch.stack([x[0] if first.spatial_dims == 2 else x for x in images])
+    sampled = _sample(spatial, grids.reshape((len(transforms), m) + tuple(grids.shape[1:])))
     if first.noise_std > 0:  # each dream's own noise, over its copies' window (same_copies: all or none have it)
         sampled = sampled + torch.stack([noise if window is None else noise[(slice(None),) + window.slices]
                                          for _, _, noise in draws])
-    heads = torch.stack([image if window is None else image[window.slices] for image in spatial])  # copy 0 of each
+    heads = spatial if window is None else spatial[(slice(None),) + window.slices]  # copy 0 of each
     return torch.cat([heads.unsqueeze(1), sampled], dim=1).flatten(0, 1)

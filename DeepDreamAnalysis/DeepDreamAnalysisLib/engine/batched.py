@@ -57,36 +57,51 @@ def member_input(loop, x: torch.Tensor) -> torch.Tensor:
     return loop._batch_input(loop.method.batch(x))
 
 
-def windowed_inputs(loops: list, xs: list, wholes: dict | None = None) -> list:
-    """The network inputs ``[K, C=1, *window]`` of the members whose copies run on a seed window, the
-    members with the same window and the same kind of copies sampled together
-    (:func:`~..dreaming.transforms.copies_together`: each with its own random draws); None for the others.
-    ``wholes``: filled with ``{positions: their inputs as one batch}`` for the members sampled together
-    (the batch the network gets, without concatenating their rows again)."""
-    out: list = [None] * len(loops)
+def copy_groups(loops: list) -> list:
+    """How :func:`windowed_inputs` makes the members' copies: per window, ``(window, alike, alone)``:
+    the positions of the members sampled together (the same window, the same kind of copies and the
+    same preprocessing; at least two) and of the others of that window, each sampled on its own.
+    It depends only on the members' settings, so a batch computes it once per set of members."""
     groups: dict = {}
     for pos, loop in enumerate(loops):
         if loop.window is not None:
             groups.setdefault(loop.window, []).append(pos)
+    plan = []
     for window, positions in groups.items():
         first = loops[positions[0]]
         alike = [p for p in positions if loops[p].method.transforms is not None and first.method.transforms is not None
                  and first.method.transforms.same_copies(loops[p].method.transforms)
                  and loops[p].card.preprocessing == first.card.preprocessing]
         if len(alike) < 2:
-            for p in positions:
-                out[p] = loops[p].window_input(xs[p])
+            alike = []
+        plan.append((window, tuple(alike), tuple(p for p in positions if p not in alike)))
+    return plan
+
+
+def windowed_inputs(loops: list, xs: list, wholes: dict | None = None, stacked: torch.Tensor | None = None,
+                    groups: list | None = None) -> list:
+    """The network inputs ``[K, C=1, *window]`` of the members whose copies run on a seed window, the
+    members with the same window and the same kind of copies sampled together
+    (:func:`~..dreaming.transforms.copies_together`: each with its own random draws); None for the others.
+    ``wholes``: filled with ``{positions: their inputs as one batch}`` for the members sampled together
+    (the batch the network gets, without concatenating their rows again). ``stacked``: the images
+    ``xs`` as one tensor ``[N, k, j, i]`` (``xs`` its rows), used as is where all members are sampled
+    together; ``groups``: :func:`copy_groups` of ``loops`` when already known."""
+    out: list = [None] * len(loops)
+    for window, alike, alone in (copy_groups(loops) if groups is None else groups):
+        for p in alone:
+            out[p] = loops[p].window_input(xs[p])
+        if not alike:
             continue
-        copies = copies_together([loops[p].method.transforms for p in alike], [xs[p] for p in alike], window)
+        first = loops[alike[0]]
+        images = stacked if stacked is not None and alike == tuple(range(len(loops))) else [xs[p] for p in alike]
+        copies = copies_together([loops[p].method.transforms for p in alike], images, window)
         batch = first._batch_input(copies)
         k = first.method.copies
         for row, p in enumerate(alike):
             out[p] = batch[row * k:(row + 1) * k]
         if wholes is not None:
-            wholes[tuple(alike)] = batch
-        for p in positions:
-            if out[p] is None:
-                out[p] = loops[p].window_input(xs[p])
+            wholes[alike] = batch
     return out
 
 
@@ -117,23 +132,17 @@ def batchable(network, inputs: list[torch.Tensor], rtol: float = 1e-3, atol: flo
     return True, ""
 
 
-def member_checks(objectives: list, grads: list, first: bool) -> tuple[list, list, list]:
-    """The members' objective values (floats), whether each gradient is finite, and (``first``: at
-    iteration 0) whether each is non-zero anywhere (else all True): a few stacked operations and one
-    copy to Python for all members, not a handful per member."""
+def member_checks(objectives: list, grads: torch.Tensor) -> tuple[list, list, list]:
+    """The members' objective values (floats), whether each gradient (a row of ``grads``
+    ``[N, ...]``) is finite, and whether each is non-zero anywhere: each row's largest absolute value
+    (NaN or infinite when the row holds one) and the objectives in one copy to Python for all members."""
     with torch.no_grad():
         values = torch.stack([o.detach().reshape(()) for o in objectives])
-        shapes = {tuple(g.shape) for g in grads}
-        if len(shapes) != 1:  # members of several crop sizes: one by one
-            finite = [bool(torch.isfinite(g).all()) for g in grads]
-            moving = [bool(g.any()) for g in grads] if first else [True] * len(grads)
-            return values.tolist(), finite, moving
-        stacked = torch.stack(grads).flatten(1)
-        rows = [values, torch.isfinite(stacked).all(dim=1).to(values.dtype)]
-        if first:
-            rows.append(stacked.ne(0).any(dim=1).to(values.dtype))
-        table = torch.stack(rows).tolist()
-    return table[0], [bool(v) for v in table[1]], [bool(v) for v in table[2]] if first else [True] * len(grads)
+        largest = grads.detach().flatten(1).abs().amax(dim=1).to(values.dtype)
+        table = torch.cat([values, largest]).tolist()
+    n = len(objectives)
+    values, largest = table[:n], table[n:]
+    return values, [math.isfinite(v) for v in largest], [v > 0 for v in largest]
 
 
 class BatchedDreamLoop:
@@ -156,6 +165,7 @@ class BatchedDreamLoop:
         self.stopped_early = [False] * len(loops)
         self._retired: set[int] = set()
         self._gradient_voxels = 0
+        self._plans: dict = {}
         # every method but paper picks the CPU convolution kernels by batch size (dreaming/convolutions.py)
         self._pick_kernels = not all(loop.method.is_paper for loop in loops)
         relus = [getattr(loop, "_relus", []) for loop in loops]
@@ -166,14 +176,33 @@ class BatchedDreamLoop:
         """Take member ``index`` out of the batch from the next iteration on."""
         self._retired.add(int(index))
 
-    def _forward(self, loops: list, xs: list) -> list:
+    def _plan(self, loops: list) -> tuple[list, list]:
+        """How the members ``loops`` (the active ones, in order) are batched: their :func:`copy_groups`,
+        and the windowed members whose outputs are read together (:func:`same_seed_outputs`), as lists
+        of positions. Computed once per set of members and windows, not at every iteration."""
+        key = tuple((id(loop), id(loop.window)) for loop in loops)
+        plan = self._plans.get(key)
+        if plan is None:
+            readers: list[list[int]] = []
+            for pos, loop in enumerate(loops):
+                if loop.window is None:
+                    continue
+                group = next((g for g in readers if same_seed_outputs(loops[g[0]], loop)), None)
+                if group is None:
+                    readers.append([pos])
+                else:
+                    group.append(pos)
+            plan = self._plans[key] = (copy_groups(loops), readers)
+        return plan
+
+    def _forward(self, loops: list, xs: list, stacked: torch.Tensor | None = None) -> list:
         """(objective, probability map) of each member: the members' network inputs with gradient
         (their copies, or their copies' windows, :mod:`..dreaming.window`) in one forward per input
         size (one, unless the windows differ), and the full crops of the windowed members in one
-        forward without gradient."""
-        windowed = [loop.window is not None for loop in loops]
+        forward without gradient. ``stacked``: the images ``xs`` as one tensor (``xs`` its rows)."""
+        groups, readers = self._plan(loops)
         wholes: dict = {}
-        inputs = windowed_inputs(loops, xs, wholes)
+        inputs = windowed_inputs(loops, xs, wholes, stacked, groups)
         inputs = [inp if inp is not None else member_input(loop, x) for inp, loop, x in zip(inputs, loops, xs)]
         sizes: dict[tuple, list[int]] = {}
         for pos, inp in enumerate(inputs):
@@ -198,16 +227,9 @@ class BatchedDreamLoop:
                     rows[p] = logits[row:row + n]
                     row += n
         outputs: list = [None] * len(loops)
-        readers: list[list[int]] = []  # windowed members whose outputs are read together
         for pos, loop in enumerate(loops):
-            if not windowed[pos]:
+            if loop.window is None:
                 outputs[pos] = loop._objective_and_probability(rows[pos])
-                continue
-            group = next((g for g in readers if same_seed_outputs(loops[g[0]], loop)), None)
-            if group is None:
-                readers.append([pos])
-            else:
-                group.append(pos)
         near = []
         for group in readers:
             logits = together.get(tuple(group))
@@ -250,18 +272,19 @@ class BatchedDreamLoop:
             if not active:
                 return
             events: list[MemberEvent] = []
+            members = [loops[m] for m in active]
             try:
-                for m in active:
-                    xs[m].requires_grad_(True)
-                    loops[m]._iteration = it
-                outputs = self._forward([loops[m] for m in active], [xs[m] for m in active])
+                for loop in members:
+                    loop._iteration = it
+                # the members' images as the rows of ONE leaf: one gradient tensor [N, k, j, i] comes back
+                stacked = torch.stack([xs[m] for m in active]).requires_grad_(True)
+                rows = stacked.unbind(0)
+                outputs = self._forward(members, list(rows), stacked)
                 total = 0
-                objectives, probs = {}, {}
-                for m, (objective, prob) in zip(active, outputs):
-                    objectives[m], probs[m] = objective, prob
-                    total = total + loops[m]._regularised(objective, xs[m])
+                for loop, row, (objective, _) in zip(members, rows, outputs):
+                    total = total + loop._regularised(objective, row)
                 with self._kernels(self._gradient_voxels):
-                    grads = torch.autograd.grad(total, [xs[m] for m in active])
+                    (grads,) = torch.autograd.grad(total, stacked)
             except (ModelError, RunFault):
                 raise
             except torch.cuda.OutOfMemoryError:
@@ -271,20 +294,21 @@ class BatchedDreamLoop:
             except Exception as exc:  # an exception inside the user's model
                 first = loops[active[0]]
                 raise model_fault(exc, it, first.card, first.x0.shape) from exc
+            images = stacked.detach()
             going_on = []
-            obj_values, finite, moving = member_checks([objectives[m] for m in active], grads, it == 0)
-            for m, grad, obj_value, grad_finite, grad_moving in zip(active, grads, obj_values, finite, moving):
+            obj_values, finite, moving = member_checks([objective for objective, _ in outputs], grads)
+            for pos, (m, (_, prob)) in enumerate(zip(active, outputs)):
                 loop = loops[m]
-                x = xs[m] = xs[m].detach()
-                maps = SeedMaps.of(probs[m], loop.seed)
+                x = images[pos]
+                maps = SeedMaps.of(prob, loop.seed)
                 p_seed = maps.p_seed
-                if not (math.isfinite(obj_value) and grad_finite):
+                if not (math.isfinite(obj_values[pos]) and finite[pos]):
                     events.append(MemberEvent(m, error=RunFault(
                         f"The gradient became NaN or infinite at iteration {it}; the result keeps the iterations "
                         "before it. Try a smaller step or --normalize-gradient.")))
                     self._retired.add(m)
                     continue
-                if not grad_moving:
+                if it == 0 and not moving[pos]:
                     events.append(MemberEvent(m, error=SeedError(
                         "The network's output at the seed does not depend on the image (its gradient is zero at the "
                         "start): the seed lies where the model cannot see, or the model is saturated there. Pick a "
@@ -292,7 +316,7 @@ class BatchedDreamLoop:
                         "noise.")))
                     self._retired.add(m)
                     continue
-                events.append(MemberEvent(m, state=loop.state(it, obj_value, x, maps)))
+                events.append(MemberEvent(m, state=loop.state(it, obj_values[pos], x, maps)))
                 cfg = loop.config
                 if cfg.stop_probability is not None:
                     above[m] = above[m] + 1 if p_seed > cfg.stop_probability else 0
@@ -301,12 +325,14 @@ class BatchedDreamLoop:
                         loop.stopped_early = True
                         self._retired.add(m)
                         continue
-                going_on.append((m, x, grad))
+                going_on.append(pos)
             if going_on:  # the members' next images, in one stacked update where their methods allow
-                nexts = update_together([loops[m].method for m, _, _ in going_on], [x for _, x, _ in going_on],
-                                        [g for _, _, g in going_on])
-                for (m, _, _), x in zip(going_on, nexts):
-                    xs[m] = x
+                if len(going_on) < len(active):
+                    index = torch.tensor(going_on, device=images.device)
+                    images, grads = images.index_select(0, index), grads.index_select(0, index)
+                nexts = update_together([members[pos].method for pos in going_on], images, grads)
+                for pos, x in zip(going_on, nexts):
+                    xs[active[pos]] = x
             yield events
             it += 1
 
