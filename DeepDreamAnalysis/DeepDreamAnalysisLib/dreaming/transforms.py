@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .copy_noise import gaussian, keys_from_uniforms, voxel_counters
+
 
 class RandomTransforms:
     """Draws K-1 random transforms per iteration (a seeded generator: deterministic) and applies them."""
@@ -41,7 +43,8 @@ class RandomTransforms:
                                  rows)
         self._spacing32 = np.asarray(self.spacing.cpu(), dtype=np.float32)
         self.last = None
-        """The random draws of the last :meth:`batch` (matrices, shifts, noise)."""
+        """The random draws of the last :meth:`batch` (matrices, shifts, noise keys)."""
+        self._counters: dict = {}  # window (or None: the crop) -> its voxels' noise counters
         with warnings.catch_warnings():  # an axis of size 1 is handled in theta (its column is 0)
             warnings.filterwarnings("ignore", message=".*unit-size grids.*")
             eye = torch.eye(len(self.shape), len(self.shape) + 1, device=device).unsqueeze(0)
@@ -49,13 +52,23 @@ class RandomTransforms:
         """The crop's voxel centres in grid_sample's normalised (i, j[, k]) coordinates, [..., n]."""
 
     def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(matrices [K-1, n, n] mapping mm offsets to voxel offsets, shifts [K-1, n] in voxels).
+        """(matrices [K-1, n, n] mapping mm offsets to voxel offsets, shifts [K-1, n] in voxels): the
+        transforms of :meth:`draw_all` (which draws the iteration's noise keys too)."""
+        mats, shift, _ = self.draw_all()
+        return mats, shift
 
-        One call to the generator for the iteration's ``(2 + n) (K-1)`` uniform numbers, in the order
-        zooms, angles, shifts (the same numbers as three calls in that order); the few products are
-        computed in numpy, which costs less than torch's per-call overhead on such small arrays."""
+    def draw_all(self):
+        """One iteration's random draws: (matrices ``[K-1, n, n]``, shifts ``[K-1, n]``, the intensity
+        noise's two keys (int64 ``[2]``, :mod:`.copy_noise`) or None without noise).
+
+        One call to the generator for the iteration's ``(2 + n) (K-1)`` uniform numbers (two more with
+        noise), in the order zooms, angles, shifts, keys (the same numbers as calls in that order);
+        the few products are computed in numpy, which costs less than torch's per-call overhead on
+        such small arrays."""
         n, m = len(self.shape), self.copies - 1
-        u = torch.rand(m * (2 + n), generator=self.generator).numpy() * np.float32(2) - np.float32(1)  # [-1, 1]
+        extra = 2 if self.noise_std > 0 else 0
+        raw = torch.rand(m * (2 + n) + extra, generator=self.generator).numpy()
+        u = raw[:m * (2 + n)] * np.float32(2) - np.float32(1)  # [-1, 1]
         zoom = np.float32(1) + np.float32(self.scale) * u[:m]
         angle = np.float32(math.radians(self.rotate)) * u[m:2 * m]
         shift = np.float32(self.jitter) * u[2 * m:].reshape(m, n)
@@ -66,7 +79,8 @@ class RandomTransforms:
         if n == 3:
             mats[:, 0, 0] = 1.0
         mats = mats * zoom[:, None, None] / self._spacing32[None, :, None]
-        return torch.from_numpy(mats).to(self.device), torch.from_numpy(shift).to(self.device)
+        keys = torch.from_numpy(keys_from_uniforms(raw[m * (2 + n):])) if extra else None
+        return torch.from_numpy(mats).to(self.device), torch.from_numpy(shift).to(self.device), keys
 
     def batch(self, x: torch.Tensor, window=None, drawn=None) -> torch.Tensor:
         """``x`` [k, j, i] -> the copies in the network's spatial layout, ``[K, (k,) j, i]``.
@@ -80,35 +94,34 @@ class RandomTransforms:
         image = x[0] if self.spatial_dims == 2 else x
         if self.copies == 1:
             return (image if window is None else image[window.slices]).unsqueeze(0)
-        mats, shift, noise = self.last = self.draw_all() if drawn is None else drawn
+        mats, shift, keys = self.last = self.draw_all() if drawn is None else drawn
         copy0 = image if window is None else image[window.slices]
-        return torch.cat([copy0.unsqueeze(0), self.apply(image, mats, shift, noise, window)], dim=0)
+        return torch.cat([copy0.unsqueeze(0), self.apply(image, mats, shift, keys, window)], dim=0)
 
-    def draw_all(self):
-        """(matrices, shifts, intensity noise ``[K-1, (k,) j, i]`` of the whole crop or None): one
-        iteration's random draws, in the generator's order (the transforms, then the noise)."""
-        mats, shift = self.draw()
-        noise = None
-        if self.noise_std > 0:
-            noise = (self.noise_std * torch.randn((mats.shape[0],) + self.shape, generator=self.generator)).to(
-                self.device)
-        return mats, shift, noise
-
-    def apply(self, image: torch.Tensor, mats: torch.Tensor, shift: torch.Tensor, noise=None,
+    def apply(self, image: torch.Tensor, mats: torch.Tensor, shift: torch.Tensor, keys=None,
               window=None) -> torch.Tensor:
         """The copies of ``image`` ([(k,) j, i]) under the given transforms, ``[M, (k,) j, i]`` (only the
-        ``window``'s voxels with one); ``noise``: the copies' intensity noise over the whole crop
-        (default: drawn here)."""
+        ``window``'s voxels with one); ``keys``: the copies' noise keys (:meth:`draw_all`; default:
+        drawn here)."""
         out = _sample(image[None], self.grid(mats, shift, window)[None])[0]
-        if self.noise_std > 0 and noise is None:
-            noise = self.noise_std * torch.randn((mats.shape[0],) + self.shape, generator=self.generator).to(
-                out.device)
-        return self.noisy(out, noise, window)
+        if self.noise_std > 0 and keys is None:
+            keys = torch.from_numpy(keys_from_uniforms(torch.rand(2, generator=self.generator).numpy()))
+        return self.noisy(out, keys, window)
 
-    def noisy(self, copies: torch.Tensor, noise, window=None) -> torch.Tensor:
-        """``copies`` ``[M, ...]`` plus their intensity ``noise`` (over the whole crop; its ``window``)."""
-        if self.noise_std > 0 and noise is not None:
-            copies = copies + (noise if window is None else noise[(slice(None),) + window.slices])
+    def noise(self, keys: torch.Tensor, window=None) -> torch.Tensor:
+        """The intensity noise of the K-1 transformed copies for each row of ``keys`` (int64 ``[N, 2]``):
+        ``[N, K-1, *size]`` over the ``window``'s voxels (default the crop's), :mod:`.copy_noise`."""
+        where = None if window is None else tuple((s.start, s.stop) for s in window.slices)
+        counters = self._counters.get(where)
+        if counters is None:
+            counters = self._counters[where] = voxel_counters(self.shape, self.copies - 1,
+                                                              None if window is None else window.slices, self.device)
+        return self.noise_std * gaussian(counters, keys)
+
+    def noisy(self, copies: torch.Tensor, keys, window=None) -> torch.Tensor:
+        """``copies`` ``[M, ...]`` plus their intensity noise (``keys``: :meth:`draw_all`'s; over the ``window``)."""
+        if self.noise_std > 0 and keys is not None:
+            copies = copies + self.noise(keys.reshape(1, 2), window)[0, :copies.shape[0]]
         return copies
 
     def grid(self, mats: torch.Tensor, shift: torch.Tensor, window=None, seeds=None) -> torch.Tensor:
@@ -188,7 +201,6 @@ def copies_together(transforms: list, images, window=None) -> torch.Tensor:
         spatial = torch.stack([x[0] if first.spatial_dims == 2 else x for x in images])
     sampled = _sample(spatial, grids.reshape((len(transforms), m) + tuple(grids.shape[1:])))
     if first.noise_std > 0:  # each dream's own noise, over its copies' window (same_copies: all or none have it)
-        sampled = sampled + torch.stack([noise if window is None else noise[(slice(None),) + window.slices]
-                                         for _, _, noise in draws])
+        sampled = sampled + first.noise(torch.stack([keys for _, _, keys in draws]), window)
     heads = spatial if window is None else spatial[(slice(None),) + window.slices]  # copy 0 of each
     return torch.cat([heads.unsqueeze(1), sampled], dim=1).flatten(0, 1)
