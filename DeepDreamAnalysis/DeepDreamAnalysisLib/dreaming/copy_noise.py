@@ -41,11 +41,14 @@ def keys_from_uniforms(u: np.ndarray) -> np.ndarray:
     return np.floor(np.asarray(u, dtype=np.float64) * (1 << KEY_BITS)).astype(np.int64)
 
 
-def _hash(x: torch.Tensor) -> torch.Tensor:
-    """The 32-bit integer hash ``h`` of values in [0, 2^32) (int64 tensors)."""
-    x = (((x >> 16) ^ x) * _MULTIPLIER) & _MASK
-    x = (((x >> 16) ^ x) * _MULTIPLIER) & _MASK
-    return (x >> 16) ^ x
+def _hash_(x: torch.Tensor) -> torch.Tensor:
+    """The 32-bit integer hash ``h`` of values in [0, 2^32) (an int64 tensor, changed in place)."""
+    for _ in range(2):
+        x ^= x >> 16
+        x *= _MULTIPLIER
+        x &= _MASK
+    x ^= x >> 16
+    return x
 
 
 def voxel_counters(shape: tuple[int, ...], copies: int, slices: tuple[slice, ...] | None, device=None) -> torch.Tensor:
@@ -66,14 +69,14 @@ def voxel_counters(shape: tuple[int, ...], copies: int, slices: tuple[slice, ...
 
 def gaussian(counters: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Standard normal noise at ``counters`` (:func:`voxel_counters`, ``[M, *size]``) for each row of
-    ``keys`` (int64 ``[N, 2]``, one dream's iteration each): float32 ``[N, M, *size]``."""
-    lead = (slice(None),) + (None,) * counters.dim()
+    ``keys`` (int64 ``[N, 2]``, one dream's iteration each): float32 ``[N, M, *size]``. Both hashes of
+    all rows in one pass, in place (on small windows the per-operation cost is what counts)."""
     k = keys.to(device=counters.device, dtype=torch.int64)
-    h1 = _hash(counters.unsqueeze(0) ^ k[lead + (0,)])
-    h2 = _hash(counters.unsqueeze(0) ^ k[lead + (1,)])
-    u1 = ((h1 >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << KEY_BITS))
-    angle = (h2 >> 8).to(torch.float32) * (2.0 * math.pi / (1 << KEY_BITS))
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(angle)
+    x = _hash_(counters.unsqueeze(0).unsqueeze(0) ^ k.reshape(tuple(k.shape) + (1,) * counters.dim()))
+    x >>= 8  # 24 bits: exact in float32
+    u1, u2 = x.to(torch.float32).unbind(1)
+    radius = u1.add_(0.5).mul_(1.0 / (1 << KEY_BITS)).log_().mul_(-2.0).sqrt_()
+    return radius.mul_(u2.mul_(2.0 * math.pi / (1 << KEY_BITS)).cos_())
 
 
 __all__ = ["KEY_BITS", "keys_from_uniforms", "voxel_counters", "gaussian"]
