@@ -19,7 +19,12 @@ demo crop). The values are standard normal to within sampling error (tested: mea
 deviation, tails, and no correlation between neighbours, copies or iterations).
 
 All integer arithmetic stays below 2^63 (products of a 32-bit value and a 27-bit constant), so it is
-exact in int64 on every device.
+exact in int64 on every device, and it runs where the copies are (no noise is drawn on the CPU and
+copied to a GPU). Cost on this 2-core CPU: the demo's 3 x 24^2 window 0.11 ms (4 dreams at once
+0.20 ms), where drawing the whole 96^2 crop's noise from the generator took 0.11 ms per dream; over a
+whole crop, for copies without a window, the hash costs about 3x the generator's draw (3 x 64^3:
+11.7 against 3.4 ms), about 1% of such an iteration (a 3D MONAI UNet's forward and backward of
+4 x 64^3: 0.6 s).
 """
 
 from __future__ import annotations
