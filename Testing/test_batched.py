@@ -161,3 +161,72 @@ def test_compare_batches_the_restarts_of_each_model(volume, model):
     for name in models:
         np.testing.assert_allclose(batched.base[name], separate.base[name], rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(batched.raw[name], separate.raw[name], rtol=1e-4, atol=1e-4)
+
+
+def _states_alone_and_batched(dims, specs, shape, seeds):
+    """Each member's (iteration, objective, image) run alone (a DreamLoop) and in one batch."""
+    from DeepDreamAnalysisLib.dream import DreamLoop
+    from DeepDreamAnalysisLib.engine.batched import BatchedDreamLoop
+    from tiny_models import tiny_net
+
+    net = tiny_net(dims)
+    card = tiny_card(dims, roi=shape[1:] if dims == 2 else shape)
+
+    def make():
+        return [DreamLoop(net, card, liver_like(shape, seed=i), seeds[i], DreamConfig(iterations=n, random_seed=i, **kw),
+                          torch.device("cpu")) for i, (n, kw) in enumerate(specs)]
+
+    alone = [[(s.iteration, s.objective, s.image.clone()) for s in loop] for loop in make()]
+    loops = make()
+    together: list = [[] for _ in loops]
+    for events in BatchedDreamLoop(loops):
+        for event in events:
+            assert event.error is None
+            together[event.index].append((event.state.iteration, event.state.objective, event.state.image.clone()))
+    return alone, together, loops
+
+
+def test_a_batch_of_3d_dreams_with_mixed_methods_equals_each_alone():
+    """3D members with four methods in one batch (paper's whole crop beside the others' windows),
+    different numbers of iterations and one stopping early: each member's images and objectives are
+    its own run's, with the others' leaving the batch as they end."""
+    specs = [(5, dict(method="robust")), (3, dict(method="paper", step=20.0, normalize_gradient=True)),
+             (5, dict(method="robust+spectral")), (4, dict(method="robust", stop_probability=1e-9, stop_patience=2)),
+             (5, dict(method="adam+robust"))]
+    alone, together, loops = _states_alone_and_batched(3, specs, (12, 12, 12), [(6, 6, 6)] * 5)
+    assert [len(a) for a in together] == [len(a) for a in alone] == [5, 3, 5, 2, 5]
+    assert loops[0].window is not None and loops[1].window is None
+    for a, b in zip(alone, together):
+        for (ia, oa, xa), (ib, ob, xb) in zip(a, b):
+            assert ia == ib and ob == pytest.approx(oa, rel=1e-5, abs=1e-5)
+            torch.testing.assert_close(xb, xa, rtol=0, atol=1e-4)
+
+
+def test_members_on_different_windows_each_equal_their_own_run():
+    """2D members at two seeds (two windows: their copies sampled and read in two groups) and one
+    leaving early: each equals its run alone."""
+    specs = [(6, dict(method="robust")), (3, dict(method="robust")), (6, dict(method="robust+spectral")),
+             (6, dict(method="robust"))]
+    alone, together, loops = _states_alone_and_batched(2, specs, (1, 40, 48),
+                                                       [(0, 20, 24), (0, 20, 24), (0, 18, 20), (0, 18, 20)])
+    assert loops[0].window is not None and loops[0].window != loops[2].window
+    for a, b in zip(alone, together):
+        assert len(a) == len(b)
+        for (ia, oa, xa), (ib, ob, xb) in zip(a, b):
+            assert ia == ib and ob == pytest.approx(oa, rel=1e-5, abs=1e-5)
+            torch.testing.assert_close(xb, xa, rtol=0, atol=1e-4)
+
+
+def test_half_precision_gradients_are_checked_without_rounding():
+    """A half-precision model's gradient of 1e5 (above float16's largest) or 1e-8 (below its
+    smallest) is finite and moving, as a separate run finds it."""
+    from DeepDreamAnalysisLib.engine.batched import member_checks
+
+    objectives = [torch.tensor(1.5, dtype=torch.float16), torch.tensor(-2.0, dtype=torch.float16)]
+    grads = torch.zeros(2, 1, 4, 4)
+    grads[0, 0, 1, 1], grads[1, 0, 2, 2] = 1e5, 1e-8
+    values, finite, moving = member_checks(objectives, grads)
+    assert values == [1.5, -2.0] and finite == [True, True] and moving == [True, True]
+    grads[1, 0, 0, 0] = float("nan")
+    grads[0] = 0
+    assert member_checks(objectives, grads)[1:] == ([True, False], [False, False])

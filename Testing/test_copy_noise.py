@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from DeepDreamAnalysisLib.dreaming.copy_noise import KEY_BITS, gaussian, keys_from_uniforms, voxel_counters
+from DeepDreamAnalysisLib.dreaming.copy_noise import gaussian, keys_from_uniforms, voxel_counters, voxel_hashes
 from DeepDreamAnalysisLib.dreaming.transforms import RandomTransforms
 from DeepDreamAnalysisLib.dreaming.window import CopyWindow
 
@@ -20,7 +20,7 @@ def _keys(*pairs):
 
 
 def test_the_noise_is_standard_normal():
-    z = gaussian(voxel_counters((64, 64, 64), 3, None), _keys((12345, 678)))[0].flatten().double()
+    z = gaussian(voxel_hashes((64, 64, 64), 3, None), _keys((12345, 678)))[0].flatten().double()
     n = z.numel()
     assert abs(float(z.mean())) < 4 / math.sqrt(n)
     assert abs(float(z.std()) - 1) < 4 * math.sqrt(0.5 / n)
@@ -28,28 +28,39 @@ def test_the_noise_is_standard_normal():
     assert float((z.abs() > 2).double().mean()) == pytest.approx(0.0455, abs=0.002)
     assert float((z.abs() > 3).double().mean()) == pytest.approx(0.0027, abs=0.0004)
     assert float(z.abs().max()) > 4
-    # a Kolmogorov distance to the normal distribution function under 1%
-    s = torch.sort(z[::97]).values
+    # the Kolmogorov-Smirnov distance to the normal distribution function, below its 1% critical value
+    s = torch.sort(z).values
     cdf = 0.5 * (1 + torch.erf(s / math.sqrt(2)))
-    assert float((cdf - torch.arange(1, len(s) + 1, dtype=torch.float64) / len(s)).abs().max()) < 0.01
+    assert float((cdf - torch.arange(1, n + 1, dtype=torch.float64) / n).abs().max()) < 1.63 / math.sqrt(n)
+
+
+def _uncorrelated(x, y):
+    """Neither the values nor their sizes correlate (within 4 standard errors)."""
+    bound = 4 / math.sqrt(x.numel())
+    for a, b in ((x, y), (x.abs(), y.abs())):
+        assert abs(np.corrcoef(a.flatten().numpy(), b.flatten().numpy())[0, 1]) < bound
 
 
 def test_neighbours_copies_and_iterations_are_uncorrelated():
-    counters = voxel_counters((96, 96), 3, None)
-    a, b = gaussian(counters, _keys((1, 2), (3, 4)))
+    hashes = voxel_hashes((96, 96), 3, None)
+    a, b = gaussian(hashes, _keys((1, 2), (3, 4)))
     for x, y in ((a[:, :, 1:], a[:, :, :-1]), (a[:, 1:], a[:, :-1]), (a[0], a[1]), (a, b)):
-        r = np.corrcoef(x.flatten().numpy(), y.flatten().numpy())[0, 1]
-        assert abs(r) < 4 / math.sqrt(x.numel())
-    # keys that differ in one bit give another field, not a shifted or reordered copy of it
-    c = gaussian(counters, _keys((1, 3)))[0]
-    assert abs(np.corrcoef(a.flatten().numpy(), c.flatten().numpy())[0, 1]) < 0.02
-
-
+        _uncorrelated(x, y)
+    # draws that differ in one bit of one uniform number give another field, not the same values
+    # reordered or the same sizes: each key depends on all three numbers, and enters after the hash's
+    # first round
+    u = np.array([0.25, 0.5, 0.75], dtype=np.float32)
+    base = gaussian(hashes, torch.from_numpy(keys_from_uniforms(u))[None])[0]
+    for i, bits in ((0, (0, 12, 23)), (1, (0, 12, 23)), (2, (0, 15))):  # the third number gives 16 bits
+        for bit in bits:
+            v = u.copy()
+            v[i] = np.float32((np.floor(float(u[i]) * (1 << 24)) + (1 << bit)) / (1 << 24))
+            _uncorrelated(base, gaussian(hashes, torch.from_numpy(keys_from_uniforms(v))[None])[0])
 def test_a_windows_noise_is_the_full_crops_at_its_voxels():
     for shape, where in (((96, 96), (slice(36, 60), slice(30, 54))), ((20, 32, 28), (slice(4, 12), slice(8, 24), slice(0, 28)))):
         keys = _keys((77, 5), (123456, 999))
-        full = gaussian(voxel_counters(shape, 4, None), keys)
-        window = gaussian(voxel_counters(shape, 4, where), keys)
+        full = gaussian(voxel_hashes(shape, 4, None), keys)
+        window = gaussian(voxel_hashes(shape, 4, where), keys)
         assert torch.equal(window, full[(slice(None), slice(None)) + where])
 
 
@@ -61,19 +72,27 @@ def test_the_counters_are_the_voxels_linear_indices_per_copy():
 
 
 def test_keys_come_from_uniform_numbers():
-    assert keys_from_uniforms(np.array([0.0, 0.999999940], dtype=np.float32)).tolist() == [0, (1 << KEY_BITS) - 1]
-    assert keys_from_uniforms(np.array([0.5, 0.25], dtype=np.float32)).tolist() == [1 << (KEY_BITS - 1), 1 << (KEY_BITS - 2)]
+    """Each key is 32 bits, depends on all three numbers, and is the same for the same numbers."""
+    u = np.array([0.0, 0.999999940, 0.5], dtype=np.float32)
+    keys = keys_from_uniforms(u)
+    assert keys.dtype == np.int64 and all(0 <= k < 1 << 32 for k in keys.tolist())
+    assert keys.tolist() == keys_from_uniforms(u.copy()).tolist()
+    for i in range(3):
+        v = u.copy()
+        v[i] = np.float32(0.123456)
+        other = keys_from_uniforms(v).tolist()
+        assert other[0] != keys[0] and other[1] != keys[1]
 
 
 def test_a_dream_draws_its_noise_keys_with_its_transforms_in_one_generator_call():
-    """The keys are the generator's two numbers after the transforms' (zooms, angles, shifts)."""
+    """The keys are made of the generator's three numbers after the transforms' (zooms, angles, shifts)."""
     for n, shape in ((2, (1, 24, 32)), (3, (8, 16, 16))):
         t = RandomTransforms(shape, tuple(s // 2 for s in shape), (2.0, 0.8, 0.7), n, copies=4, jitter=2, scale=0.1,
                              rotate=10, noise_std=0.5, random_seed=11)
         mats, shift, keys = t.draw_all()
         g = torch.Generator().manual_seed(11 + 7919)
-        u = torch.rand(3 * (2 + n) + 2, generator=g).numpy()
-        assert keys.tolist() == keys_from_uniforms(u[-2:]).tolist()
+        u = torch.rand(3 * (2 + n) + 3, generator=g).numpy()
+        assert keys.tolist() == keys_from_uniforms(u[-3:]).tolist()
         torch.testing.assert_close(shift, torch.from_numpy(2 * (u[6:6 + 3 * n] * 2 - 1)).reshape(3, n), rtol=0, atol=1e-6)
         assert t.draw_all()[2].tolist() != keys.tolist()  # the next iteration's
 

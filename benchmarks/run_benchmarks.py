@@ -228,16 +228,16 @@ def bench_batched_restarts(device: str, iterations: int, restarts: int = 4) -> d
             for _ in loops(1)[0]:
                 pass
 
-        # a noisy ratio on a shared machine: 9 interleaved rounds (a batch, then one run), the ratio the
-        # median of the rounds' own ratios (as slicer_gil); the best against the best beside it. The noise
+        # a noisy ratio on a shared machine: 9 interleaved rounds (a batch and one run, in turn first), the
+        # ratio the median of the rounds' own ratios (as slicer_gil); the best against the best beside it. The noise
         # only ever adds time and comes in bursts, so a batch (twice as long as one run) is less often
         # timed in a quiet stretch from start to end, and the best of each leans against the batch.
         rounds: list = []
-        t_batch, t_one = _best_of(batched, alone, device, repeats=9, rounds=rounds)
+        t_batch, t_one = _best_of(batched, alone, device, repeats=9, rounds=rounds, alternate=True)
         out[name] = {"ratio": statistics.median(a / b for a, b in rounds), "best_vs_best": round(t_batch / t_one, 3),
                      "restarts": restarts, "method": method, "torch_threads": torch.get_num_threads(),
-                     "batched_ms_per_iteration": 1000 * t_batch / iterations,
-                     "one_run_ms_per_iteration": 1000 * t_one / iterations,
+                     "best_batched_ms_per_iteration": 1000 * t_batch / iterations,
+                     "best_one_run_ms_per_iteration": 1000 * t_one / iterations,
                      "separate_runs_ratio": float(restarts), "iterations": iterations, "model": c.name}
     return out
 
@@ -281,13 +281,15 @@ def bench_output_cost(device: str, iterations: int, repeats: int = 3) -> dict:
             "case": case, "method": cfg.dream.method, "load_1min": round(os.getloadavg()[0], 2)}
 
 
-def _best_of(a, b, device, repeats=3, rounds: list | None = None):
+def _best_of(a, b, device, repeats=3, rounds: list | None = None, alternate: bool = False):
     """The best times of ``a`` and ``b`` over ``repeats`` interleaved rounds (after one warm-up each);
-    ``rounds``: filled with each round's (time of a, time of b)."""
+    ``rounds``: filled with each round's (time of a, time of b); ``alternate``: every other round runs
+    ``b`` first (an effect of the order cancels out)."""
     a(); b()  # warm-up
     ta, tb = [], []
-    for _ in range(repeats):
-        for fn, acc in ((a, ta), (b, tb)):
+    for r in range(repeats):
+        pair = ((a, ta), (b, tb))
+        for fn, acc in (pair[::-1] if alternate and r % 2 else pair):
             _sync(device)
             t = time.perf_counter()
             fn()

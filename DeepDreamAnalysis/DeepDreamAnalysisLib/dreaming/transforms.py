@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .copy_noise import gaussian, keys_from_uniforms, voxel_counters
+from .copy_noise import KEYS_UNIFORMS, gaussian, keys_from_uniforms, voxel_hashes
 
 
 class RandomTransforms:
@@ -44,7 +44,7 @@ class RandomTransforms:
         self._spacing32 = np.asarray(self.spacing.cpu(), dtype=np.float32)
         self.last = None
         """The random draws of the last :meth:`batch` (matrices, shifts, noise keys)."""
-        self._counters: dict = {}  # window (or None: the crop) -> its voxels' noise counters
+        self._hashes: dict = {}  # (window or None, device) -> :func:`.copy_noise.voxel_hashes`
         with warnings.catch_warnings():  # an axis of size 1 is handled in theta (its column is 0)
             warnings.filterwarnings("ignore", message=".*unit-size grids.*")
             eye = torch.eye(len(self.shape), len(self.shape) + 1, device=device).unsqueeze(0)
@@ -61,12 +61,12 @@ class RandomTransforms:
         """One iteration's random draws: (matrices ``[K-1, n, n]``, shifts ``[K-1, n]``, the intensity
         noise's two keys (int64 ``[2]``, :mod:`.copy_noise`) or None without noise).
 
-        One call to the generator for the iteration's ``(2 + n) (K-1)`` uniform numbers (two more with
+        One call to the generator for the iteration's ``(2 + n) (K-1)`` uniform numbers (three more with
         noise), in the order zooms, angles, shifts, keys (the same numbers as calls in that order);
         the few products are computed in numpy, which costs less than torch's per-call overhead on
         such small arrays."""
         n, m = len(self.shape), self.copies - 1
-        extra = 2 if self.noise_std > 0 else 0
+        extra = KEYS_UNIFORMS if self.noise_std > 0 else 0
         raw = torch.rand(m * (2 + n) + extra, generator=self.generator).numpy()
         u = raw[:m * (2 + n)] * np.float32(2) - np.float32(1)  # [-1, 1]
         zoom = np.float32(1) + np.float32(self.scale) * u[:m]
@@ -105,23 +105,26 @@ class RandomTransforms:
         drawn here)."""
         out = _sample(image[None], self.grid(mats, shift, window)[None])[0]
         if self.noise_std > 0 and keys is None:
-            keys = torch.from_numpy(keys_from_uniforms(torch.rand(2, generator=self.generator).numpy()))
+            keys = torch.from_numpy(keys_from_uniforms(torch.rand(KEYS_UNIFORMS, generator=self.generator).numpy()))
         return self.noisy(out, keys, window)
 
-    def noise(self, keys: torch.Tensor, window=None) -> torch.Tensor:
+    def noise(self, keys: torch.Tensor, window=None, device=None) -> torch.Tensor:
         """The intensity noise of the K-1 transformed copies for each row of ``keys`` (int64 ``[N, 2]``):
-        ``[N, K-1, *size]`` over the ``window``'s voxels (default the crop's), :mod:`.copy_noise`."""
-        where = None if window is None else tuple((s.start, s.stop) for s in window.slices)
-        counters = self._counters.get(where)
-        if counters is None:
-            counters = self._counters[where] = voxel_counters(self.shape, self.copies - 1,
-                                                              None if window is None else window.slices, self.device)
-        return self.noise_std * gaussian(counters, keys)
+        ``[N, K-1, *size]`` over the ``window``'s voxels (default the crop's), on ``device`` (default
+        this object's), :mod:`.copy_noise`."""
+        device = self.device if device is None else device
+        key = (window, device)
+        hashes = self._hashes.get(key)
+        if hashes is None:  # (the shared cache's tensors: looked up once per window and device)
+            hashes = self._hashes[key] = voxel_hashes(self.shape, self.copies - 1,
+                                                      None if window is None else window.slices, device)
+        return self.noise_std * gaussian(hashes, keys)
 
     def noisy(self, copies: torch.Tensor, keys, window=None) -> torch.Tensor:
-        """``copies`` ``[M, ...]`` plus their intensity noise (``keys``: :meth:`draw_all`'s; over the ``window``)."""
+        """``copies`` ``[M, ...]`` (the first M transformed copies) plus their intensity noise (``keys``:
+        :meth:`draw_all`'s; over the ``window``)."""
         if self.noise_std > 0 and keys is not None:
-            copies = copies + self.noise(keys.reshape(1, 2), window)[0, :copies.shape[0]]
+            copies = copies + self.noise(keys.reshape(1, 2), window, copies.device)[0, :copies.shape[0]]
         return copies
 
     def grid(self, mats: torch.Tensor, shift: torch.Tensor, window=None, seeds=None) -> torch.Tensor:
@@ -201,6 +204,6 @@ def copies_together(transforms: list, images, window=None) -> torch.Tensor:
         spatial = torch.stack([x[0] if first.spatial_dims == 2 else x for x in images])
     sampled = _sample(spatial, grids.reshape((len(transforms), m) + tuple(grids.shape[1:])))
     if first.noise_std > 0:  # each dream's own noise, over its copies' window (same_copies: all or none have it)
-        sampled = sampled + first.noise(torch.stack([keys for _, _, keys in draws]), window)
+        sampled = sampled + first.noise(torch.stack([keys for _, _, keys in draws]), window, sampled.device)
     heads = spatial if window is None else spatial[(slice(None),) + window.slices]  # copy 0 of each
     return torch.cat([heads.unsqueeze(1), sampled], dim=1).flatten(0, 1)

@@ -136,9 +136,9 @@ def member_checks(objectives: list, grads: torch.Tensor) -> tuple[list, list, li
     """The members' objective values (floats), whether each gradient (a row of ``grads``
     ``[N, ...]``) is finite, and whether each is non-zero anywhere: each row's largest absolute value
     (NaN or infinite when the row holds one) and the objectives in one copy to Python for all members."""
-    with torch.no_grad():
-        values = torch.stack([o.detach().reshape(()) for o in objectives])
-        largest = grads.detach().flatten(1).abs().amax(dim=1).to(values.dtype)
+    with torch.no_grad():  # in float64: a half-precision model's values are not rounded to inf or 0
+        values = torch.stack([o.detach().reshape(()) for o in objectives]).double()
+        largest = grads.detach().flatten(1).abs().amax(dim=1).double()
         table = torch.cat([values, largest]).tolist()
     n = len(objectives)
     values, largest = table[:n], table[n:]
