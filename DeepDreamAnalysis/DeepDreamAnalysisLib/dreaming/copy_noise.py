@@ -60,18 +60,12 @@ def keys_from_uniforms(u: np.ndarray) -> np.ndarray:
     bits = np.floor(np.asarray(u, dtype=np.float64)[:KEYS_UNIFORMS] * (1 << UNIFORM_BITS)).astype(np.int64)
     w1 = int(bits[0] | ((bits[2] & 0xFF) << 24))
     w2 = int(bits[1] | (((bits[2] >> 8) & 0xFF) << 24))
-    return np.array([w1 ^ _hash_int(w2), w2 ^ _hash_int(w1)], dtype=np.int64)
+    return np.array([w1 ^ _hash_(w2), w2 ^ _hash_(w1)], dtype=np.int64)
 
 
-def _hash_int(x: int) -> int:
-    """``h`` of one Python integer in [0, 2^32)."""
-    for _ in range(2):
-        x = (((x >> 16) ^ x) * _MULTIPLIER) & _MASK
-    return (x >> 16) ^ x
-
-
-def _hash_(x: torch.Tensor) -> torch.Tensor:
-    """The 32-bit integer hash ``h`` of values in [0, 2^32) (an int64 tensor, changed in place)."""
+def _hash_(x):
+    """The 32-bit integer hash ``h`` of values in [0, 2^32): an int64 tensor (changed in place) or one
+    Python integer."""
     for _ in range(2):
         x ^= x >> 16
         x *= _MULTIPLIER
